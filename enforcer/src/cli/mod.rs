@@ -1,0 +1,92 @@
+//! Command-line parsing and dispatch. Each group of subcommands has its own file.
+mod confine;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+/// Runs AI agents inside signed, expiring Execution Envelopes: the kernel leaves an agent
+/// only its gateway, the gateway checks every request, breakers cut it off.
+#[derive(Debug, Parser)]
+#[command(name = "enforcer", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the kernel state lives; the same values must be given to every command that
+/// should act on the same agents.
+#[derive(Debug, Clone, Args)]
+pub struct KernelOpts {
+    /// Directory in bpffs where maps and program links are pinned.
+    #[arg(long, env = "ENFORCER_PIN_DIR", default_value = enforcer::kernel::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Parent cgroup of all agent cgroups, relative to the cgroup v2 mount.
+    #[arg(long, env = "ENFORCER_CGROUP_PARENT", default_value = enforcer::sandbox::DEFAULT_CGROUP_PARENT)]
+    pub cgroup_parent: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command confined by the kernel: it can reach the gateway address and nothing else.
+    Confine(confine::ConfineArgs),
+    /// Cut an agent off in the kernel: everything it sends is dropped, its gateway included.
+    Trip(confine::TripArgs),
+    /// Show the confined agents, their state and the kernel's allow/deny counters.
+    Status(confine::StatusArgs),
+    /// Detach the kernel programs and remove every pin and agent cgroup.
+    Unload(confine::UnloadArgs),
+    /// Print shell completions for the enforcer command.
+    Completions {
+        /// The shell to generate completions for.
+        shell: clap_complete::Shell,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Confine(args) => confine::confine(args),
+        Command::Trip(args) => confine::trip(args),
+        Command::Status(args) => confine::status(args),
+        Command::Unload(args) => confine::unload(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "enforcer",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Operations that load BPF programs and create cgroups need root; say so plainly instead
+/// of surfacing an EPERM from deep inside.
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "`enforcer {what}` must run as root: it loads eBPF programs (CAP_BPF, CAP_NET_ADMIN) \
+             and manages cgroups (CAP_SYS_ADMIN)"
+        )
+    }
+}

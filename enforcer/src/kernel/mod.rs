@@ -1,0 +1,521 @@
+//! The kernel half of confinement: the eBPF programs, where they are attached and pinned,
+//! and the maps through which userspace tells them what each agent may do.
+//!
+//! Everything lives under one pin directory in bpffs (`/sys/fs/bpf/enforcer` by default):
+//! `maps/` holds the policy, counter and event maps, `links/` one pinned link per program.
+//! Pinned links keep the programs attached when no process holds them, so the agent stays
+//! confined when the enforcer exits or is killed; a new enforcer process adopts the pins
+//! instead of re-attaching, so there is never a moment of open enforcement.
+mod bpffs;
+pub mod events;
+mod object;
+mod query;
+
+use std::{
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+    util::nr_cpus,
+};
+use enforcer_common::{AgentCounters, AgentPolicy, STATE_TRIPPED, hook, names};
+
+pub use bpffs::ensure_bpffs;
+
+/// Where the enforcer pins its maps and links unless told otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "loading the eBPF object failed: {source}. If {pin_dir} holds pins of an \
+         incompatible enforcer version, remove them with `enforcer unload`"
+    )]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: Box<LinkError>,
+    },
+    #[error("map {name} pinned at {path}: {source}")]
+    Map {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error(
+        "no enforcer programs are pinned at {0}; start an agent with `enforcer confine` \
+         (or the daemon) first, or pass the --pin-dir the enforcer was started with"
+    )]
+    NotInstalled(PathBuf),
+    #[error(
+        "stale pin {path}: {why}. Remove the stale state with `enforcer unload` and start again"
+    )]
+    StalePin { path: PathBuf, why: String },
+    #[error(
+        "program {program} is not in effect on cgroup {cgroup}: refusing to run an agent \
+         there unconfined"
+    )]
+    NotInEffect {
+        program: &'static str,
+        cgroup: PathBuf,
+    },
+    #[error("no agent with cgroup id {0} has a policy entry")]
+    UnknownAgent(u64),
+    #[error("the kernel did not say which CPUs exist: {0}")]
+    Cpus(String),
+}
+
+impl KernelError {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        KernelError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// How one program is attached.
+#[derive(Clone, Copy, Debug)]
+enum Attach {
+    SockAddr,
+    SkbEgress,
+    Sock,
+}
+
+/// One kernel program: its name in the object, how it is attached, and the kernel's
+/// attach type number (for `BPF_PROG_QUERY`).
+#[derive(Clone, Copy, Debug)]
+struct ProgramSpec {
+    name: &'static str,
+    attach: Attach,
+    attach_type: u32,
+}
+
+const PROGRAMS: [ProgramSpec; 6] = [
+    ProgramSpec {
+        name: names::PROG_CONNECT4,
+        attach: Attach::SockAddr,
+        attach_type: query::BPF_CGROUP_INET4_CONNECT,
+    },
+    ProgramSpec {
+        name: names::PROG_CONNECT6,
+        attach: Attach::SockAddr,
+        attach_type: query::BPF_CGROUP_INET6_CONNECT,
+    },
+    ProgramSpec {
+        name: names::PROG_SENDMSG4,
+        attach: Attach::SockAddr,
+        attach_type: query::BPF_CGROUP_UDP4_SENDMSG,
+    },
+    ProgramSpec {
+        name: names::PROG_SENDMSG6,
+        attach: Attach::SockAddr,
+        attach_type: query::BPF_CGROUP_UDP6_SENDMSG,
+    },
+    ProgramSpec {
+        name: names::PROG_SKB_EGRESS,
+        attach: Attach::SkbEgress,
+        attach_type: query::BPF_CGROUP_INET_EGRESS,
+    },
+    ProgramSpec {
+        name: names::PROG_SOCK_CREATE,
+        attach: Attach::Sock,
+        attach_type: query::BPF_CGROUP_INET_SOCK_CREATE,
+    },
+];
+
+/// The pinned enforcement state: programs attached to the agents' parent cgroup and the
+/// maps that steer them.
+pub struct Enforcement {
+    pin_dir: PathBuf,
+    policy: HashMap<MapData, u64, AgentPolicy>,
+    counters: PerCpuHashMap<MapData, u64, AgentCounters>,
+    lost_events: PerCpuArray<MapData, u64>,
+    /// Kernel ids of our programs, in `PROGRAMS` order.
+    program_ids: Vec<u32>,
+}
+
+impl Enforcement {
+    /// Attaches the programs to `parent_cgroup` and pins them under `pin_dir`, or adopts the
+    /// pins a previous enforcer process left there. Programs already pinned stay attached
+    /// throughout; missing ones are attached. A pin that no longer guards `parent_cgroup`
+    /// is reported as stale rather than silently trusted.
+    pub fn install_or_adopt(pin_dir: &Path, parent_cgroup: &Path) -> Result<Self, KernelError> {
+        ensure_bpffs(pin_dir)?;
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for dir in [pin_dir, &maps_dir, &links_dir] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| KernelError::io(format!("creating {}", dir.display()), e))?;
+        }
+        let cgroup = File::open(parent_cgroup).map_err(|e| {
+            KernelError::io(format!("opening cgroup {}", parent_cgroup.display()), e)
+        })?;
+
+        let missing: Vec<&ProgramSpec> = PROGRAMS
+            .iter()
+            .filter(|spec| !links_dir.join(spec.name).exists())
+            .collect();
+        if !missing.is_empty() {
+            // Maps with pinning are reused from `maps_dir` when already pinned, so programs
+            // attached now share state with any that are still pinned.
+            let mut ebpf = EbpfLoader::new()
+                .default_map_pin_directory(&maps_dir)
+                .load(object::EBPF_OBJECT)
+                .map_err(|source| KernelError::Load {
+                    pin_dir: pin_dir.to_owned(),
+                    source: Box::new(source),
+                })?;
+            for spec in missing {
+                attach_and_pin(&mut ebpf, spec, &cgroup, &links_dir.join(spec.name))?;
+                tracing::info!(program = spec.name, cgroup = %parent_cgroup.display(), "attached");
+            }
+        }
+        let enforcement = Self::open(pin_dir)?;
+        enforcement.verify_attached(parent_cgroup, &cgroup)?;
+        Ok(enforcement)
+    }
+
+    /// Opens the pins of an installed enforcer without attaching anything.
+    pub fn open(pin_dir: &Path) -> Result<Self, KernelError> {
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        if !maps_dir.join(names::POLICY_MAP).exists() {
+            return Err(KernelError::NotInstalled(pin_dir.to_owned()));
+        }
+        let mut program_ids = Vec::with_capacity(PROGRAMS.len());
+        for spec in &PROGRAMS {
+            let path = links_dir.join(spec.name);
+            if !path.exists() {
+                return Err(KernelError::StalePin {
+                    path,
+                    why: "the policy map is pinned but this program's link is not".into(),
+                });
+            }
+            let link = PinnedLink::from_pin(&path).map_err(|source| KernelError::Link {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+            let info = FdLink::from(link)
+                .info()
+                .map_err(|source| KernelError::Link {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?;
+            program_ids.push(info.program_id());
+        }
+        let policy = HashMap::try_from(open_map(&maps_dir, names::POLICY_MAP)?)
+            .map_err(|e| map_error(&maps_dir, names::POLICY_MAP, e))?;
+        let counters = PerCpuHashMap::try_from(open_map(&maps_dir, names::COUNTERS_MAP)?)
+            .map_err(|e| map_error(&maps_dir, names::COUNTERS_MAP, e))?;
+        let lost_events = PerCpuArray::try_from(open_map(&maps_dir, names::LOST_EVENTS_MAP)?)
+            .map_err(|e| map_error(&maps_dir, names::LOST_EVENTS_MAP, e))?;
+        Ok(Self {
+            pin_dir: pin_dir.to_owned(),
+            policy,
+            counters,
+            lost_events,
+            program_ids,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Checks that every pinned program is attached to `parent` itself.
+    fn verify_attached(&self, parent: &Path, cgroup: &File) -> Result<(), KernelError> {
+        for (spec, id) in PROGRAMS.iter().zip(&self.program_ids) {
+            let attached =
+                query::attached_programs(cgroup, spec.attach_type, false).map_err(|e| {
+                    KernelError::io(format!("querying programs of {}", parent.display()), e)
+                })?;
+            if !attached.contains(id) {
+                return Err(KernelError::StalePin {
+                    path: self.pin_dir.join("links").join(spec.name),
+                    why: format!(
+                        "its program (id {id}) is not attached to {}; the pins belong to \
+                         another cgroup parent or the cgroup was recreated",
+                        parent.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every program is in effect for `cgroup` (an agent cgroup), so that a
+    /// process placed there is confined. Callers refuse to start the agent otherwise.
+    pub fn verify_in_effect(&self, cgroup: &Path) -> Result<(), KernelError> {
+        let file = File::open(cgroup)
+            .map_err(|e| KernelError::io(format!("opening cgroup {}", cgroup.display()), e))?;
+        for (spec, id) in PROGRAMS.iter().zip(&self.program_ids) {
+            let effective =
+                query::attached_programs(&file, spec.attach_type, true).map_err(|e| {
+                    KernelError::io(format!("querying programs of {}", cgroup.display()), e)
+                })?;
+            if !effective.contains(id) {
+                return Err(KernelError::NotInEffect {
+                    program: spec.name,
+                    cgroup: cgroup.to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes (or replaces) an agent's policy. Its counters start from zero when new.
+    pub fn set_agent(&mut self, cgroup_id: u64, policy: &AgentPolicy) -> Result<(), KernelError> {
+        if self.counters.get(&cgroup_id, 0).is_err() {
+            let cpus = nr_cpus().map_err(|(_, e)| KernelError::Cpus(e.to_string()))?;
+            let zeros = PerCpuValues::try_from(vec![AgentCounters::default(); cpus])
+                .map_err(|e| KernelError::io("building per-CPU counters", e))?;
+            self.counters
+                .insert(cgroup_id, zeros, 0)
+                .map_err(|e| self.map_err(names::COUNTERS_MAP, e))?;
+        }
+        self.policy
+            .insert(cgroup_id, policy, 0)
+            .map_err(|e| self.map_err(names::POLICY_MAP, e))
+    }
+
+    /// Opens the agent's circuit: from the next hook run on, everything it sends is denied,
+    /// its gateway included. One map update, so there is no moment of half-tripped state.
+    pub fn trip(&mut self, cgroup_id: u64) -> Result<AgentPolicy, KernelError> {
+        let mut policy = self
+            .agent(cgroup_id)?
+            .ok_or(KernelError::UnknownAgent(cgroup_id))?;
+        policy.state = STATE_TRIPPED;
+        self.policy
+            .insert(cgroup_id, policy, 0)
+            .map_err(|e| self.map_err(names::POLICY_MAP, e))?;
+        Ok(policy)
+    }
+
+    /// Removes an agent's policy and counters. Its cgroup, if it still exists, is then
+    /// denied everything.
+    pub fn remove_agent(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
+        match self.policy.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(self.map_err(names::POLICY_MAP, e)),
+        }
+        match self.counters.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(self.map_err(names::COUNTERS_MAP, e)),
+        }
+    }
+
+    pub fn agent(&self, cgroup_id: u64) -> Result<Option<AgentPolicy>, KernelError> {
+        match self.policy.get(&cgroup_id, 0) {
+            Ok(policy) => Ok(Some(policy)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(self.map_err(names::POLICY_MAP, e)),
+        }
+    }
+
+    /// Every agent with a policy entry.
+    pub fn agents(&self) -> Result<Vec<(u64, AgentPolicy)>, KernelError> {
+        self.policy
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.map_err(names::POLICY_MAP, e))
+    }
+
+    /// The agent's counters summed over all CPUs.
+    pub fn counters(&self, cgroup_id: u64) -> Result<AgentCounters, KernelError> {
+        let per_cpu = match self.counters.get(&cgroup_id, 0) {
+            Ok(values) => values,
+            Err(MapError::KeyNotFound) => return Ok(AgentCounters::default()),
+            Err(e) => return Err(self.map_err(names::COUNTERS_MAP, e)),
+        };
+        let mut sum = AgentCounters::default();
+        for cpu in per_cpu.iter() {
+            for i in 0..hook::COUNT {
+                sum.allowed[i] = sum.allowed[i].saturating_add(cpu.allowed[i]);
+                sum.denied[i] = sum.denied[i].saturating_add(cpu.denied[i]);
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Deny events the kernel could not queue because the ring buffer was full.
+    pub fn lost_events(&self) -> Result<u64, KernelError> {
+        let per_cpu = self
+            .lost_events
+            .get(&0, 0)
+            .map_err(|e| self.map_err(names::LOST_EVENTS_MAP, e))?;
+        Ok(per_cpu.iter().fold(0u64, |sum, n| sum.saturating_add(*n)))
+    }
+
+    fn map_err(&self, name: &'static str, source: MapError) -> KernelError {
+        map_error(&self.pin_dir.join("maps"), name, source)
+    }
+}
+
+/// Detaches every program and removes every pin under `pin_dir`. Agents that still run in
+/// cgroups below the old parent are no longer confined afterwards, so callers stop them first.
+pub fn unload(pin_dir: &Path) -> Result<(), KernelError> {
+    let links_dir = pin_dir.join("links");
+    for spec in &PROGRAMS {
+        let path = links_dir.join(spec.name);
+        if path.exists() {
+            // Unpinning drops the last reference once our fd closes, which detaches it.
+            let link = PinnedLink::from_pin(&path).map_err(|source| KernelError::Link {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+            link.unpin()
+                .map_err(|e| KernelError::io(format!("unpinning {}", path.display()), e))?;
+        }
+    }
+    for dir in [&links_dir, &pin_dir.join("maps")] {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(KernelError::io(format!("reading {}", dir.display()), e)),
+        };
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| KernelError::io(format!("reading {}", dir.display()), e))?;
+            std::fs::remove_file(entry.path())
+                .map_err(|e| KernelError::io(format!("removing {}", entry.path().display()), e))?;
+        }
+        std::fs::remove_dir(dir)
+            .map_err(|e| KernelError::io(format!("removing {}", dir.display()), e))?;
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(KernelError::io(
+            format!("removing {}", pin_dir.display()),
+            e,
+        )),
+    }
+}
+
+fn attach_and_pin(
+    ebpf: &mut aya::Ebpf,
+    spec: &ProgramSpec,
+    cgroup: &File,
+    pin_path: &Path,
+) -> Result<(), KernelError> {
+    let prog_err = |source: ProgramError| KernelError::Program {
+        name: spec.name,
+        source: Box::new(source),
+    };
+    let program = ebpf
+        .program_mut(spec.name)
+        .ok_or_else(|| KernelError::Program {
+            name: spec.name,
+            source: Box::new(ProgramError::UnexpectedProgramType),
+        })?;
+    // Single mode on a bpf_link still lets the kernel run programs attached below (they can
+    // only deny more), but nothing below can replace ours.
+    let link: FdLink = match spec.attach {
+        Attach::SockAddr => {
+            let program: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
+            program.load().map_err(prog_err)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err)?;
+            program
+                .take_link(id)
+                .map_err(prog_err)?
+                .try_into()
+                .map_err(|e: LinkError| KernelError::Link {
+                    path: pin_path.to_owned(),
+                    source: Box::new(e),
+                })?
+        }
+        Attach::SkbEgress => {
+            let program: &mut CgroupSkb = program.try_into().map_err(prog_err)?;
+            program.load().map_err(prog_err)?;
+            let id = program
+                .attach(
+                    cgroup,
+                    CgroupSkbAttachType::Egress,
+                    CgroupAttachMode::Single,
+                )
+                .map_err(prog_err)?;
+            program
+                .take_link(id)
+                .map_err(prog_err)?
+                .try_into()
+                .map_err(|e: LinkError| KernelError::Link {
+                    path: pin_path.to_owned(),
+                    source: Box::new(e),
+                })?
+        }
+        Attach::Sock => {
+            let program: &mut CgroupSock = program.try_into().map_err(prog_err)?;
+            program.load().map_err(prog_err)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err)?;
+            program
+                .take_link(id)
+                .map_err(prog_err)?
+                .try_into()
+                .map_err(|e: LinkError| KernelError::Link {
+                    path: pin_path.to_owned(),
+                    source: Box::new(e),
+                })?
+        }
+    };
+    link.pin(pin_path).map_err(|e| {
+        KernelError::io(
+            format!("pinning {}: {e}", pin_path.display()),
+            io::Error::other(e.to_string()),
+        )
+    })?;
+    Ok(())
+}
+
+fn open_map(maps_dir: &Path, name: &'static str) -> Result<Map, KernelError> {
+    let data = MapData::from_pin(maps_dir.join(name)).map_err(|e| map_error(maps_dir, name, e))?;
+    Map::from_map_data(data).map_err(|e| map_error(maps_dir, name, e))
+}
+
+fn map_error(maps_dir: &Path, name: &'static str, source: MapError) -> KernelError {
+    KernelError::Map {
+        name,
+        path: maps_dir.join(name),
+        source: Box::new(source),
+    }
+}
+
+/// `CLOCK_BOOTTIME` now, in nanoseconds: the clock the kernel programs compare deadlines to.
+pub fn boottime_now_ns() -> Result<u64, KernelError> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map_err(|e| KernelError::io("reading CLOCK_BOOTTIME", e.into()))?;
+    Ok((now.tv_sec() as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec() as u64))
+}
