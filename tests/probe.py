@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Escape attempts run by a confined agent in the end-to-end tests.
+
+Each probe prints one JSON line {"probe": ..., "ok": bool, "detail": ...}; "ok" means the
+network action succeeded (for an escape attempt, that is a failure of the enforcer).
+Probes never raise: every exception becomes ok=false with its errno name.
+"""
+import errno
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+TIMEOUT = 2.0
+
+
+def report(probe, ok, detail=""):
+    print(json.dumps({"probe": probe, "ok": ok, "detail": str(detail)}), flush=True)
+
+
+def err_name(exc):
+    code = getattr(exc, "errno", None)
+    if code is not None and code in errno.errorcode:
+        return errno.errorcode[code]
+    return type(exc).__name__
+
+
+def http_get(host, port, family=socket.AF_INET):
+    """A TCP connect and one HTTP request; ok when an HTTP status line comes back."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(TIMEOUT)
+        s.connect((host, port))
+        s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = s.recv(64)
+        return data.startswith(b"HTTP/")
+
+
+def probe_tcp(name, host, port, family):
+    try:
+        report(name, http_get(host, int(port), family))
+    except Exception as exc:  # noqa: BLE001 - every failure is a result
+        report(name, False, err_name(exc))
+
+
+def probe_udp_sendto(name, host, port, family):
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.sendto(b"escape", (host, int(port)))
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
+def probe_udp_connect(name, host, port):
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, int(port)))
+            s.send(b"escape")
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
+def probe_dns(name, host, port):
+    """A real DNS query (A example.test) to a resolver; ok when an answer arrives."""
+    query = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    for label in (b"example", b"test"):
+        query += bytes([len(label)]) + label
+    query += b"\x00" + struct.pack(">HH", 1, 1)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(TIMEOUT)
+            s.sendto(query, (host, int(port)))
+            data, _ = s.recvfrom(512)
+            report(name, data[:2] == b"\x12\x34")
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
+def icmp_echo(seq):
+    header = struct.pack(">BBHHH", 8, 0, 0, 0x4242, seq)
+    payload = b"enforcer"
+    total = header + payload
+    csum = 0
+    for i in range(0, len(total), 2):
+        csum += (total[i] << 8) + total[i + 1]
+    csum = (csum >> 16) + (csum & 0xFFFF)
+    csum = ~(csum + (csum >> 16)) & 0xFFFF
+    return struct.pack(">BBHHH", 8, 0, csum, 0x4242, seq) + payload
+
+
+def probe_raw_icmp(name, host):
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+            s.sendto(icmp_echo(1), (host, 0))
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
+def probe_ping_socket(name, host):
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP) as s:
+            s.settimeout(TIMEOUT)
+            s.sendto(icmp_echo(2), (host, 0))
+            s.recv(64)
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
+def probe_packet(name):
+    try:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)) as s:
+            s.bind(("lo", 0))
+            s.send(b"\x00" * 60)
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
+def probe_cgroup_escape(name, procs_path):
+    try:
+        with open(procs_path, "w") as f:
+            f.write(str(os.getpid()))
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
+def hold(host, port):
+    """Opens a connection to the gateway's echo service, proves it works, then waits for
+    'go' on stdin and tries the same connection again and a new one."""
+    s = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+    s.sendall(b"one\n")
+    report("held-before", s.recv(16) == b"one\n")
+    print("ready", flush=True)
+    sys.stdin.readline()
+    try:
+        s.sendall(b"two\n")
+        report("held-after", s.recv(16) == b"two\n")
+    except Exception as exc:  # noqa: BLE001
+        report("held-after", False, err_name(exc))
+    try:
+        report("new-after", http_get(host, int(port)))
+    except Exception as exc:  # noqa: BLE001
+        report("new-after", False, err_name(exc))
+
+
+def wait_then(args):
+    """Waits for 'go' on stdin, then runs the probes after it."""
+    print("ready", flush=True)
+    sys.stdin.readline()
+    run(args)
+
+
+def sleep_then(args):
+    time.sleep(float(args[0]))
+    run(args[1:])
+
+
+def spawn_child(args):
+    """Runs the remaining probes in a child process (nest with another 'child')."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run(args)
+        finally:
+            sys.stdout.flush()
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def run(args):
+    i = 0
+    while i < len(args):
+        cmd = args[i]
+        if cmd == "tcp4":
+            probe_tcp(f"tcp4 {args[i+1]}:{args[i+2]}", args[i + 1], args[i + 2], socket.AF_INET)
+            i += 3
+        elif cmd == "tcp6":
+            probe_tcp(f"tcp6 [{args[i+1]}]:{args[i+2]}", args[i + 1], args[i + 2], socket.AF_INET6)
+            i += 3
+        elif cmd == "udp4":
+            probe_udp_sendto(f"udp4 {args[i+1]}:{args[i+2]}", args[i + 1], args[i + 2], socket.AF_INET)
+            i += 3
+        elif cmd == "udp6":
+            probe_udp_sendto(f"udp6 [{args[i+1]}]:{args[i+2]}", args[i + 1], args[i + 2], socket.AF_INET6)
+            i += 3
+        elif cmd == "udp-connect":
+            probe_udp_connect(f"udp-connect {args[i+1]}:{args[i+2]}", args[i + 1], args[i + 2])
+            i += 3
+        elif cmd == "dns":
+            probe_dns(f"dns {args[i+1]}:{args[i+2]}", args[i + 1], args[i + 2])
+            i += 3
+        elif cmd == "raw-icmp":
+            probe_raw_icmp(f"raw-icmp {args[i+1]}", args[i + 1])
+            i += 2
+        elif cmd == "ping-socket":
+            probe_ping_socket(f"ping-socket {args[i+1]}", args[i + 1])
+            i += 2
+        elif cmd == "packet":
+            probe_packet("packet")
+            i += 1
+        elif cmd == "cgroup-escape":
+            probe_cgroup_escape(f"cgroup-escape {args[i+1]}", args[i + 1])
+            i += 2
+        elif cmd == "hold":
+            hold(args[i + 1], args[i + 2])
+            i += 3
+        elif cmd == "wait":
+            wait_then(args[i + 1:])
+            return
+        elif cmd == "sleep":
+            sleep_then(args[i + 1:])
+            return
+        elif cmd == "child":
+            spawn_child(args[i + 1:])
+            return
+        else:
+            report(cmd, False, "unknown probe")
+            i += 1
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
