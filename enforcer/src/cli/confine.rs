@@ -247,10 +247,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     let lost = enforcement.lost_events()?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({ "agents": rows, "lost_events": lost })
-        );
+        let programs: std::collections::BTreeMap<_, _> =
+            enforcement.programs().into_iter().collect();
+        let status =
+            serde_json::json!({ "agents": rows, "lost_events": lost, "programs": programs });
+        println!("{status}");
         return Ok(ExitCode::SUCCESS);
     }
     println!(

@@ -178,6 +178,17 @@ impl Enforcement {
         let cgroup = File::open(parent_cgroup).map_err(|e| {
             KernelError::io(format!("opening cgroup {}", parent_cgroup.display()), e)
         })?;
+        // Two enforcer processes starting at once must not both attach and race to pin:
+        // the loser's pin would fail after its programs were attached.
+        let lock_handle = File::open(parent_cgroup).map_err(|e| {
+            KernelError::io(format!("opening cgroup {}", parent_cgroup.display()), e)
+        })?;
+        let _install_lock =
+            nix::fcntl::Flock::lock(lock_handle, nix::fcntl::FlockArg::LockExclusive).map_err(
+                |(_, errno)| {
+                    KernelError::io(format!("locking {}", parent_cgroup.display()), errno.into())
+                },
+            )?;
 
         let missing: Vec<&ProgramSpec> = PROGRAMS
             .iter()
@@ -248,6 +259,16 @@ impl Enforcement {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Each program's name and kernel id. Ids stay the same for as long as the pins do, so
+    /// they show whether a restart adopted the programs or attached new ones.
+    pub fn programs(&self) -> Vec<(&'static str, u32)> {
+        PROGRAMS
+            .iter()
+            .map(|spec| spec.name)
+            .zip(self.program_ids.iter().copied())
+            .collect()
     }
 
     /// Checks that every pinned program is attached to `parent` itself.
