@@ -1,0 +1,502 @@
+//! Budgets that concurrent requests cannot overrun.
+//!
+//! A request's whole cost (one request, its spend, its upload bytes) is reserved under one
+//! lock before it is forwarded, against every budget that applies (the Envelope's and its
+//! capability's); if any would be exceeded nothing is reserved and the request is refused.
+//! Download bytes are charged chunk by chunk as the response streams, and the response is
+//! cut when the budget runs out. Every reservation is appended to a ledger file and synced
+//! before the request leaves, so a restart can never refill a budget.
+use std::{
+    collections::BTreeMap,
+    fs::{File, OpenOptions},
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The limits of one budget scope; `None` means unlimited in that dimension.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Limits {
+    pub requests: Option<u64>,
+    pub spend: Option<f64>,
+    pub bytes_up: Option<u64>,
+    pub bytes_down: Option<u64>,
+}
+
+/// What has been used in one scope.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub requests: u64,
+    pub spend: f64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// Which budget refused, for the 429 body and the audit log.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Exceeded {
+    #[error("budget `{scope}`: request count {used} of {limit} used")]
+    Requests {
+        scope: String,
+        used: u64,
+        limit: u64,
+    },
+    #[error("budget `{scope}`: spend {used} + {cost} would exceed {limit}")]
+    Spend {
+        scope: String,
+        used: f64,
+        cost: f64,
+        limit: f64,
+    },
+    #[error("budget `{scope}`: upload {used} + {cost} bytes would exceed {limit}")]
+    BytesUp {
+        scope: String,
+        used: u64,
+        cost: u64,
+        limit: u64,
+    },
+    #[error("budget `{scope}`: download limit of {limit} bytes reached")]
+    BytesDown { scope: String, limit: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("budget ledger {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("budget ledger {path} line {line} is corrupt: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error(
+        "budget ledger {path} could not be written earlier; refusing every request until it is fixed"
+    )]
+    Poisoned { path: PathBuf },
+}
+
+/// One ledger line: a change of usage in one scope.
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry {
+    scope: String,
+    #[serde(default)]
+    requests: u64,
+    #[serde(default)]
+    spend: f64,
+    #[serde(default)]
+    bytes_up: u64,
+    #[serde(default)]
+    bytes_down: u64,
+}
+
+struct State {
+    limits: BTreeMap<String, Limits>,
+    used: BTreeMap<String, Usage>,
+    file: Option<File>,
+    poisoned: bool,
+}
+
+/// All budgets of one agent.
+pub struct Ledger {
+    path: Option<PathBuf>,
+    state: Mutex<State>,
+}
+
+/// The cost reserved for one request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Cost {
+    pub requests: u64,
+    pub spend: f64,
+    pub bytes_up: u64,
+}
+
+impl Ledger {
+    /// A ledger with the given scopes, replaying `path` (if any) so usage survives restarts.
+    pub fn open(
+        limits: BTreeMap<String, Limits>,
+        path: Option<&Path>,
+    ) -> Result<Self, LedgerError> {
+        let mut used: BTreeMap<String, Usage> = limits
+            .keys()
+            .map(|k| (k.clone(), Usage::default()))
+            .collect();
+        let mut file = None;
+        if let Some(path) = path {
+            let io_err = |source| LedgerError::Io {
+                path: path.to_owned(),
+                source,
+            };
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    // Complete lines end with '\n'; anything after the last one is a write
+                    // that never completed, so the request it reserved for never left.
+                    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                    for (i, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
+                        if line.is_empty() {
+                            continue;
+                        }
+                        let entry: Entry =
+                            serde_json::from_slice(line).map_err(|e| LedgerError::Corrupt {
+                                path: path.to_owned(),
+                                line: i + 1,
+                                reason: e.to_string(),
+                            })?;
+                        let usage = used.entry(entry.scope).or_default();
+                        usage.requests += entry.requests;
+                        usage.spend += entry.spend;
+                        usage.bytes_up += entry.bytes_up;
+                        usage.bytes_down += entry.bytes_down;
+                    }
+                    if complete < bytes.len() {
+                        tracing::warn!(path = %path.display(), "discarding a torn last ledger line");
+                        let handle = OpenOptions::new().write(true).open(path).map_err(io_err)?;
+                        handle.set_len(complete as u64).map_err(io_err)?;
+                        handle.sync_data().map_err(io_err)?;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(e)),
+            }
+            let handle = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io_err)?;
+            file = Some(handle);
+        }
+        Ok(Ledger {
+            path: path.map(Path::to_owned),
+            state: Mutex::new(State {
+                limits,
+                used,
+                file,
+                poisoned: false,
+            }),
+        })
+    }
+
+    /// Reserves `cost` in every scope of `scopes`, or in none. The reservation is durable
+    /// when this returns `Ok(Ok(()))`.
+    pub fn reserve(
+        &self,
+        scopes: &[&str],
+        cost: &Cost,
+    ) -> Result<Result<(), Exceeded>, LedgerError> {
+        let mut state = self.lock()?;
+        for scope in scopes {
+            let Some(limits) = state.limits.get(*scope) else {
+                continue;
+            };
+            let used = state.used.get(*scope).cloned().unwrap_or_default();
+            if let Some(limit) = limits.requests
+                && used.requests + cost.requests > limit
+            {
+                return Ok(Err(Exceeded::Requests {
+                    scope: scope.to_string(),
+                    used: used.requests,
+                    limit,
+                }));
+            }
+            if let Some(limit) = limits.spend
+                && used.spend + cost.spend > limit
+            {
+                return Ok(Err(Exceeded::Spend {
+                    scope: scope.to_string(),
+                    used: used.spend,
+                    cost: cost.spend,
+                    limit,
+                }));
+            }
+            if let Some(limit) = limits.bytes_up
+                && used.bytes_up + cost.bytes_up > limit
+            {
+                return Ok(Err(Exceeded::BytesUp {
+                    scope: scope.to_string(),
+                    used: used.bytes_up,
+                    cost: cost.bytes_up,
+                    limit,
+                }));
+            }
+            if let Some(limit) = limits.bytes_down
+                && used.bytes_down >= limit
+            {
+                return Ok(Err(Exceeded::BytesDown {
+                    scope: scope.to_string(),
+                    limit,
+                }));
+            }
+        }
+        let entries: Vec<Entry> = scopes
+            .iter()
+            .filter(|s| state.limits.contains_key(**s))
+            .map(|s| Entry {
+                scope: s.to_string(),
+                requests: cost.requests,
+                spend: cost.spend,
+                bytes_up: cost.bytes_up,
+                bytes_down: 0,
+            })
+            .collect();
+        self.persist(&mut state, &entries)?;
+        for entry in entries {
+            let usage = state.used.entry(entry.scope).or_default();
+            usage.requests += entry.requests;
+            usage.spend += entry.spend;
+            usage.bytes_up += entry.bytes_up;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Charges `bytes` of response to every scope; refuses (charging nothing) when any
+    /// scope would go over, so the caller cuts the response there.
+    pub fn charge_download(
+        &self,
+        scopes: &[&str],
+        bytes: u64,
+    ) -> Result<Result<(), Exceeded>, LedgerError> {
+        let mut state = self.lock()?;
+        for scope in scopes {
+            if let Some(limit) = state.limits.get(*scope).and_then(|l| l.bytes_down) {
+                let used = state.used.get(*scope).map(|u| u.bytes_down).unwrap_or(0);
+                if used + bytes > limit {
+                    return Ok(Err(Exceeded::BytesDown {
+                        scope: scope.to_string(),
+                        limit,
+                    }));
+                }
+            }
+        }
+        let entries: Vec<Entry> = scopes
+            .iter()
+            .filter(|s| state.limits.contains_key(**s))
+            .map(|s| Entry {
+                scope: s.to_string(),
+                requests: 0,
+                spend: 0.0,
+                bytes_up: 0,
+                bytes_down: bytes,
+            })
+            .collect();
+        self.persist(&mut state, &entries)?;
+        for entry in entries {
+            state.used.entry(entry.scope).or_default().bytes_down += entry.bytes_down;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Usage and limits of every scope.
+    pub fn snapshot(&self) -> Result<BTreeMap<String, (Usage, Limits)>, LedgerError> {
+        let state = self.lock()?;
+        Ok(state
+            .limits
+            .iter()
+            .map(|(k, l)| {
+                (
+                    k.clone(),
+                    (state.used.get(k).cloned().unwrap_or_default(), l.clone()),
+                )
+            })
+            .collect())
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, LedgerError> {
+        let path = self.path.clone().unwrap_or_default();
+        let state = self
+            .state
+            .lock()
+            .map_err(|_| LedgerError::Poisoned { path: path.clone() })?;
+        if state.poisoned {
+            return Err(LedgerError::Poisoned { path });
+        }
+        Ok(state)
+    }
+
+    fn persist(&self, state: &mut State, entries: &[Entry]) -> Result<(), LedgerError> {
+        let (Some(file), Some(path)) = (state.file.as_mut(), self.path.as_ref()) else {
+            return Ok(());
+        };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(64 * entries.len());
+        for entry in entries {
+            // Serializing plain numbers and strings cannot fail.
+            if let Ok(line) = serde_json::to_vec(entry) {
+                buf.extend_from_slice(&line);
+                buf.push(b'\n');
+            }
+        }
+        let result = file.write_all(&buf).and_then(|()| file.sync_data());
+        if let Err(source) = result {
+            // After a failed write the file's tail is unknown; refuse from now on rather
+            // than guess what was recorded.
+            state.poisoned = true;
+            return Err(LedgerError::Io {
+                path: path.clone(),
+                source,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn limits(requests: u64, spend: f64) -> BTreeMap<String, Limits> {
+        BTreeMap::from([(
+            "envelope".to_owned(),
+            Limits {
+                requests: Some(requests),
+                spend: Some(spend),
+                bytes_up: Some(1000),
+                bytes_down: Some(100),
+            },
+        )])
+    }
+
+    #[test]
+    fn concurrent_reservations_never_exceed_the_budget() {
+        let ledger = Arc::new(Ledger::open(limits(100, 1e9), None).unwrap());
+        let granted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (ledger, granted) = (ledger.clone(), granted.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        let cost = Cost {
+                            requests: 1,
+                            spend: 0.0,
+                            bytes_up: 0,
+                        };
+                        if ledger.reserve(&["envelope"], &cost).unwrap().is_ok() {
+                            granted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(granted.load(std::sync::atomic::Ordering::SeqCst), 100);
+    }
+
+    #[test]
+    fn a_refused_reservation_charges_no_scope() {
+        let mut l = limits(10, 100.0);
+        l.insert(
+            "cap".into(),
+            Limits {
+                spend: Some(5.0),
+                ..Default::default()
+            },
+        );
+        let ledger = Ledger::open(l, None).unwrap();
+        let cost = Cost {
+            requests: 1,
+            spend: 6.0,
+            bytes_up: 0,
+        };
+        assert!(matches!(
+            ledger.reserve(&["envelope", "cap"], &cost).unwrap(),
+            Err(Exceeded::Spend { .. })
+        ));
+        let snap = ledger.snapshot().unwrap();
+        assert_eq!(snap["envelope"].0, Usage::default());
+    }
+
+    #[test]
+    fn downloads_are_cut_at_the_limit() {
+        let ledger = Ledger::open(limits(10, 10.0), None).unwrap();
+        assert!(ledger.charge_download(&["envelope"], 60).unwrap().is_ok());
+        assert!(ledger.charge_download(&["envelope"], 60).unwrap().is_err());
+        assert!(ledger.charge_download(&["envelope"], 40).unwrap().is_ok());
+        assert!(matches!(
+            ledger
+                .reserve(
+                    &["envelope"],
+                    &Cost {
+                        requests: 1,
+                        ..Default::default()
+                    }
+                )
+                .unwrap(),
+            Err(Exceeded::BytesDown { .. })
+        ));
+    }
+
+    #[test]
+    fn usage_survives_a_restart_and_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        {
+            let ledger = Ledger::open(limits(3, 10.0), Some(&path)).unwrap();
+            for _ in 0..2 {
+                ledger
+                    .reserve(
+                        &["envelope"],
+                        &Cost {
+                            requests: 1,
+                            spend: 4.0,
+                            bytes_up: 10,
+                        },
+                    )
+                    .unwrap()
+                    .unwrap();
+            }
+        }
+        // A crash in the middle of the next write.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"scope\":\"envel").unwrap();
+        drop(f);
+        let ledger = Ledger::open(limits(3, 10.0), Some(&path)).unwrap();
+        assert_eq!(ledger.snapshot().unwrap()["envelope"].0.requests, 2);
+        ledger
+            .reserve(
+                &["envelope"],
+                &Cost {
+                    requests: 1,
+                    spend: 1.0,
+                    bytes_up: 0,
+                },
+            )
+            .unwrap()
+            .unwrap();
+        drop(ledger);
+        let ledger = Ledger::open(limits(4, 10.0), Some(&path)).unwrap();
+        assert_eq!(
+            ledger.snapshot().unwrap()["envelope"].0.requests,
+            3,
+            "the torn line was cut away"
+        );
+        // The restart did not refill the budget: spend 9 + 4 > 10.
+        assert!(matches!(
+            ledger
+                .reserve(
+                    &["envelope"],
+                    &Cost {
+                        requests: 1,
+                        spend: 4.0,
+                        bytes_up: 0
+                    }
+                )
+                .unwrap(),
+            Err(Exceeded::Spend { .. })
+        ));
+        // A corrupt line in the middle is an error, not a silent refill.
+        std::fs::write(&path, "garbage\n{\"scope\":\"envelope\",\"requests\":1}\n").unwrap();
+        assert!(matches!(
+            Ledger::open(limits(3, 10.0), Some(&path)),
+            Err(LedgerError::Corrupt { line: 1, .. })
+        ));
+    }
+}
