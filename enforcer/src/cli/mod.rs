@@ -1,5 +1,6 @@
 //! Command-line parsing and dispatch. Each group of subcommands has its own file.
 mod confine;
+mod envelope;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -39,6 +40,11 @@ pub enum Command {
     Status(confine::StatusArgs),
     /// Detach the kernel programs and remove every pin and agent cgroup.
     Unload(confine::UnloadArgs),
+    /// Generate an Envelope issuer key pair (PREFIX.key, PREFIX.pub).
+    Keygen(envelope::KeygenArgs),
+    /// Author, sign, verify and inspect Envelopes.
+    #[command(subcommand)]
+    Envelope(envelope::EnvelopeCommand),
     /// Print shell completions for the enforcer command.
     Completions {
         /// The shell to generate completions for.
@@ -52,6 +58,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Trip(args) => confine::trip(args),
         Command::Status(args) => confine::status(args),
         Command::Unload(args) => confine::unload(args),
+        Command::Keygen(args) => envelope::keygen(args),
+        Command::Envelope(cmd) => envelope::run(cmd),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -1,0 +1,630 @@
+//! Pure matching helpers shared by validation and the gateway: path and host patterns,
+//! anchored regexes, and constraint evaluation against a request.
+//!
+//! Every helper here fails closed: input it cannot judge (an unnormalized path, a body that
+//! is not JSON, a field of the wrong type) never counts as "allowed", and counts as
+//! "matching" when the question is whether a forbidden effect applies.
+use std::fmt;
+
+use regex::{Regex, RegexBuilder};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use super::model::{Approval, Capability, Constraint, ForbiddenEffect, Method, Spend};
+
+/// Longest regex source accepted, in bytes.
+pub const MAX_REGEX_LEN: usize = 512;
+/// Compiled-program budget per regex; stops patterns like `(a{100}){100}` from costing
+/// megabytes per Envelope.
+const REGEX_SIZE_LIMIT: usize = 64 * 1024;
+const MAX_PATTERN_LEN: usize = 1024;
+
+/// True if `path` is in the normalized form the matchers expect: it starts with `/`, has
+/// no query or fragment, no percent-escapes, backslashes, whitespace or control
+/// characters, no `.`/`..` segments and no empty segments (a single trailing `/` is
+/// allowed). The gateway decodes and normalizes before matching and refuses what it cannot
+/// normalize; the matchers treat anything else as unmatchable.
+pub fn is_normalized_path(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    if path
+        .chars()
+        .any(|c| matches!(c, '?' | '#' | '%' | '\\') || c.is_whitespace() || c.is_control())
+    {
+        return false;
+    }
+    if rest.is_empty() {
+        return true;
+    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    rest.split('/')
+        .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Literal(String),
+    /// `*`: exactly one non-empty segment.
+    One,
+    /// `**`: zero or more segments, only last.
+    Rest,
+}
+
+/// A path pattern: `/`-separated segments, each a literal, `*` (exactly one non-empty
+/// segment) or, as the last segment only, `**` (zero or more segments). Literals are
+/// case-sensitive and may not contain `*`, `%`, `?`, `#`, `\`, whitespace, or be `.`/`..`.
+/// A trailing `/` in a path is an empty segment that only `**` matches.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    source: String,
+    segs: Vec<Seg>,
+}
+
+impl PathPattern {
+    pub fn parse(source: &str) -> Result<PathPattern, String> {
+        if source.len() > MAX_PATTERN_LEN {
+            return Err(format!("path pattern longer than {MAX_PATTERN_LEN} bytes"));
+        }
+        let Some(rest) = source.strip_prefix('/') else {
+            return Err(format!("path pattern `{source}` must start with `/`"));
+        };
+        let mut segs = Vec::new();
+        if !rest.is_empty() {
+            let parts: Vec<&str> = rest.split('/').collect();
+            let last = parts.len() - 1;
+            for (i, part) in parts.iter().enumerate() {
+                let seg = match *part {
+                    "" => {
+                        return Err(format!(
+                            "path pattern `{source}` has an empty segment (`//` or a trailing `/`); remove it or use `/**`"
+                        ));
+                    }
+                    "." | ".." => {
+                        return Err(format!(
+                            "path pattern `{source}` has a `{part}` segment; patterns match normalized paths, write the resolved path"
+                        ));
+                    }
+                    "*" => Seg::One,
+                    "**" if i == last => Seg::Rest,
+                    "**" => {
+                        return Err(format!(
+                            "path pattern `{source}`: `**` is only allowed as the last segment"
+                        ));
+                    }
+                    lit => {
+                        if let Some(bad) = lit.chars().find(|&c| {
+                            matches!(c, '*' | '%' | '?' | '#' | '\\')
+                                || c.is_whitespace()
+                                || c.is_control()
+                        }) {
+                            return Err(format!(
+                                "path pattern `{source}`: segment `{lit}` contains `{}`; segments are literal text, `*` or a final `**` (no partial wildcards, no percent-escapes)",
+                                bad.escape_default()
+                            ));
+                        }
+                        Seg::Literal(lit.to_owned())
+                    }
+                };
+                segs.push(seg);
+            }
+        }
+        Ok(PathPattern {
+            source: source.to_owned(),
+            segs,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether a normalized path matches. Unnormalized paths never match.
+    pub fn matches(&self, path: &str) -> bool {
+        if !is_normalized_path(path) {
+            return false;
+        }
+        let rest = &path[1..];
+        // A trailing slash leaves an empty last segment, so `/a` and `/a/` differ.
+        let parts: Vec<&str> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split('/').collect()
+        };
+        let mut i = 0;
+        for seg in &self.segs {
+            match seg {
+                Seg::Rest => return true,
+                Seg::One => match parts.get(i) {
+                    Some(p) if !p.is_empty() => i += 1,
+                    _ => return false,
+                },
+                Seg::Literal(lit) => match parts.get(i) {
+                    Some(p) if p == lit => i += 1,
+                    _ => return false,
+                },
+            }
+        }
+        i == parts.len()
+    }
+}
+
+impl fmt::Debug for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PathPattern({:?})", self.source)
+    }
+}
+
+impl fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+impl Serialize for PathPattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
+}
+
+impl<'de> Deserialize<'de> for PathPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        PathPattern::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks an exact host: a lowercase DNS name or an IP literal (IPv6 without brackets).
+pub fn check_host(host: &str) -> Result<(), String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if host.is_empty() || host.len() > 253 {
+        return Err(format!(
+            "host `{host}` must be 1 to 253 characters (a DNS name or IP address, no scheme, port or path)"
+        ));
+    }
+    for label in host.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!(
+                "host `{host}` has an empty or over-long label; write a DNS name like `api.example.com` (no trailing dot)"
+            ));
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            || label.starts_with('-')
+            || label.ends_with('-')
+        {
+            return Err(format!(
+                "host `{host}` is not a lowercase DNS name; use only a-z, 0-9 and inner `-` (no scheme, port, path or uppercase)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A host pattern: an exact host, or `*.example.com` for any name strictly below
+/// `example.com` (not the apex itself). Compared case-insensitively, ignoring one trailing
+/// dot on the request's host.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    source: String,
+}
+
+impl HostPattern {
+    pub fn parse(source: &str) -> Result<HostPattern, String> {
+        let exact = source.strip_prefix("*.").unwrap_or(source);
+        check_host(exact)?;
+        Ok(HostPattern {
+            source: source.to_owned(),
+        })
+    }
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+    pub fn matches(&self, host: &str) -> bool {
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        match self.source.strip_prefix("*.") {
+            Some(suffix) => host
+                .strip_suffix(suffix)
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            None => host == self.source,
+        }
+    }
+}
+
+impl fmt::Debug for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostPattern({:?})", self.source)
+    }
+}
+
+impl Serialize for HostPattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        HostPattern::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A regex that must match the *whole* value (it is compiled as `^(?:…)$`, so an
+/// unanchored pattern cannot accidentally accept a value that merely contains a match).
+/// Compiled when parsed, with a bounded program size.
+#[derive(Clone)]
+pub struct RegexRule {
+    source: String,
+    regex: Regex,
+}
+
+impl RegexRule {
+    pub fn parse(source: &str) -> Result<RegexRule, String> {
+        if source.len() > MAX_REGEX_LEN {
+            return Err(format!(
+                "regex longer than {MAX_REGEX_LEN} bytes; simplify it or use one_of"
+            ));
+        }
+        let regex = RegexBuilder::new(&format!("^(?:{source})$"))
+            .size_limit(REGEX_SIZE_LIMIT)
+            .dfa_size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map_err(|e| {
+                format!("invalid regex `{source}`: {e}; fix the syntax or reduce repetition counts")
+            })?;
+        Ok(RegexRule {
+            source: source.to_owned(),
+            regex,
+        })
+    }
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+    pub fn is_match(&self, text: &str) -> bool {
+        self.regex.is_match(text)
+    }
+}
+
+impl PartialEq for RegexRule {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl fmt::Debug for RegexRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RegexRule({:?})", self.source)
+    }
+}
+
+impl Serialize for RegexRule {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
+}
+
+impl<'de> Deserialize<'de> for RegexRule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        RegexRule::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A request body as the gateway saw it.
+#[derive(Debug, Clone, Copy)]
+pub enum Body<'a> {
+    /// No body at all.
+    Absent,
+    /// A body that parsed as JSON.
+    Json(&'a Value),
+    /// A body that is not JSON, or larger than the gateway inspects: it cannot be judged.
+    Opaque,
+}
+
+/// The parts of a request the Envelope's rules look at. `path` must be normalized;
+/// `query` holds decoded name/value pairs in order (repeated names stay repeated).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: &'a [(String, String)],
+    pub body: Body<'a>,
+}
+
+/// The result of evaluating one constraint.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Satisfied,
+    /// The parameter or field is not there.
+    Absent,
+    /// It is there and breaks a rule.
+    Violated(String),
+    /// It cannot be judged (wrong type, repeated parameter, body not JSON).
+    Indeterminate(String),
+}
+
+/// Parses a JSON number or a plain decimal string (`"0.25"`, `"-3"`, `"1e3"`) into a finite
+/// f64. Stricter than `str::parse`: no `inf`, `NaN`, `+`, hex or whitespace.
+pub fn numeric(v: &Value) -> Option<f64> {
+    let n = match v {
+        Value::Number(n) => n.as_f64()?,
+        Value::String(s) => parse_decimal(s)?,
+        _ => return None,
+    };
+    n.is_finite().then_some(n)
+}
+
+fn parse_decimal(s: &str) -> Option<f64> {
+    let b = s.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i > start
+    };
+    if !digits(&mut i) {
+        return None;
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if !digits(&mut i) {
+            return None;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !digits(&mut i) {
+            return None;
+        }
+    }
+    if i != b.len() {
+        return None;
+    }
+    s.parse().ok().filter(|n: &f64| n.is_finite())
+}
+
+fn values_equal(expected: &Value, actual: &Value, from_query: bool) -> Result<bool, String> {
+    match (expected, actual) {
+        (Value::Number(_), _) if from_query => match numeric(actual) {
+            Some(a) => Ok(numeric(expected) == Some(a)),
+            None => Err("query value is not a number".to_owned()),
+        },
+        (Value::String(e), Value::String(a)) => Ok(e == a),
+        (Value::Number(_), Value::Number(_)) => Ok(numeric(expected) == numeric(actual)),
+        _ if from_query => {
+            Err("query values are text; compare them with strings or numbers".into())
+        }
+        _ => Ok(expected == actual),
+    }
+}
+
+impl Constraint {
+    /// Human-readable name of the thing constrained: `query parameter \`symbol\`` or
+    /// `body field \`/qty\``.
+    pub fn target(&self) -> String {
+        match (&self.query, &self.body) {
+            (Some(q), _) => format!("query parameter `{q}`"),
+            (None, Some(p)) => format!("body field `{p}`"),
+            (None, None) => "nothing".to_owned(),
+        }
+    }
+
+    pub fn evaluate(&self, query: &[(String, String)], body: Body<'_>) -> Outcome {
+        let text;
+        let (value, from_query): (&Value, bool) = match (&self.query, &self.body) {
+            (Some(name), _) => {
+                let mut hits = query.iter().filter(|(k, _)| k == name);
+                let Some((_, v)) = hits.next() else {
+                    return Outcome::Absent;
+                };
+                if hits.next().is_some() {
+                    return Outcome::Indeterminate(format!("query parameter `{name}` is repeated"));
+                }
+                text = Value::String(v.clone());
+                (&text, true)
+            }
+            (None, Some(pointer)) => match body {
+                Body::Absent => return Outcome::Absent,
+                Body::Opaque => {
+                    return Outcome::Indeterminate(
+                        "the body is not JSON or too large to inspect".to_owned(),
+                    );
+                }
+                Body::Json(doc) => match doc.pointer(pointer) {
+                    Some(v) => (v, false),
+                    None => return Outcome::Absent,
+                },
+            },
+            (None, None) => return Outcome::Indeterminate("constraint has no target".into()),
+        };
+        let what = self.target();
+        if let Some(expected) = &self.equals {
+            match values_equal(expected, value, from_query) {
+                Ok(true) => {}
+                Ok(false) => return Outcome::Violated(format!("{what} must equal {expected}")),
+                Err(e) => return Outcome::Indeterminate(format!("{what}: {e}")),
+            }
+        }
+        if let Some(options) = &self.one_of {
+            let mut any = false;
+            for o in options {
+                match values_equal(o, value, from_query) {
+                    Ok(true) => {
+                        any = true;
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(e) => return Outcome::Indeterminate(format!("{what}: {e}")),
+                }
+            }
+            if !any {
+                return Outcome::Violated(format!("{what} is not one of the allowed values"));
+            }
+        }
+        if self.min.is_some() || self.max.is_some() {
+            let Some(n) = numeric(value) else {
+                return Outcome::Indeterminate(format!("{what} is not a number"));
+            };
+            if let Some(min) = self.min
+                && n < min
+            {
+                return Outcome::Violated(format!("{what} is {n}, below the minimum {min}"));
+            }
+            if let Some(max) = self.max
+                && n > max
+            {
+                return Outcome::Violated(format!("{what} is {n}, above the maximum {max}"));
+            }
+        }
+        if self.max_length.is_some() || self.regex.is_some() {
+            let Value::String(s) = value else {
+                return Outcome::Indeterminate(format!("{what} is not a string"));
+            };
+            if let Some(max) = self.max_length
+                && s.chars().count() as u64 > max
+            {
+                return Outcome::Violated(format!("{what} is longer than {max} characters"));
+            }
+            if let Some(re) = &self.regex
+                && !re.is_match(s)
+            {
+                return Outcome::Violated(format!("{what} does not match `{}`", re.as_str()));
+            }
+        }
+        Outcome::Satisfied
+    }
+
+    /// For capabilities: passes only if the rules hold (or the field is absent and the
+    /// constraint is `optional`). The error says why.
+    pub fn check(&self, query: &[(String, String)], body: Body<'_>) -> Result<(), String> {
+        match self.evaluate(query, body) {
+            Outcome::Satisfied => Ok(()),
+            Outcome::Absent if self.optional => Ok(()),
+            Outcome::Absent => Err(format!("{} is missing", self.target())),
+            Outcome::Violated(r) | Outcome::Indeterminate(r) => Err(r),
+        }
+    }
+
+    /// For forbidden effects and approvals: the condition holds when the rules hold *or*
+    /// cannot be judged; an absent field does not hold.
+    pub fn holds_or_unknown(&self, query: &[(String, String)], body: Body<'_>) -> bool {
+        matches!(
+            self.evaluate(query, body),
+            Outcome::Satisfied | Outcome::Indeterminate(_)
+        )
+    }
+}
+
+fn pattern_matches(
+    methods: &[Method],
+    host: Option<&HostPattern>,
+    path: Option<&PathPattern>,
+    when: &[Constraint],
+    req: &RequestView<'_>,
+) -> bool {
+    if !methods.is_empty() && !Method::parse(req.method).is_some_and(|m| methods.contains(&m)) {
+        return false;
+    }
+    if host.is_some_and(|h| !h.matches(req.host)) {
+        return false;
+    }
+    if let Some(p) = path {
+        // A path we cannot judge counts as matching: forbidden effects must not be
+        // dodged with an odd spelling.
+        if is_normalized_path(req.path) && !p.matches(req.path) {
+            return false;
+        }
+    }
+    when.iter().all(|c| c.holds_or_unknown(req.query, req.body))
+}
+
+impl ForbiddenEffect {
+    /// True if the request is (or may be) this forbidden effect.
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        pattern_matches(
+            &self.methods,
+            self.host.as_ref(),
+            self.path.as_ref(),
+            &self.when,
+            req,
+        )
+    }
+}
+
+impl Approval {
+    /// True if the request must wait for a human.
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        pattern_matches(
+            &self.methods,
+            self.host.as_ref(),
+            self.path.as_ref(),
+            &self.when,
+            req,
+        )
+    }
+}
+
+impl Capability {
+    /// Whether this capability's upstream is `host:port` (host compared case-insensitively).
+    pub fn serves(&self, host: &str, port: u16) -> bool {
+        let host = host.strip_suffix('.').unwrap_or(host);
+        host.eq_ignore_ascii_case(&self.upstream.host) && port == self.upstream.port()
+    }
+
+    /// Whether the request fits one of the routes and every constraint. Does not look at
+    /// forbidden effects, approvals or budgets, which the gateway checks around it.
+    pub fn check(&self, req: &RequestView<'_>) -> Result<(), String> {
+        if !self.routes.iter().any(|r| r.matches(req.method, req.path)) {
+            return Err(format!(
+                "{} {} is not a route of capability `{}`",
+                req.method, req.path, self.name
+            ));
+        }
+        for c in &self.constraints {
+            c.check(req.query, req.body)
+                .map_err(|r| format!("capability `{}`: {r}", self.name))?;
+        }
+        Ok(())
+    }
+}
+
+impl Spend {
+    /// The cost of a request: `amount × multiplier` read from the body. Anything that is
+    /// not a finite non-negative number is an error (the gateway refuses the request).
+    pub fn cost(&self, body: Body<'_>) -> Result<f64, String> {
+        let Some(amount) = &self.amount else {
+            return Err("this spend has no amount pointer".into());
+        };
+        let Body::Json(doc) = body else {
+            return Err("the body is needed to compute spend but is absent or not JSON".into());
+        };
+        let read = |ptr: &str| -> Result<f64, String> {
+            let v = doc
+                .pointer(ptr)
+                .ok_or_else(|| format!("spend field `{ptr}` is missing"))?;
+            let n = numeric(v).ok_or_else(|| format!("spend field `{ptr}` is not a number"))?;
+            if n < 0.0 {
+                return Err(format!("spend field `{ptr}` is negative"));
+            }
+            Ok(n)
+        };
+        let mut total = read(amount)?;
+        if let Some(m) = &self.multiplier {
+            total *= read(m)?;
+        }
+        if !total.is_finite() {
+            return Err("spend is not a finite number".into());
+        }
+        Ok(total)
+    }
+}
