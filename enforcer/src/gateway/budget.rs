@@ -181,15 +181,11 @@ impl Ledger {
         })
     }
 
-    /// Reserves `cost` in every scope of `scopes`, or in none. The reservation is durable
+    /// Reserves each scope's cost, in every scope or in none. The reservation is durable
     /// when this returns `Ok(Ok(()))`.
-    pub fn reserve(
-        &self,
-        scopes: &[&str],
-        cost: &Cost,
-    ) -> Result<Result<(), Exceeded>, LedgerError> {
+    pub fn reserve(&self, costs: &[(&str, Cost)]) -> Result<Result<(), Exceeded>, LedgerError> {
         let mut state = self.lock()?;
-        for scope in scopes {
+        for (scope, cost) in costs {
             let Some(limits) = state.limits.get(*scope) else {
                 continue;
             };
@@ -232,10 +228,10 @@ impl Ledger {
                 }));
             }
         }
-        let entries: Vec<Entry> = scopes
+        let entries: Vec<Entry> = costs
             .iter()
-            .filter(|s| state.limits.contains_key(**s))
-            .map(|s| Entry {
+            .filter(|(s, _)| state.limits.contains_key(*s))
+            .map(|(s, cost)| Entry {
                 scope: s.to_string(),
                 requests: cost.requests,
                 spend: cost.spend,
@@ -377,7 +373,11 @@ mod tests {
                             spend: 0.0,
                             bytes_up: 0,
                         };
-                        if ledger.reserve(&["envelope"], &cost).unwrap().is_ok() {
+                        if ledger
+                            .reserve(&[("envelope", cost.clone())])
+                            .unwrap()
+                            .is_ok()
+                        {
                             granted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
                     }
@@ -407,7 +407,9 @@ mod tests {
             bytes_up: 0,
         };
         assert!(matches!(
-            ledger.reserve(&["envelope", "cap"], &cost).unwrap(),
+            ledger
+                .reserve(&[("envelope", cost.clone()), ("cap", cost.clone())])
+                .unwrap(),
             Err(Exceeded::Spend { .. })
         ));
         let snap = ledger.snapshot().unwrap();
@@ -422,13 +424,13 @@ mod tests {
         assert!(ledger.charge_download(&["envelope"], 40).unwrap().is_ok());
         assert!(matches!(
             ledger
-                .reserve(
-                    &["envelope"],
-                    &Cost {
+                .reserve(&[(
+                    "envelope",
+                    Cost {
                         requests: 1,
                         ..Default::default()
                     }
-                )
+                )])
                 .unwrap(),
             Err(Exceeded::BytesDown { .. })
         ));
@@ -442,14 +444,14 @@ mod tests {
             let ledger = Ledger::open(limits(3, 10.0), Some(&path)).unwrap();
             for _ in 0..2 {
                 ledger
-                    .reserve(
-                        &["envelope"],
-                        &Cost {
+                    .reserve(&[(
+                        "envelope",
+                        Cost {
                             requests: 1,
                             spend: 4.0,
                             bytes_up: 10,
                         },
-                    )
+                    )])
                     .unwrap()
                     .unwrap();
             }
@@ -461,14 +463,14 @@ mod tests {
         let ledger = Ledger::open(limits(3, 10.0), Some(&path)).unwrap();
         assert_eq!(ledger.snapshot().unwrap()["envelope"].0.requests, 2);
         ledger
-            .reserve(
-                &["envelope"],
-                &Cost {
+            .reserve(&[(
+                "envelope",
+                Cost {
                     requests: 1,
                     spend: 1.0,
                     bytes_up: 0,
                 },
-            )
+            )])
             .unwrap()
             .unwrap();
         drop(ledger);
@@ -481,14 +483,14 @@ mod tests {
         // The restart did not refill the budget: spend 9 + 4 > 10.
         assert!(matches!(
             ledger
-                .reserve(
-                    &["envelope"],
-                    &Cost {
+                .reserve(&[(
+                    "envelope",
+                    Cost {
                         requests: 1,
                         spend: 4.0,
                         bytes_up: 0
                     }
-                )
+                )])
                 .unwrap(),
             Err(Exceeded::Spend { .. })
         ));

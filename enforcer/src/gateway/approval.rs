@@ -1,0 +1,117 @@
+//! Requests held for a human. The request path can only wait; deciding takes the control
+//! plane, which the agent cannot reach. No answer before the timeout is a denial.
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::oneshot;
+
+/// A held request, as an operator sees it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Held {
+    pub id: u64,
+    pub method: String,
+    pub url: String,
+    pub rule: String,
+    /// SHA-256 of method, URL and body: the approval applies to exactly this request.
+    pub request_sha256: String,
+    pub timeout_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Approved,
+    Denied,
+    TimedOut,
+}
+
+#[derive(Default)]
+pub struct Approvals {
+    next: AtomicU64,
+    pending: Mutex<BTreeMap<u64, (Held, oneshot::Sender<bool>)>>,
+}
+
+impl Approvals {
+    /// Holds until an operator decides or `timeout` passes.
+    pub async fn hold(&self, mut held: Held, timeout: Duration) -> Verdict {
+        let (tx, rx) = oneshot::channel();
+        let id = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+        held.id = id;
+        match self.pending.lock() {
+            Ok(mut pending) => {
+                pending.insert(id, (held, tx));
+            }
+            Err(_) => return Verdict::Denied,
+        }
+        let verdict = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(true)) => Verdict::Approved,
+            Ok(Ok(false)) | Ok(Err(_)) => Verdict::Denied,
+            Err(_) => Verdict::TimedOut,
+        };
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.remove(&id);
+        }
+        verdict
+    }
+
+    pub fn list(&self) -> Vec<Held> {
+        self.pending
+            .lock()
+            .map(|p| p.values().map(|(h, _)| h.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Decides a held request; false when no such request is waiting.
+    pub fn decide(&self, id: u64, approve: bool) -> bool {
+        let entry = self.pending.lock().ok().and_then(|mut p| p.remove(&id));
+        match entry {
+            Some((_, tx)) => tx.send(approve).is_ok(),
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn held() -> Held {
+        Held {
+            id: 0,
+            method: "POST".into(),
+            url: "http://x/".into(),
+            rule: "r".into(),
+            request_sha256: String::new(),
+            timeout_secs: 5,
+        }
+    }
+
+    #[tokio::test]
+    async fn approve_deny_and_timeout() {
+        let approvals = Arc::new(Approvals::default());
+        for (approve, want) in [(true, Verdict::Approved), (false, Verdict::Denied)] {
+            let a = approvals.clone();
+            let waiter = tokio::spawn(async move { a.hold(held(), Duration::from_secs(5)).await });
+            let id = loop {
+                if let Some(h) = approvals.list().first() {
+                    break h.id;
+                }
+                tokio::task::yield_now().await;
+            };
+            assert!(approvals.decide(id, approve));
+            assert_eq!(waiter.await.unwrap(), want);
+        }
+        assert_eq!(
+            approvals.hold(held(), Duration::from_millis(20)).await,
+            Verdict::TimedOut
+        );
+        assert!(approvals.list().is_empty());
+        assert!(!approvals.decide(999, true));
+    }
+}

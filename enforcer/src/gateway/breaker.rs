@@ -1,0 +1,318 @@
+//! The circuit breaker of one agent: closed until a condition of the Envelope's `breakers`
+//! holds, then open for good. Nothing on the request path can close it; only an operator
+//! (through the control plane, which the agent cannot reach) or a new Envelope can.
+use std::{
+    collections::VecDeque,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crate::envelope::model::Breakers;
+
+/// What the daemon does when a breaker opens: flip the agent's kernel map entry.
+pub trait TripHook: Send + Sync {
+    fn tripped(&self, reason: &str);
+}
+
+/// A hook that only logs; for the standalone gateway, which has no kernel half.
+pub struct LogOnly;
+
+impl TripHook for LogOnly {
+    fn tripped(&self, reason: &str) {
+        tracing::error!(
+            reason,
+            "circuit breaker open: every further request is refused"
+        );
+    }
+}
+
+/// Proof that an operator asked for a reset. Only the control plane makes one.
+pub struct OperatorReset {
+    pub operator: String,
+    _private: (),
+}
+
+impl OperatorReset {
+    /// For the control plane, after it checked the caller's credentials.
+    pub fn checked_by_control_plane(operator: impl Into<String>) -> Self {
+        OperatorReset {
+            operator: operator.into(),
+            _private: (),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Windows {
+    open: Option<String>,
+    denied: VecDeque<Instant>,
+    spend: VecDeque<(Instant, f64)>,
+    upstream: VecDeque<(Instant, bool)>,
+}
+
+pub struct Breaker {
+    config: Breakers,
+    state: Mutex<Windows>,
+    path: Option<PathBuf>,
+    hook: Arc<dyn TripHook>,
+}
+
+impl Breaker {
+    /// A breaker that starts open when `path` records an earlier trip.
+    pub fn open(config: Option<Breakers>, path: Option<&Path>, hook: Arc<dyn TripHook>) -> Self {
+        let mut windows = Windows::default();
+        if let Some(path) = path {
+            match std::fs::read_to_string(path) {
+                Ok(reason) => {
+                    windows.open = Some(reason.trim().to_owned())
+                        .filter(|r| !r.is_empty())
+                        .or(Some("tripped before a restart".into()))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // A state file that exists but cannot be read may hold a trip: stay open.
+                Err(e) => {
+                    windows.open = Some(format!("breaker state {} unreadable: {e}", path.display()))
+                }
+            }
+        }
+        Breaker {
+            config: config.unwrap_or_default(),
+            state: Mutex::new(windows),
+            path: path.map(Path::to_owned),
+            hook,
+        }
+    }
+
+    /// Why the circuit is open, if it is. A poisoned lock counts as open.
+    pub fn open_reason(&self) -> Option<String> {
+        match self.state.lock() {
+            Ok(state) => state.open.clone(),
+            Err(_) => Some("breaker state poisoned".into()),
+        }
+    }
+
+    pub fn record_forbidden(&self, reason: &str) {
+        if self.config.on_forbidden {
+            self.trip(format!("forbidden effect attempted: {reason}"));
+        }
+    }
+
+    pub fn record_denied(&self) {
+        let Some(rule) = &self.config.denied else {
+            return;
+        };
+        let window = Duration::from_secs(rule.window_secs);
+        let reason = self.with_state(|s| {
+            let now = Instant::now();
+            s.denied.push_back(now);
+            while s
+                .denied
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > window)
+            {
+                s.denied.pop_front();
+            }
+            (s.denied.len() >= rule.count as usize).then(|| {
+                format!(
+                    "{} denied requests within {}s",
+                    s.denied.len(),
+                    rule.window_secs
+                )
+            })
+        });
+        if let Some(reason) = reason {
+            self.trip(reason);
+        }
+    }
+
+    pub fn record_spend(&self, amount: f64) {
+        let Some(rule) = &self.config.spend_velocity else {
+            return;
+        };
+        let window = Duration::from_secs(rule.window_secs);
+        let reason = self.with_state(|s| {
+            let now = Instant::now();
+            s.spend.push_back((now, amount));
+            while s
+                .spend
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > window)
+            {
+                s.spend.pop_front();
+            }
+            let total: f64 = s.spend.iter().map(|(_, a)| a).sum();
+            (total > rule.max).then(|| {
+                format!(
+                    "spend {total} {} within {}s exceeds {}",
+                    rule.currency, rule.window_secs, rule.max
+                )
+            })
+        });
+        if let Some(reason) = reason {
+            self.trip(reason);
+        }
+    }
+
+    pub fn record_upstream(&self, ok: bool) {
+        let Some(rule) = &self.config.upstream_errors else {
+            return;
+        };
+        let window = Duration::from_secs(rule.window_secs);
+        let reason = self.with_state(|s| {
+            let now = Instant::now();
+            s.upstream.push_back((now, ok));
+            while s
+                .upstream
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > window)
+            {
+                s.upstream.pop_front();
+            }
+            let total = s.upstream.len();
+            let errors = s.upstream.iter().filter(|(_, ok)| !ok).count();
+            (total >= rule.min_requests as usize && errors as f64 / total as f64 >= rule.rate).then(
+                || {
+                    format!(
+                        "{errors} of {total} upstream requests failed within {}s",
+                        rule.window_secs
+                    )
+                },
+            )
+        });
+        if let Some(reason) = reason {
+            self.trip(reason);
+        }
+    }
+
+    /// Opens the circuit: persisted first, then the hook (the kernel flip) runs.
+    pub fn trip(&self, reason: String) {
+        let first = match self.state.lock() {
+            Ok(mut state) => {
+                let first = state.open.is_none();
+                if first {
+                    state.open = Some(reason.clone());
+                }
+                first
+            }
+            Err(_) => true,
+        };
+        if !first {
+            return;
+        }
+        if let Some(path) = &self.path {
+            let written = std::fs::File::create(path).and_then(|mut f| {
+                f.write_all(reason.as_bytes())?;
+                f.sync_all()
+            });
+            if let Err(e) = written {
+                tracing::error!(path = %path.display(), error = %e, "could not persist the trip; it holds until this process exits");
+            }
+        }
+        self.hook.tripped(&reason);
+    }
+
+    /// Closes the circuit on an operator's word.
+    pub fn reset(&self, by: &OperatorReset) -> std::io::Result<()> {
+        if let Some(path) = &self.path {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Ok(mut state) = self.state.lock() {
+            *state = Windows::default();
+        }
+        tracing::warn!(operator = %by.operator, "circuit breaker reset by an operator");
+        Ok(())
+    }
+
+    fn with_state<T>(&self, f: impl FnOnce(&mut Windows) -> Option<T>) -> Option<T> {
+        self.state
+            .lock()
+            .ok()
+            .and_then(|mut s| if s.open.is_some() { None } else { f(&mut s) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::model::{DeniedBreaker, SpendVelocityBreaker, UpstreamErrorBreaker};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+    impl TripHook for Count {
+        fn tripped(&self, _: &str) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn config() -> Breakers {
+        Breakers {
+            denied: Some(DeniedBreaker {
+                count: 3,
+                window_secs: 60,
+            }),
+            spend_velocity: Some(SpendVelocityBreaker {
+                currency: "USD".into(),
+                max: 100.0,
+                window_secs: 60,
+            }),
+            on_forbidden: true,
+            upstream_errors: Some(UpstreamErrorBreaker {
+                rate: 0.5,
+                min_requests: 4,
+                window_secs: 60,
+            }),
+        }
+    }
+
+    #[test]
+    fn each_condition_trips_once_and_the_trip_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("breaker");
+        let hook = Arc::new(Count::default());
+        let b = Breaker::open(Some(config()), Some(&path), hook.clone());
+        b.record_denied();
+        b.record_denied();
+        assert!(b.open_reason().is_none());
+        b.record_denied();
+        assert!(b.open_reason().unwrap().contains("denied"));
+        b.record_forbidden("withdrawal");
+        assert_eq!(hook.0.load(Ordering::SeqCst), 1, "the hook runs once");
+        let again = Breaker::open(Some(config()), Some(&path), hook.clone());
+        assert!(again.open_reason().unwrap().contains("denied"));
+        again
+            .reset(&OperatorReset::checked_by_control_plane("root"))
+            .unwrap();
+        assert!(again.open_reason().is_none());
+        assert!(
+            Breaker::open(Some(config()), Some(&path), hook)
+                .open_reason()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn spend_velocity_forbidden_and_upstream_errors_trip() {
+        let hook: Arc<dyn TripHook> = Arc::new(Count::default());
+        let b = Breaker::open(Some(config()), None, hook.clone());
+        b.record_spend(60.0);
+        b.record_spend(50.0);
+        assert!(b.open_reason().unwrap().contains("spend"));
+        let b = Breaker::open(Some(config()), None, hook.clone());
+        b.record_forbidden("withdrawal");
+        assert!(b.open_reason().unwrap().contains("withdrawal"));
+        let b = Breaker::open(Some(config()), None, hook);
+        for ok in [true, false, true] {
+            b.record_upstream(ok);
+        }
+        assert!(b.open_reason().is_none(), "below min_requests");
+        b.record_upstream(false);
+        assert!(b.open_reason().unwrap().contains("upstream"));
+    }
+}
