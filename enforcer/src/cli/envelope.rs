@@ -105,7 +105,7 @@ pub fn run(cmd: EnvelopeCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn read_input(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+pub(super) fn read_input(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     let limit = envelope::validate::MAX_ENVELOPE_BYTES as u64 + 1;
     let mut buf = Vec::new();
     if path.as_os_str() == "-" {
@@ -159,8 +159,8 @@ fn sign(a: SignArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn build_verifier(
-    trust: &PathBuf,
+pub(super) fn build_verifier(
+    trust: &std::path::Path,
     floor: Option<&PathBuf>,
     revoked: Option<&PathBuf>,
     options: VerifyOptions,

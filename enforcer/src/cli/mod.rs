@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch. Each group of subcommands has its own file.
 mod confine;
 mod envelope;
+mod gateway;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -45,6 +46,8 @@ pub enum Command {
     /// Author, sign, verify and inspect Envelopes.
     #[command(subcommand)]
     Envelope(envelope::EnvelopeCommand),
+    /// Run one agent's L7 gateway alone, without kernel confinement (development, policy tests).
+    Gateway(gateway::GatewayArgs),
     /// Print shell completions for the enforcer command.
     Completions {
         /// The shell to generate completions for.
@@ -60,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Unload(args) => confine::unload(args),
         Command::Keygen(args) => envelope::keygen(args),
         Command::Envelope(cmd) => envelope::run(cmd),
+        Command::Gateway(args) => gateway::gateway(args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

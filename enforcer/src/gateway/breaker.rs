@@ -30,16 +30,18 @@ impl TripHook for LogOnly {
 
 /// Proof that an operator asked for a reset. Only the control plane makes one.
 pub struct OperatorReset {
-    pub operator: String,
-    _private: (),
+    operator: String,
 }
 
 impl OperatorReset {
+    pub fn operator(&self) -> &str {
+        &self.operator
+    }
+
     /// For the control plane, after it checked the caller's credentials.
     pub fn checked_by_control_plane(operator: impl Into<String>) -> Self {
         OperatorReset {
             operator: operator.into(),
-            _private: (),
         }
     }
 }

@@ -6,4 +6,5 @@ pub mod breaker;
 pub mod budget;
 pub mod normalize;
 pub mod secrets;
+pub mod server;
 pub mod tls;

@@ -1,0 +1,119 @@
+//! `enforcer gateway`: one agent's L7 gateway on its own, without kernel confinement.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::Args;
+use enforcer::{
+    envelope::{UsedIds, VerifyOptions},
+    gateway::{
+        breaker::LogOnly,
+        secrets::SecretStore,
+        server::{Gateway, GatewaySetup, Limits, TracingSink},
+        tls::upstream_client_config,
+    },
+};
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// The signed Envelope (JSON, as written by `enforcer envelope sign`).
+    #[arg(long)]
+    envelope: PathBuf,
+    /// Directory of trusted issuer public keys (*.pub).
+    #[arg(long)]
+    trust: PathBuf,
+    /// Secret store: a directory with one file per secret, or a `name = value` file; it
+    /// must not be readable by group or others.
+    #[arg(long)]
+    secrets: PathBuf,
+    /// Address to listen on; agents use it as HTTP_PROXY and HTTPS_PROXY.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Host policy floor (TOML) every Envelope inherits.
+    #[arg(long)]
+    floor: Option<PathBuf>,
+    /// Where the budget ledger and breaker state persist across restarts.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Write the agent's interception CA certificate here (PEM) for SSL_CERT_FILE.
+    #[arg(long)]
+    ca_out: Option<PathBuf>,
+    /// Extra PEM root certificates to trust for upstream TLS (repeatable).
+    #[arg(long = "upstream-root")]
+    upstream_roots: Vec<PathBuf>,
+    /// Trust only --upstream-root certificates, not the system store.
+    #[arg(long)]
+    no_system_roots: bool,
+    /// Largest request body the gateway inspects, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Seconds an upstream may take to answer.
+    #[arg(long, default_value_t = 30)]
+    request_timeout: u64,
+}
+
+pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
+    let verifier = super::envelope::build_verifier(
+        &args.trust,
+        args.floor.as_ref(),
+        None,
+        VerifyOptions::default(),
+    )?;
+    let input = super::envelope::read_input(&args.envelope)?;
+    let envelope = verifier
+        .verify(&input, &UsedIds::in_memory())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the Envelope {} is refused ({}): {e}",
+                args.envelope.display(),
+                e.kind()
+            )
+        })?;
+    let secrets = SecretStore::load(&args.secrets, false)?;
+    let roots: Vec<&std::path::Path> = args.upstream_roots.iter().map(PathBuf::as_path).collect();
+    let upstream_tls = upstream_client_config(&roots, !args.no_system_roots)?;
+    let agent = envelope.envelope().subject.clone();
+    let gateway = Gateway::new(GatewaySetup {
+        agent: agent.clone(),
+        envelope,
+        secrets,
+        state_dir: args.state_dir.clone(),
+        upstream_tls,
+        limits: Limits {
+            max_body_bytes: args.max_body_bytes,
+            request_timeout: Duration::from_secs(args.request_timeout),
+            ..Limits::default()
+        },
+        sink: Arc::new(TracingSink),
+        trip_hook: Arc::new(LogOnly),
+    })?;
+    if let Some(path) = &args.ca_out {
+        std::fs::write(path, gateway.ca_pem())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let local = listener.local_addr()?;
+        eprintln!(
+            "enforcer gateway for {agent} listening on {local}\n\
+             WARNING: standalone mode: egress is NOT confined. The agent can bypass this gateway; \
+             use `enforcer run` under the daemon for kernel confinement."
+        );
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(_) => return,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        gateway.serve(listener, shutdown).await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

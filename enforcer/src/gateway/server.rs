@@ -1,0 +1,998 @@
+//! One agent's gateway: an HTTP/1.1 forward proxy (absolute-form `http://` requests and
+//! `CONNECT` tunnels it intercepts with the agent's CA) that runs every request through the
+//! decision order and forwards what passes with the credential injected.
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use tokio::{net::TcpListener, sync::Semaphore};
+
+use super::{
+    approval::{Approvals, Held, Verdict},
+    breaker::{Breaker, TripHook},
+    budget::{Cost, Ledger, LedgerError, Limits as BudgetLimits},
+    normalize::{self, Scheme, Target},
+    secrets::SecretStore,
+    tls::AgentCa,
+};
+use crate::envelope::{
+    VerifiedEnvelope,
+    model::{Budget, Capability},
+    pattern::{Body, RequestView},
+};
+
+/// Size and time limits of one agent's gateway.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_response_bytes: usize,
+    pub request_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 1024 * 1024,
+            max_response_bytes: 16 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            max_connections: 256,
+        }
+    }
+}
+
+/// One decision, for the audit log and `tracing`. Holds no secret by construction: only
+/// names, the normalized target, numbers and reasons written by the gateway.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Decision {
+    pub envelope_id: String,
+    pub agent: String,
+    /// allowed, denied, held, approved
+    pub outcome: &'static str,
+    /// Which step decided: malformed, breaker, forbidden, capability, scope, approval,
+    /// budget, audit, upstream, forwarded.
+    pub step: &'static str,
+    pub rule: String,
+    pub status: u16,
+    pub method: String,
+    pub url: String,
+    pub spend: f64,
+    pub upstream_status: Option<u16>,
+    pub latency_ms: u64,
+}
+
+/// Where decisions go. An error refuses the request: no action without a record.
+pub trait DecisionSink: Send + Sync {
+    fn record(&self, decision: &Decision) -> Result<(), String>;
+}
+
+/// Logs decisions with `tracing` only.
+pub struct TracingSink;
+
+impl DecisionSink for TracingSink {
+    fn record(&self, d: &Decision) -> Result<(), String> {
+        tracing::info!(
+            target: "enforcer::decision",
+            outcome = d.outcome, step = d.step, rule = %d.rule, status = d.status,
+            method = %d.method, url = %d.url, spend = d.spend, upstream = ?d.upstream_status,
+            latency_ms = d.latency_ms, "decision"
+        );
+        Ok(())
+    }
+}
+
+/// Everything one agent's gateway needs.
+pub struct GatewaySetup {
+    pub agent: String,
+    pub envelope: VerifiedEnvelope,
+    pub secrets: SecretStore,
+    /// Ledger and breaker state live here; `None` keeps them in memory only.
+    pub state_dir: Option<PathBuf>,
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+    pub limits: Limits,
+    pub sink: Arc<dyn DecisionSink>,
+    pub trip_hook: Arc<dyn TripHook>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
+    #[error(
+        "capability `{capability}` needs the secret `{secret}`, which the secret store does not hold"
+    )]
+    MissingSecret { capability: String, secret: String },
+    #[error("creating the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Gateway {
+    agent: String,
+    envelope: VerifiedEnvelope,
+    secrets: SecretStore,
+    ledger: Ledger,
+    breaker: Breaker,
+    approvals: Approvals,
+    ca: AgentCa,
+    upstream_tls: Arc<rustls::ClientConfig>,
+    limits: Limits,
+    sink: Arc<dyn DecisionSink>,
+    connections: Arc<Semaphore>,
+    started: Instant,
+}
+
+const ENVELOPE_SCOPE: &str = "envelope";
+
+fn budget_limits(b: &Budget) -> BudgetLimits {
+    BudgetLimits {
+        requests: b.requests,
+        spend: b.spend.as_ref().and_then(|s| s.max),
+        bytes_up: b.bytes_up,
+        bytes_down: b.bytes_down,
+    }
+}
+
+fn capability_scope(name: &str) -> String {
+    format!("capability:{name}")
+}
+
+impl Gateway {
+    /// Builds an agent's gateway; every secret the Envelope names must be in the store.
+    pub fn new(setup: GatewaySetup) -> Result<Arc<Self>, GatewayError> {
+        let env = setup.envelope.envelope();
+        for cap in &env.capabilities {
+            if let Some(cred) = &cap.credential
+                && setup.secrets.get(&cred.secret).is_err()
+            {
+                return Err(GatewayError::MissingSecret {
+                    capability: cap.name.clone(),
+                    secret: cred.secret.clone(),
+                });
+            }
+        }
+        if let Some(dir) = &setup.state_dir {
+            std::fs::create_dir_all(dir).map_err(|source| GatewayError::StateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut scopes = BTreeMap::new();
+        if let Some(b) = &env.budget {
+            scopes.insert(ENVELOPE_SCOPE.to_owned(), budget_limits(b));
+        }
+        for cap in &env.capabilities {
+            if let Some(b) = &cap.budget {
+                scopes.insert(capability_scope(&cap.name), budget_limits(b));
+            }
+        }
+        let ledger_path = setup
+            .state_dir
+            .as_ref()
+            .map(|d| d.join("budget-ledger.jsonl"));
+        let breaker_path = setup.state_dir.as_ref().map(|d| d.join("breaker-open"));
+        let ledger = Ledger::open(scopes, ledger_path.as_deref())?;
+        let breaker = Breaker::open(
+            env.breakers.clone(),
+            breaker_path.as_deref(),
+            setup.trip_hook,
+        );
+        let ca = AgentCa::generate(&setup.agent, env.expires_at.0 + time::Duration::hours(1))?;
+        Ok(Arc::new(Gateway {
+            agent: setup.agent,
+            envelope: setup.envelope,
+            secrets: setup.secrets,
+            ledger,
+            breaker,
+            approvals: Approvals::default(),
+            ca,
+            upstream_tls: setup.upstream_tls,
+            connections: Arc::new(Semaphore::new(setup.limits.max_connections)),
+            limits: setup.limits,
+            sink: setup.sink,
+            started: Instant::now(),
+        }))
+    }
+
+    /// The CA certificate (PEM) the agent must trust for intercepted HTTPS.
+    pub fn ca_pem(&self) -> String {
+        self.ca.cert_pem()
+    }
+
+    pub fn approvals(&self) -> &Approvals {
+        &self.approvals
+    }
+
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Accepts connections until `shutdown` completes.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut shutdown => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, limit = self.limits.max_connections, "connection limit reached; closing");
+                continue;
+            };
+            let gateway = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                gateway.serve_connection(TokioIo::new(stream), None).await;
+            });
+        }
+    }
+
+    async fn serve_connection<I>(self: Arc<Self>, io: I, tunnel: Option<(String, u16)>)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let gateway = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let gateway = gateway.clone();
+            let tunnel = tunnel.clone();
+            async move { Ok::<_, Infallible>(gateway.handle(req, tunnel).await) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(hyper_util::rt::TokioTimer::new());
+        builder
+            .max_buf_size(self.limits.max_header_bytes.max(8192))
+            .header_read_timeout(self.limits.request_timeout);
+        if let Err(e) = builder.serve_connection(io, service).with_upgrades().await {
+            tracing::debug!(error = %e, "agent connection ended with an error");
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        tunnel: Option<(String, u16)>,
+    ) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let mut decision = Decision {
+            envelope_id: self.envelope.id().to_owned(),
+            agent: self.agent.clone(),
+            outcome: "denied",
+            step: "malformed",
+            rule: String::new(),
+            status: 0,
+            method: req.method().as_str().to_owned(),
+            url: req.uri().to_string(),
+            spend: 0.0,
+            upstream_status: None,
+            latency_ms: 0,
+        };
+        let response = match self
+            .clone()
+            .decide_and_forward(req, tunnel, &mut decision)
+            .await
+        {
+            Ok(response) => response,
+            Err(refusal) => {
+                decision.status = refusal.status.as_u16();
+                decision.rule = refusal.reason.clone();
+                if decision.step != "breaker" && decision.step != "audit" {
+                    self.breaker.record_denied();
+                }
+                refusal.into_response()
+            }
+        };
+        decision.latency_ms = started.elapsed().as_millis() as u64;
+        if decision.status == 0 {
+            decision.status = response.status().as_u16();
+        }
+        if let Err(e) = self.sink.record(&decision) {
+            tracing::error!(error = %e, "could not record a decision");
+        }
+        response
+    }
+
+    async fn decide_and_forward(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        tunnel: Option<(String, u16)>,
+        decision: &mut Decision,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
+        // The breaker comes before everything: once open, nothing gets through.
+        if let Some(reason) = self.breaker.open_reason() {
+            decision.step = "breaker";
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "circuit_open",
+                format!("the circuit is open: {reason}"),
+            ));
+        }
+        if req.method() == Method::CONNECT {
+            return self.connect(req, tunnel.is_some(), decision);
+        }
+
+        // 1. Parse strictly and normalize.
+        normalize::method(req.method()).map_err(Refusal::malformed)?;
+        normalize::headers(req.headers()).map_err(Refusal::malformed)?;
+        let host_header = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned);
+        let target = match &tunnel {
+            Some((host, port)) => normalize::in_tunnel(
+                Scheme::Https,
+                host,
+                *port,
+                req.uri(),
+                host_header.as_deref(),
+            ),
+            None => normalize::absolute(req.uri(), host_header.as_deref()),
+        }
+        .map_err(Refusal::malformed)?;
+        decision.url = format!(
+            "{}://{}{}",
+            target.scheme,
+            target.authority(),
+            target.origin_form()
+        );
+        let method = req.method().clone();
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, self.limits.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                let too_large = e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some();
+                return Err(if too_large {
+                    Refusal::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!(
+                            "request bodies over {} bytes are not inspected and so not forwarded",
+                            self.limits.max_body_bytes
+                        ),
+                    )
+                } else {
+                    Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "body_unreadable",
+                        "the request body could not be read".into(),
+                    )
+                });
+            }
+        };
+        let json = if body.is_empty() {
+            None
+        } else {
+            serde_json::from_slice::<serde_json::Value>(&body).ok()
+        };
+        let body_view = match (&json, body.is_empty()) {
+            (_, true) => Body::Absent,
+            (Some(value), false) => Body::Json(value),
+            (None, false) => Body::Opaque,
+        };
+        let view = RequestView {
+            method: method.as_str(),
+            host: &target.host,
+            path: &target.path,
+            query: &target.query,
+            body: body_view,
+        };
+
+        // 2. Forbidden effects, the floor's and the Envelope's, before anything can allow.
+        if let Some(effect) = self.envelope.forbidden_match(&view) {
+            decision.step = "forbidden";
+            let reason = effect.reason.clone();
+            self.breaker.record_forbidden(&reason);
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_effect",
+                format!("forbidden: {reason}"),
+            ));
+        }
+
+        // 3 + 4. A capability for this upstream whose route and scope fit.
+        decision.step = "capability";
+        let env = self.envelope.envelope();
+        let serving: Vec<&Capability> = env
+            .capabilities
+            .iter()
+            .filter(|c| serves(c, &target))
+            .collect();
+        if serving.is_empty() {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "no_capability",
+                format!(
+                    "no capability of this Envelope reaches {}://{}",
+                    target.scheme,
+                    target.authority()
+                ),
+            ));
+        }
+        let mut reasons = Vec::new();
+        let mut chosen = None;
+        for cap in &serving {
+            match cap.check(&view) {
+                Ok(()) => {
+                    chosen = Some(*cap);
+                    break;
+                }
+                Err(reason) => reasons.push(reason),
+            }
+        }
+        let Some(cap) = chosen else {
+            let route_fits = serving
+                .iter()
+                .any(|c| c.routes.iter().any(|r| r.matches(view.method, view.path)));
+            decision.step = if route_fits { "scope" } else { "capability" };
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                if route_fits {
+                    "scope_violation"
+                } else {
+                    "no_route"
+                },
+                reasons.join("; "),
+            ));
+        };
+        decision.rule = format!("capability:{}", cap.name);
+
+        // 5. Approval.
+        if let Some(approval) = env.approvals.iter().find(|a| a.matches(&view)) {
+            decision.step = "approval";
+            let mut hasher = Sha256::new();
+            hasher.update(method.as_str());
+            hasher.update([0]);
+            hasher.update(decision.url.as_bytes());
+            hasher.update([0]);
+            hasher.update(&body);
+            let held = Held {
+                id: 0,
+                method: method.as_str().to_owned(),
+                url: decision.url.clone(),
+                rule: approval.reason.clone(),
+                request_sha256: hex::encode(hasher.finalize()),
+                timeout_secs: approval.timeout_secs,
+            };
+            let held_event = Decision {
+                outcome: "held",
+                status: 0,
+                ..decision.clone()
+            };
+            let _ = self.sink.record(&held_event);
+            match self
+                .approvals
+                .hold(held, Duration::from_secs(approval.timeout_secs))
+                .await
+            {
+                Verdict::Approved => decision.outcome = "approved",
+                Verdict::Denied => {
+                    return Err(Refusal::new(
+                        StatusCode::FORBIDDEN,
+                        "approval_denied",
+                        format!("an operator denied it ({})", approval.reason),
+                    ));
+                }
+                Verdict::TimedOut => {
+                    return Err(Refusal::new(
+                        StatusCode::FORBIDDEN,
+                        "approval_timeout",
+                        format!(
+                            "no operator approved it within {}s ({})",
+                            approval.timeout_secs, approval.reason
+                        ),
+                    ));
+                }
+            }
+        }
+
+        // 6. Budgets: the whole cost is reserved before anything leaves.
+        decision.step = "budget";
+        let mut costs: Vec<(String, Cost)> = Vec::new();
+        let mut spend_for_velocity = 0.0;
+        for (scope, budget) in [
+            (ENVELOPE_SCOPE.to_owned(), env.budget.as_ref()),
+            (capability_scope(&cap.name), cap.budget.as_ref()),
+        ] {
+            let Some(budget) = budget else { continue };
+            if let Some(limit) = budget.wall_clock_secs
+                && self.started.elapsed() > Duration::from_secs(limit)
+            {
+                return Err(Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "budget_exceeded",
+                    format!("budget `{scope}`: wall-clock time of {limit}s used up"),
+                ));
+            }
+            let spend = match &budget.spend {
+                Some(spend) if spend.amount.is_some() => {
+                    spend.cost(body_view).map_err(|reason| {
+                        Refusal::new(
+                            StatusCode::FORBIDDEN,
+                            "spend_unknown",
+                            format!("budget `{scope}`: {reason}"),
+                        )
+                    })?
+                }
+                _ => 0.0,
+            };
+            spend_for_velocity = f64::max(spend_for_velocity, spend);
+            costs.push((
+                scope,
+                Cost {
+                    requests: 1,
+                    spend,
+                    bytes_up: body.len() as u64,
+                },
+            ));
+        }
+        let cost_refs: Vec<(&str, Cost)> =
+            costs.iter().map(|(s, c)| (s.as_str(), c.clone())).collect();
+        match self.ledger.reserve(&cost_refs) {
+            Ok(Ok(())) => {}
+            Ok(Err(exceeded)) => {
+                return Err(Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "budget_exceeded",
+                    exceeded.to_string(),
+                ));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "budget ledger unavailable");
+                return Err(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ledger_unavailable",
+                    "the budget ledger is unavailable".into(),
+                ));
+            }
+        }
+        decision.spend = spend_for_velocity;
+        if spend_for_velocity > 0.0 {
+            self.breaker.record_spend(spend_for_velocity);
+        }
+
+        // No action without a record.
+        let allowed = Decision {
+            outcome: "allowed",
+            step: "forwarded",
+            status: 0,
+            ..decision.clone()
+        };
+        if let Err(e) = self.sink.record(&allowed) {
+            decision.step = "audit";
+            tracing::error!(error = %e, "audit unavailable; refusing");
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                "the decision could not be recorded".into(),
+            ));
+        }
+
+        // 7. Inject the credential and forward.
+        decision.step = "upstream";
+        let scopes: Vec<&str> = costs.iter().map(|(s, _)| s.as_str()).collect();
+        let result = tokio::time::timeout(
+            self.limits.request_timeout,
+            self.forward(cap, &target, &method, &parts.headers, body, &scopes),
+        )
+        .await;
+        let response = match result {
+            Ok(Ok(response)) => response,
+            Ok(Err(refusal)) => {
+                self.breaker.record_upstream(false);
+                return Err(refusal);
+            }
+            Err(_) => {
+                self.breaker.record_upstream(false);
+                return Err(Refusal::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    "the upstream did not answer in time".into(),
+                ));
+            }
+        };
+        let status = response.status();
+        self.breaker.record_upstream(!status.is_server_error());
+        decision.outcome = "allowed";
+        decision.step = "forwarded";
+        decision.upstream_status = Some(status.as_u16());
+        Ok(response)
+    }
+
+    fn connect(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        in_tunnel: bool,
+        decision: &mut Decision,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
+        decision.step = "capability";
+        if in_tunnel {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "nested_connect",
+                "CONNECT inside a tunnel is refused".into(),
+            ));
+        }
+        let authority = req
+            .uri()
+            .authority()
+            .ok_or_else(|| Refusal::malformed(normalize::Malformed::NoHost))?;
+        let host = normalize::host_name(authority.host()).map_err(Refusal::malformed)?;
+        let port = authority
+            .port_u16()
+            .ok_or_else(|| Refusal::malformed(normalize::Malformed::NoHost))?;
+        let env = self.envelope.envelope();
+        let allowed = env
+            .capabilities
+            .iter()
+            .any(|c| c.upstream.scheme.as_str() == "https" && c.serves(&host, port));
+        if !allowed {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "no_capability",
+                format!(
+                    "CONNECT to {host}:{port} is refused: no https capability of this Envelope reaches it"
+                ),
+            ));
+        }
+        let config = self.ca.server_config(&host).map_err(|e| {
+            tracing::error!(error = %e, "minting an interception certificate failed");
+            Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "tls_setup",
+                "the gateway could not set up TLS for this host".into(),
+            )
+        })?;
+        let gateway = self.clone();
+        tokio::spawn(async move {
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!(error = %e, "CONNECT upgrade failed");
+                    return;
+                }
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            match acceptor.accept(TokioIo::new(upgraded)).await {
+                Ok(tls) => {
+                    gateway
+                        .serve_connection(TokioIo::new(tls), Some((host, port)))
+                        .await
+                }
+                Err(e) => tracing::debug!(error = %e, "agent TLS handshake failed"),
+            }
+        });
+        decision.outcome = "allowed";
+        decision.step = "tunnel";
+        Ok(Response::new(Full::new(Bytes::new())))
+    }
+
+    async fn forward(
+        &self,
+        cap: &Capability,
+        target: &Target,
+        method: &Method,
+        agent_headers: &HeaderMap,
+        body: Bytes,
+        scopes: &[&str],
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
+        let upstream_refusal =
+            |what: String| Refusal::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", what);
+        let host = &cap.upstream.host;
+        let port = cap.upstream.port();
+        // Resolve once and dial exactly the address that was resolved.
+        let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| upstream_refusal(format!("resolving {host}: {e}")))?
+            .next()
+            .ok_or_else(|| upstream_refusal(format!("{host} has no address")))?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| upstream_refusal(format!("connecting to {host}:{port}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+
+        let mut request = Request::builder()
+            .method(method.clone())
+            .uri(target.origin_form());
+        let headers = request
+            .headers_mut()
+            .ok_or_else(|| upstream_refusal("building the request".into()))?;
+        copy_request_headers(agent_headers, headers, cap);
+        let host_value = if port == cap.upstream.scheme.default_port() {
+            host.clone()
+        } else {
+            format!("{host}:{port}")
+        };
+        headers.insert(
+            header::HOST,
+            HeaderValue::from_str(&host_value)
+                .map_err(|_| upstream_refusal("bad upstream host".into()))?,
+        );
+        if let Some(cred) = &cap.credential {
+            let secret = self.secrets.get(&cred.secret).map_err(|_| {
+                Refusal::new(
+                    StatusCode::BAD_GATEWAY,
+                    "credential_missing",
+                    "the credential is not available".into(),
+                )
+            })?;
+            let name = HeaderName::from_bytes(cred.header.as_bytes()).map_err(|_| {
+                Refusal::new(
+                    StatusCode::BAD_GATEWAY,
+                    "credential_header",
+                    "the credential header name is invalid".into(),
+                )
+            })?;
+            let mut value =
+                HeaderValue::from_str(&cred.header_value(secret.expose())).map_err(|_| {
+                    Refusal::new(
+                        StatusCode::BAD_GATEWAY,
+                        "credential_value",
+                        "the credential cannot be sent as a header".into(),
+                    )
+                })?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        if !body.is_empty() || agent_headers.contains_key(header::CONTENT_LENGTH) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|_| upstream_refusal("building the request".into()))?;
+
+        let response = match cap.upstream.scheme.as_str() {
+            "https" => {
+                let server_name =
+                    rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+                        upstream_refusal(format!("{host} is not a valid TLS server name"))
+                    })?;
+                let tls = tokio_rustls::TlsConnector::from(self.upstream_tls.clone())
+                    .connect(server_name, tcp)
+                    .await
+                    .map_err(|e| upstream_refusal(format!("TLS with {host}:{port}: {e}")))?;
+                send(TokioIo::new(tls), request).await?
+            }
+            _ => send(TokioIo::new(tcp), request).await?,
+        };
+
+        let (mut parts, mut incoming) = response.into_parts();
+        let mut collected: Vec<u8> = Vec::new();
+        while let Some(frame) = incoming.frame().await {
+            let frame =
+                frame.map_err(|e| upstream_refusal(format!("reading the response: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if collected.len() + data.len() > self.limits.max_response_bytes {
+                return Err(Refusal::new(
+                    StatusCode::BAD_GATEWAY,
+                    "response_too_large",
+                    format!(
+                        "the response is larger than the {} bytes the gateway inspects",
+                        self.limits.max_response_bytes
+                    ),
+                ));
+            }
+            match self.ledger.charge_download(scopes, data.len() as u64) {
+                Ok(Ok(())) => {}
+                Ok(Err(exceeded)) => {
+                    return Err(Refusal::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "budget_exceeded",
+                        exceeded.to_string(),
+                    ));
+                }
+                Err(_) => {
+                    return Err(Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ledger_unavailable",
+                        "the budget ledger is unavailable".into(),
+                    ));
+                }
+            }
+            collected.extend_from_slice(&data);
+        }
+        let scrubbed = self.scrub(collected);
+        strip_hop_by_hop(&mut parts.headers);
+        let names: Vec<HeaderName> = parts.headers.keys().cloned().collect();
+        for name in names {
+            let values: Vec<HeaderValue> = parts.headers.get_all(&name).iter().cloned().collect();
+            parts.headers.remove(&name);
+            for value in values {
+                let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                let clean = self.scrub(text.into_bytes());
+                if let Ok(v) = HeaderValue::from_bytes(&clean) {
+                    parts.headers.append(name.clone(), v);
+                }
+            }
+        }
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(scrubbed.len()));
+        Ok(Response::from_parts(
+            parts,
+            Full::new(Bytes::from(scrubbed)),
+        ))
+    }
+
+    /// Replaces every secret value an upstream echoed with a placeholder.
+    fn scrub(&self, mut bytes: Vec<u8>) -> Vec<u8> {
+        for secret in self.secrets.values() {
+            let needle = secret.expose().as_bytes();
+            if needle.is_empty() || bytes.len() < needle.len() {
+                continue;
+            }
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                let mut out = Vec::with_capacity(bytes.len());
+                let mut i = 0;
+                while i < bytes.len() {
+                    if bytes[i..].starts_with(needle) {
+                        out.extend_from_slice(b"[REDACTED]");
+                        i += needle.len();
+                    } else {
+                        out.push(bytes[i]);
+                        i += 1;
+                    }
+                }
+                bytes = out;
+            }
+        }
+        bytes
+    }
+}
+
+async fn send<I>(io: I, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, Refusal>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let refusal =
+        |what: String| Refusal::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", what);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| refusal(format!("HTTP handshake: {e}")))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| refusal(format!("sending the request: {e}")))
+}
+
+/// Whether `cap` is the upstream `target` names. An `http://` request may name an https
+/// capability by its host with the default ports; the upstream leg then uses TLS.
+fn serves(cap: &Capability, target: &Target) -> bool {
+    if cap.serves(&target.host, target.port) {
+        return true;
+    }
+    target.scheme == Scheme::Http
+        && target.port == 80
+        && cap.upstream.scheme.as_str() == "https"
+        && cap.upstream.port() == 443
+        && cap.serves(&target.host, 443)
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for name in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(named) {
+        headers.remove(name.as_str());
+    }
+}
+
+/// The agent's headers minus hop-by-hop ones, anything that could carry a credential of
+/// its own, and the header the capability injects.
+fn copy_request_headers(from: &HeaderMap, to: &mut HeaderMap, cap: &Capability) {
+    let injected = cap
+        .credential
+        .as_ref()
+        .map(|c| c.header.to_ascii_lowercase());
+    for (name, value) in from {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n)
+            || matches!(
+                n,
+                "authorization" | "proxy-authorization" | "cookie" | "host" | "content-length"
+            )
+            || Some(n) == injected.as_deref()
+        {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+/// A refusal: its status and a stable reason code the body and the audit log share.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, reason: String) -> Self {
+        Refusal {
+            status,
+            code,
+            reason,
+        }
+    }
+
+    fn malformed(m: normalize::Malformed) -> Self {
+        Refusal::new(StatusCode::BAD_REQUEST, "malformed", m.to_string())
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({ "refused": self.code, "reason": self.reason }).to_string();
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = self.status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response.headers_mut().insert(
+            HeaderName::from_static("x-enforcer-refused"),
+            HeaderValue::from_static(self.code),
+        );
+        response
+    }
+}
