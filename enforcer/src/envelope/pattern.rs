@@ -4,7 +4,11 @@
 //! Every helper here fails closed: input it cannot judge (an unnormalized path, a body that
 //! is not JSON, a field of the wrong type) never counts as "allowed", and counts as
 //! "matching" when the question is whether a forbidden effect applies.
-use std::fmt;
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Mutex, OnceLock},
+};
 
 use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -269,6 +273,18 @@ impl RegexRule {
                 "regex longer than {MAX_REGEX_LEN} bytes; simplify it or use one_of"
             ));
         }
+        // Issuers reuse the same few patterns across envelopes and renewals; compiling is
+        // by far the most expensive step of verification, so compiled programs are shared
+        // process-wide (bounded). Failures are never cached.
+        static CACHE: OnceLock<Mutex<HashMap<String, Regex>>> = OnceLock::new();
+        const CACHE_ENTRIES: usize = 4096;
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Some(regex) = cache.lock().ok().and_then(|c| c.get(source).cloned()) {
+            return Ok(RegexRule {
+                source: source.to_owned(),
+                regex,
+            });
+        }
         let regex = RegexBuilder::new(&format!("^(?:{source})$"))
             .size_limit(REGEX_SIZE_LIMIT)
             .dfa_size_limit(REGEX_SIZE_LIMIT)
@@ -276,6 +292,12 @@ impl RegexRule {
             .map_err(|e| {
                 format!("invalid regex `{source}`: {e}; fix the syntax or reduce repetition counts")
             })?;
+        if let Ok(mut c) = cache.lock() {
+            if c.len() >= CACHE_ENTRIES {
+                c.clear();
+            }
+            c.insert(source.to_owned(), regex.clone());
+        }
         Ok(RegexRule {
             source: source.to_owned(),
             regex,

@@ -477,7 +477,7 @@ impl Floor {
 pub struct VerifiedEnvelope {
     envelope: Envelope,
     key_id: String,
-    payload_sha256: [u8; 32],
+    payload: Vec<u8>,
     forbidden: Vec<ForbiddenEffect>,
 }
 
@@ -494,7 +494,11 @@ impl VerifiedEnvelope {
     }
     /// SHA-256 of the signed payload bytes; names this exact grant in the audit log.
     pub fn payload_sha256(&self) -> [u8; 32] {
-        self.payload_sha256
+        Sha256::digest(&self.payload).into()
+    }
+    /// The exact signed payload bytes.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
     }
     /// The host floor's forbidden effects followed by the Envelope's own.
     pub fn forbidden_effects(&self) -> &[ForbiddenEffect] {
@@ -639,7 +643,7 @@ impl Verifier {
         Ok(VerifiedEnvelope {
             envelope: env,
             key_id,
-            payload_sha256: Sha256::digest(&payload).into(),
+            payload,
             forbidden,
         })
     }
