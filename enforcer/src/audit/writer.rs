@@ -233,7 +233,7 @@ impl AuditLog {
     /// Queues a record without waiting. An error means it will not be recorded and the
     /// caller must refuse the action it describes.
     pub fn submit(&self, event: Event) -> Result<PendingRecord, AuditError> {
-        if self.shared.failed.load(Ordering::SeqCst) {
+        if self.shared.failed.load(Ordering::SeqCst) || self.shared.closed.load(Ordering::SeqCst) {
             return Err(self.shared.gone());
         }
         let (ack, rx) = oneshot::channel();
@@ -407,16 +407,18 @@ impl Writer {
             tracing::warn!(segment = %last.path.display(), offset = cut, discarded, "audit log: cut a torn last line");
         }
 
-        // Resume the tree from the last checkpoint (it carries the frontier) and check every
-        // record after it; rotation ends each segment with a checkpoint, so this rarely
-        // reads more than two segments.
+        // Resume the tree from the last checkpoint before the current segment (it carries
+        // the frontier) and check every record after it, so the whole segment being
+        // appended to is verified; rotation ends each segment with a checkpoint, so this
+        // reads two segments.
         let mut loaded: Vec<(usize, Vec<u8>)> = vec![(segments.len() - 1, last_data)];
         let mut start: Option<(usize, usize)> = None; // (index into loaded, byte offset of checkpoint)
         loop {
-            let (_, data) = &loaded[loaded.len() - 1];
+            let (si, data) = &loaded[loaded.len() - 1];
             let mut off = 0;
             let mut found = None;
-            for line in data.split_inclusive(|b| *b == b'\n') {
+            let searched: &[u8] = if *si + 1 == segments.len() { &[] } else { data };
+            for line in searched.split_inclusive(|b| *b == b'\n') {
                 if parse_head(line.strip_suffix(b"\n").unwrap_or(line))
                     .is_ok_and(|h| h.is_checkpoint())
                 {
