@@ -1,4 +1,5 @@
 //! Command-line parsing and dispatch. Each group of subcommands has its own file.
+mod audit;
 mod confine;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -39,6 +40,8 @@ pub enum Command {
     Status(confine::StatusArgs),
     /// Detach the kernel programs and remove every pin and agent cgroup.
     Unload(confine::UnloadArgs),
+    /// Verify the audit log, show its records, make and check proofs.
+    Audit(audit::AuditArgs),
     /// Print shell completions for the enforcer command.
     Completions {
         /// The shell to generate completions for.
@@ -52,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Trip(args) => confine::trip(args),
         Command::Status(args) => confine::status(args),
         Command::Unload(args) => confine::unload(args),
+        Command::Audit(args) => audit::audit(args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
