@@ -9,9 +9,10 @@ pub type Hash = [u8; 32];
 /// `prev` of the first record: there is nothing before it.
 pub const GENESIS: Hash = [0; 32];
 
-/// Plain SHA-256 of a record line: what the next record's `prev` holds.
+/// What the next record's `prev` holds: SHA-256 over the exact line bytes, domain-separated
+/// as the RFC 9162 leaf hash, so link and leaf are one hash per record instead of two.
 pub fn chain_hash(line: &[u8]) -> Hash {
-    Sha256::digest(line).into()
+    leaf_hash(line)
 }
 
 pub fn leaf_hash(entry: &[u8]) -> Hash {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    event::{Event, redact_map},
+    event::Event,
     merkle::{Frontier, Hash},
 };
 
@@ -100,7 +100,7 @@ fn push_head(buf: &mut Vec<u8>, seq: u64, prev: &Hash, kind: &str) {
     );
 }
 
-/// Appends the line for `event` (without newline) to `buf`, redacting credentials first.
+/// Appends the line for `event` (without newline) to `buf`; the caller has redacted it.
 pub fn render_event(
     buf: &mut Vec<u8>,
     seq: u64,
@@ -122,10 +122,8 @@ pub fn render_event(
         }
     }
     if !event.details.is_empty() {
-        let mut details = event.details.clone();
-        redact_map(&mut details);
         buf.extend_from_slice(b",\"details\":");
-        serde_json::to_writer(&mut *buf, &details)?;
+        serde_json::to_writer(&mut *buf, &event.details)?;
     }
     buf.push(b'}');
     Ok(())

@@ -183,7 +183,7 @@ impl Chain {
         }
         let leaf = leaf_hash(line);
         self.frontier.push(leaf);
-        self.prev = chain_hash(line);
+        self.prev = leaf;
         self.next_seq += 1;
         Ok(leaf)
     }
@@ -358,7 +358,10 @@ pub fn verify_with(
                     visit(head_seq, line, &leaf);
                     report.records += 1;
                     report.log_size = chain.next_seq;
-                    last_was_checkpoint = parse_head(line).is_ok_and(|h| h.is_checkpoint());
+                    last_was_checkpoint = chain
+                        .last_checkpoint
+                        .as_ref()
+                        .is_some_and(|cp| cp.seq == head_seq);
                     if last_was_checkpoint {
                         report.checkpoints += 1;
                         report.last_checkpoint = chain.last_checkpoint.clone();

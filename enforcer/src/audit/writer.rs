@@ -24,8 +24,8 @@ use tokio::sync::oneshot;
 
 use super::{
     AuditError,
-    event::{Event, EventKind},
-    merkle::{Frontier, Hash, chain_hash, leaf_hash},
+    event::{Event, EventKind, redact_map},
+    merkle::{Frontier, Hash, chain_hash},
     record::{Checkpoint, parse_head, render_event},
     verify::{Chain, Failure, Problem, StepError, list_segments, segment_name},
 };
@@ -206,7 +206,7 @@ impl AuditLog {
             if let Some(seq) = r.last_good_seq {
                 ev = ev.detail("last_good_seq", seq);
             }
-            writer.add_event(&ev)?;
+            writer.add_event(&mut ev)?;
             writer.flush()?;
         }
         let report = OpenReport {
@@ -531,7 +531,7 @@ impl Writer {
     /// Moves the rendered `self.line` into the batch buffer and advances chain and tree.
     fn commit_line(&mut self) -> Receipt {
         let hash = chain_hash(&self.line);
-        self.frontier.push(leaf_hash(&self.line));
+        self.frontier.push(hash);
         self.buf.extend_from_slice(&self.line);
         self.buf.push(b'\n');
         let receipt = Receipt {
@@ -543,8 +543,9 @@ impl Writer {
         receipt
     }
 
-    fn add_event(&mut self, event: &Event) -> Result<Receipt, AuditError> {
+    fn add_event(&mut self, event: &mut Event) -> Result<Receipt, AuditError> {
         let ts = now_rfc3339();
+        redact_map(&mut event.details);
         loop {
             self.line.clear();
             render_event(&mut self.line, self.next_seq, &self.prev, &ts, event)
@@ -608,7 +609,7 @@ impl Writer {
         shutdown: &mut Option<oneshot::Sender<Result<(), AuditError>>>,
     ) -> Result<(), AuditError> {
         match msg {
-            Msg::Append(event, ack) => match self.add_event(&event) {
+            Msg::Append(mut event, ack) => match self.add_event(&mut event) {
                 Ok(r) => acks.push(Ack::Record(r, ack)),
                 Err(e) => {
                     let _ = ack.send(Err(e.clone()));
