@@ -1,4 +1,5 @@
 //! Command-line parsing and dispatch. Each group of subcommands has its own file.
+mod audit;
 mod confine;
 mod envelope;
 mod gateway;
@@ -48,6 +49,8 @@ pub enum Command {
     Envelope(envelope::EnvelopeCommand),
     /// Run one agent's L7 gateway alone, without kernel confinement (development, policy tests).
     Gateway(gateway::GatewayArgs),
+    /// Verify the audit log, show its records, make and check proofs.
+    Audit(audit::AuditArgs),
     /// Print shell completions for the enforcer command.
     Completions {
         /// The shell to generate completions for.
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen(args) => envelope::keygen(args),
         Command::Envelope(cmd) => envelope::run(cmd),
         Command::Gateway(args) => gateway::gateway(args),
+        Command::Audit(args) => audit::audit(args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -1,0 +1,244 @@
+//! What gets recorded. An event names the envelope, the agent and the rule that decided,
+//! plus free-form details; it has no field meant for a credential, and details whose key
+//! names a credential (or whose value looks like one) are replaced by `"[redacted]"` before
+//! anything is written, so a careless caller cannot leak a secret into the log.
+use std::{fmt, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The kinds of decision and lifecycle event the log records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    EnvelopeActivated,
+    EnvelopeRefused,
+    RequestAllowed,
+    RequestDenied,
+    RequestHeld,
+    RequestApproved,
+    BudgetSettled,
+    KernelDeny,
+    BreakerTripped,
+    OperatorReset,
+    Revoked,
+    Expired,
+    DaemonStarted,
+    DaemonStopped,
+    /// Written by the log itself after it cut a torn tail away on open.
+    LogRecovered,
+    /// Anything that has no kind of its own yet; say what in `details`.
+    Other,
+}
+
+impl EventKind {
+    pub const ALL: &[EventKind] = &[
+        Self::EnvelopeActivated,
+        Self::EnvelopeRefused,
+        Self::RequestAllowed,
+        Self::RequestDenied,
+        Self::RequestHeld,
+        Self::RequestApproved,
+        Self::BudgetSettled,
+        Self::KernelDeny,
+        Self::BreakerTripped,
+        Self::OperatorReset,
+        Self::Revoked,
+        Self::Expired,
+        Self::DaemonStarted,
+        Self::DaemonStopped,
+        Self::LogRecovered,
+        Self::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EnvelopeActivated => "envelope_activated",
+            Self::EnvelopeRefused => "envelope_refused",
+            Self::RequestAllowed => "request_allowed",
+            Self::RequestDenied => "request_denied",
+            Self::RequestHeld => "request_held",
+            Self::RequestApproved => "request_approved",
+            Self::BudgetSettled => "budget_settled",
+            Self::KernelDeny => "kernel_deny",
+            Self::BreakerTripped => "breaker_tripped",
+            Self::OperatorReset => "operator_reset",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+            Self::DaemonStarted => "daemon_started",
+            Self::DaemonStopped => "daemon_stopped",
+            Self::LogRecovered => "log_recovered",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                let all: Vec<_> = Self::ALL.iter().map(|k| k.as_str()).collect();
+                format!("unknown event kind {s:?}; known: {}", all.join(", "))
+            })
+    }
+}
+
+/// One decision or lifecycle event, before the log gives it a sequence number and time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: EventKind,
+    pub envelope: Option<String>,
+    pub agent: Option<String>,
+    /// The rule that decided (capability, forbidden effect, budget, breaker…), by id.
+    pub rule: Option<String>,
+    pub details: Map<String, Value>,
+}
+
+impl Event {
+    pub fn new(kind: EventKind) -> Self {
+        Self {
+            kind,
+            envelope: None,
+            agent: None,
+            rule: None,
+            details: Map::new(),
+        }
+    }
+
+    pub fn envelope(mut self, id: impl Into<String>) -> Self {
+        self.envelope = Some(id.into());
+        self
+    }
+
+    pub fn agent(mut self, agent: impl Into<String>) -> Self {
+        self.agent = Some(agent.into());
+        self
+    }
+
+    pub fn rule(mut self, rule: impl Into<String>) -> Self {
+        self.rule = Some(rule.into());
+        self
+    }
+
+    pub fn detail(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.details.insert(key.into(), value.into());
+        self
+    }
+
+    /// Describes an HTTP request by method, host and path. The query string is left out:
+    /// it is where APIs put keys (`?api_key=`), and the decision never needs it verbatim.
+    pub fn request(self, method: &str, host: &str, path_and_query: &str) -> Self {
+        let path = path_and_query.split(['?', '#']).next().unwrap_or_default();
+        self.detail("method", method)
+            .detail("host", host)
+            .detail("path", path)
+    }
+}
+
+pub const REDACTED: &str = "[redacted]";
+
+/// Key names (lower case, `-` read as `_`) that carry credentials, matched exactly or as a
+/// `_`-separated suffix, so `input_tokens` stays but `access_token` goes.
+const SECRET_KEYS: &[&str] = &[
+    "authorization",
+    "proxy_authorization",
+    "cookie",
+    "set_cookie",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "credential",
+    "credentials",
+    "api_key",
+    "apikey",
+    "private_key",
+    "signature",
+];
+
+fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase().replace('-', "_");
+    SECRET_KEYS.iter().any(|s| {
+        k == *s || (k.len() > s.len() && k.ends_with(s) && k[..k.len() - s.len()].ends_with('_'))
+    })
+}
+
+fn looks_like_secret_value(v: &str) -> bool {
+    let lower = v.trim_start().to_ascii_lowercase();
+    lower.starts_with("bearer ") || lower.starts_with("basic ")
+}
+
+/// Replaces credential-looking values, at any depth.
+pub(crate) fn redact(value: &mut Value) {
+    match value {
+        Value::Object(map) => redact_map(map),
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        Value::String(s) if looks_like_secret_value(s) => *s = REDACTED.to_owned(),
+        _ => {}
+    }
+}
+
+pub(crate) fn redact_map(map: &mut Map<String, Value>) {
+    for (k, v) in map.iter_mut() {
+        if is_secret_key(k) {
+            *v = Value::String(REDACTED.to_owned());
+        } else {
+            redact(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn kinds_round_trip_by_name() {
+        for k in EventKind::ALL {
+            assert_eq!(k.as_str().parse::<EventKind>(), Ok(*k));
+            assert_eq!(serde_json::to_value(k).unwrap(), json!(k.as_str()));
+        }
+        assert!("nope".parse::<EventKind>().is_err());
+    }
+
+    #[test]
+    fn credentials_are_redacted_at_any_depth() {
+        let mut v = json!({
+            "Authorization": "Bearer abc",
+            "headers": {"X-Api-Key": "k", "accept": "json", "cookie": "c"},
+            "input_tokens": 12,
+            "list": [{"client_secret": "s"}, "Basic Zm9v"],
+            "access_token": "t",
+        });
+        redact(&mut v);
+        assert_eq!(
+            v,
+            json!({
+                "Authorization": REDACTED,
+                "headers": {"X-Api-Key": REDACTED, "accept": "json", "cookie": REDACTED},
+                "input_tokens": 12,
+                "list": [{"client_secret": REDACTED}, REDACTED],
+                "access_token": REDACTED,
+            })
+        );
+    }
+
+    #[test]
+    fn request_details_leave_the_query_out() {
+        let e =
+            Event::new(EventKind::RequestAllowed).request("GET", "api.example", "/v1/x?api_key=s");
+        assert_eq!(e.details["path"], json!("/v1/x"));
+        assert!(!serde_json::to_string(&e).unwrap().contains("api_key=s"));
+    }
+}

@@ -1,0 +1,734 @@
+//! The writer: one thread owns the files; the request path enqueues into a bounded queue and
+//! either waits for its record to be durable or gets an error it must treat as "refuse".
+//! Records are batched (group commit): one write and one fsync per batch, then every
+//! record in it is acknowledged.
+use std::{
+    fs::{self, File, OpenOptions},
+    future::Future,
+    io::Write as _,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use ed25519_dalek::SigningKey;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio::sync::oneshot;
+
+use super::{
+    AuditError,
+    event::{Event, EventKind, redact_map},
+    merkle::{Frontier, Hash, chain_hash},
+    record::{Checkpoint, parse_head, render_event},
+    verify::{Chain, Failure, Problem, StepError, list_segments, segment_name},
+};
+
+/// How the log behaves. [`AuditConfig::new`] gives sensible defaults.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub dir: PathBuf,
+    /// A segment is closed (with a checkpoint) once it would grow past this.
+    pub segment_max_bytes: u64,
+    /// A checkpoint is signed after this many records…
+    pub checkpoint_every: u64,
+    /// …or when this much time passed since the last one and records are waiting.
+    pub checkpoint_interval: Duration,
+    /// Records that may wait for the disk before `submit` refuses with `QueueFull`.
+    pub queue_capacity: usize,
+    /// Most records written and fsynced together.
+    pub max_batch: usize,
+}
+
+impl AuditConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            segment_max_bytes: 64 << 20,
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(10),
+            queue_capacity: 4096,
+            max_batch: 1024,
+        }
+    }
+
+    fn validate(&self) -> Result<(), AuditError> {
+        let bad = |m: &str| Err(AuditError::Config(m.to_owned()));
+        if self.segment_max_bytes < 4096 {
+            return bad("segment_max_bytes must be at least 4096");
+        }
+        if self.checkpoint_every == 0 {
+            return bad("checkpoint_every must be at least 1");
+        }
+        if self.checkpoint_interval.is_zero() {
+            return bad("checkpoint_interval must be positive");
+        }
+        if self.queue_capacity == 0 || self.max_batch == 0 {
+            return bad("queue_capacity and max_batch must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Proof that a record is on disk (fsynced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    pub seq: u64,
+    /// SHA-256 of the record line: the `prev` of the record after it.
+    pub hash: Hash,
+}
+
+/// What opening found and repaired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The seq the next record gets.
+    pub next_seq: u64,
+    pub recovered: Option<Recovery>,
+}
+
+/// A torn last line (a crash mid-write) that was cut away. The cut is itself recorded as a
+/// `log_recovered` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub segment: PathBuf,
+    /// The segment's length after the cut.
+    pub offset: u64,
+    pub discarded_bytes: u64,
+    /// The last good record, if any.
+    pub last_good_seq: Option<u64>,
+}
+
+/// Counters, for benchmarks and status output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub records: u64,
+    pub batches: u64,
+}
+
+enum Msg {
+    Append(Event, oneshot::Sender<Result<Receipt, AuditError>>),
+    Checkpoint(oneshot::Sender<Result<u64, AuditError>>),
+    Shutdown(oneshot::Sender<Result<(), AuditError>>),
+}
+
+#[derive(Default)]
+struct Shared {
+    failed: AtomicBool,
+    failure: Mutex<Option<AuditError>>,
+    closed: AtomicBool,
+    records: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl Shared {
+    fn fail(&self, err: AuditError) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(err);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// The error to give when the writer is gone.
+    fn gone(&self) -> AuditError {
+        if self.failed.load(Ordering::SeqCst)
+            && let Ok(f) = self.failure.lock()
+            && let Some(err) = f.as_ref()
+        {
+            return AuditError::Failed(err.to_string().into());
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            AuditError::Closed
+        } else {
+            AuditError::Failed("the audit writer stopped".into())
+        }
+    }
+}
+
+/// Handle to the audit log; cheap to clone, usable from async and blocking code.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A record accepted into the queue; resolves once it is durable. Dropping it does not
+/// drop the record.
+pub struct PendingRecord {
+    rx: oneshot::Receiver<Result<Receipt, AuditError>>,
+    shared: Arc<Shared>,
+}
+
+impl PendingRecord {
+    /// Waits from blocking code. Must not be called inside an async context.
+    pub fn wait_blocking(self) -> Result<Receipt, AuditError> {
+        self.rx
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(self.shared.gone()))
+    }
+}
+
+impl Future for PendingRecord {
+    type Output = Result<Receipt, AuditError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or_else(|_| Err(self.shared.gone())))
+    }
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log in `config.dir`, repairs a torn tail, checks the tail
+    /// since the last checkpoint, and starts the writer thread. Refuses a log whose tail
+    /// does not verify: appending to it would bury the damage under good records.
+    pub fn open(config: AuditConfig, key: SigningKey) -> Result<(Self, OpenReport), AuditError> {
+        config.validate()?;
+        let (mut writer, recovered) = Writer::open(&config, key)?;
+        if let Some(r) = &recovered {
+            let mut ev = Event::new(EventKind::LogRecovered)
+                .detail("segment", r.segment.display().to_string())
+                .detail("offset", r.offset)
+                .detail("discarded_bytes", r.discarded_bytes);
+            if let Some(seq) = r.last_good_seq {
+                ev = ev.detail("last_good_seq", seq);
+            }
+            writer.add_event(&mut ev)?;
+            writer.flush()?;
+        }
+        let report = OpenReport {
+            next_seq: writer.next_seq,
+            recovered,
+        };
+        let (tx, rx) = sync_channel(config.queue_capacity);
+        let shared = Arc::new(Shared::default());
+        writer.shared = shared.clone();
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::io("starting the audit writer thread", e))?;
+        Ok((
+            Self {
+                tx,
+                shared,
+                capacity: config.queue_capacity,
+            },
+            report,
+        ))
+    }
+
+    /// Queues a record without waiting. An error means it will not be recorded and the
+    /// caller must refuse the action it describes.
+    pub fn submit(&self, event: Event) -> Result<PendingRecord, AuditError> {
+        if self.shared.failed.load(Ordering::SeqCst) || self.shared.closed.load(Ordering::SeqCst) {
+            return Err(self.shared.gone());
+        }
+        let (ack, rx) = oneshot::channel();
+        match self.tx.try_send(Msg::Append(event, ack)) {
+            Ok(()) => Ok(PendingRecord {
+                rx,
+                shared: self.shared.clone(),
+            }),
+            Err(TrySendError::Full(_)) => Err(AuditError::QueueFull {
+                capacity: self.capacity,
+            }),
+            Err(TrySendError::Disconnected(_)) => Err(self.shared.gone()),
+        }
+    }
+
+    /// Records `event` and returns once it is fsynced: the call to make before acting.
+    pub async fn append(&self, event: Event) -> Result<Receipt, AuditError> {
+        self.submit(event)?.await
+    }
+
+    /// [`append`](Self::append) for blocking code.
+    pub fn append_blocking(&self, event: Event) -> Result<Receipt, AuditError> {
+        self.submit(event)?.wait_blocking()
+    }
+
+    /// Signs a checkpoint now (if records came since the last) and returns the tree size
+    /// it covers once durable.
+    pub async fn checkpoint(&self) -> Result<u64, AuditError> {
+        let (ack, rx) = oneshot::channel();
+        self.send(Msg::Checkpoint(ack))?;
+        rx.await.unwrap_or_else(|_| Err(self.shared.gone()))
+    }
+
+    /// Writes a final checkpoint, fsyncs and stops the writer; every clone then gets
+    /// `Closed`.
+    pub async fn close(&self) -> Result<(), AuditError> {
+        let (ack, rx) = oneshot::channel();
+        self.send(Msg::Shutdown(ack))?;
+        rx.await.unwrap_or_else(|_| Err(self.shared.gone()))
+    }
+
+    /// [`close`](Self::close) for blocking code.
+    pub fn close_blocking(&self) -> Result<(), AuditError> {
+        let (ack, rx) = oneshot::channel();
+        self.send(Msg::Shutdown(ack))?;
+        rx.blocking_recv()
+            .unwrap_or_else(|_| Err(self.shared.gone()))
+    }
+
+    /// Control messages wait for room instead of failing: they come from the operator or
+    /// shutdown, not the request path.
+    fn send(&self, msg: Msg) -> Result<(), AuditError> {
+        self.tx.send(msg).map_err(|_| self.shared.gone())
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            records: self.shared.records.load(Ordering::Relaxed),
+            batches: self.shared.batches.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), AuditError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| AuditError::io(format!("fsync of {}", dir.display()), e))
+}
+
+enum Ack {
+    Record(Receipt, oneshot::Sender<Result<Receipt, AuditError>>),
+    Checkpoint(u64, oneshot::Sender<Result<u64, AuditError>>),
+}
+
+struct Writer {
+    config: AuditConfig,
+    key: SigningKey,
+    file: File,
+    seg_path: PathBuf,
+    seg_bytes: u64,
+    next_seq: u64,
+    prev: Hash,
+    frontier: Frontier,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    buf: Vec<u8>,
+    line: Vec<u8>,
+    shared: Arc<Shared>,
+}
+
+fn corrupt(dir: &Path, segment: &Path, line: u64, seq: Option<u64>, err: StepError) -> AuditError {
+    let problem = match err {
+        StepError::Head(m) => Problem::Malformed(m.to_owned()),
+        StepError::Seq { expected, found } if found < expected => {
+            Problem::Reordered { expected, found }
+        }
+        StepError::Seq { expected, found } => Problem::SeqGap {
+            expected,
+            found,
+            note: "",
+        },
+        StepError::Prev => Problem::HashMismatch("prev does not match the record before".into()),
+        StepError::Checkpoint(e) => Problem::Malformed(e.to_string()),
+    };
+    AuditError::Corrupt {
+        dir: dir.to_owned(),
+        failure: Box::new(Failure {
+            segment: segment.to_owned(),
+            line,
+            seq,
+            problem,
+        }),
+    }
+}
+
+impl Writer {
+    fn open(config: &AuditConfig, key: SigningKey) -> Result<(Self, Option<Recovery>), AuditError> {
+        let dir = &config.dir;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| AuditError::io(format!("creating {}", dir.display()), e))?;
+        let mut segments = list_segments(dir)?;
+        if segments.is_empty() {
+            let path = dir.join(segment_name(0));
+            create_segment(&path)?;
+            sync_dir(dir)?;
+            segments = list_segments(dir)?;
+        }
+        let Some(last) = segments.last().cloned() else {
+            return Err(AuditError::NoLog(dir.clone()));
+        };
+
+        // A crash can leave the last line half-written; nothing after the last newline was
+        // ever acknowledged, so it is cut away (and the cut recorded).
+        let mut last_data = fs::read(&last.path)
+            .map_err(|e| AuditError::io(format!("reading {}", last.path.display()), e))?;
+        let mut recovered = None;
+        if !last_data.is_empty() && !last_data.ends_with(b"\n") {
+            let cut = last_data
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&last.path)
+                .map_err(|e| AuditError::io(format!("opening {}", last.path.display()), e))?;
+            f.set_len(cut as u64)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| {
+                    AuditError::io(
+                        format!("truncating torn tail of {}", last.path.display()),
+                        e,
+                    )
+                })?;
+            let discarded = (last_data.len() - cut) as u64;
+            last_data.truncate(cut);
+            recovered = Some(Recovery {
+                segment: last.path.clone(),
+                offset: cut as u64,
+                discarded_bytes: discarded,
+                last_good_seq: None,
+            });
+            tracing::warn!(segment = %last.path.display(), offset = cut, discarded, "audit log: cut a torn last line");
+        }
+
+        // Resume the tree from the last checkpoint before the current segment (it carries
+        // the frontier) and check every record after it, so the whole segment being
+        // appended to is verified; rotation ends each segment with a checkpoint, so this
+        // reads two segments.
+        let mut loaded: Vec<(usize, Vec<u8>)> = vec![(segments.len() - 1, last_data)];
+        let mut start: Option<(usize, usize)> = None; // (index into loaded, byte offset of checkpoint)
+        loop {
+            let (si, data) = &loaded[loaded.len() - 1];
+            let mut off = 0;
+            let mut found = None;
+            let searched: &[u8] = if *si + 1 == segments.len() { &[] } else { data };
+            for line in searched.split_inclusive(|b| *b == b'\n') {
+                if parse_head(line.strip_suffix(b"\n").unwrap_or(line))
+                    .is_ok_and(|h| h.is_checkpoint())
+                {
+                    found = Some(off);
+                }
+                off += line.len();
+            }
+            if let Some(o) = found {
+                start = Some((loaded.len() - 1, o));
+                break;
+            }
+            let (si, _) = loaded[loaded.len() - 1];
+            if si == 0 {
+                break;
+            }
+            let p = &segments[si - 1].path;
+            let data =
+                fs::read(p).map_err(|e| AuditError::io(format!("reading {}", p.display()), e))?;
+            loaded.push((si - 1, data));
+        }
+        loaded.reverse();
+        let (mut chain, first_idx, mut first_off) = match start {
+            Some((idx_rev, off)) => {
+                let idx = loaded.len() - 1 - idx_rev;
+                let (si, data) = &loaded[idx];
+                let rest = &data[off..];
+                let line_len = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+                let line = &rest[..line_len];
+                let line_no = data[..off].iter().filter(|b| **b == b'\n').count() as u64 + 1;
+                let seg = &segments[*si].path;
+                let cp = Checkpoint::parse(line)
+                    .map_err(|e| corrupt(dir, seg, line_no, None, StepError::Checkpoint(e)))?;
+                cp.verify_signature(None).map_err(|e| {
+                    corrupt(dir, seg, line_no, Some(cp.seq), StepError::Checkpoint(e))
+                })?;
+                let chain = Chain::after_checkpoint(cp, line)
+                    .map_err(|e| corrupt(dir, seg, line_no, None, StepError::Checkpoint(e)))?;
+                (chain, idx, off + line_len + 1)
+            }
+            None => (Chain::genesis(), 0, 0),
+        };
+        for (i, (si, data)) in loaded.iter().enumerate().skip(first_idx) {
+            let seg = &segments[*si];
+            let off = if i == first_idx { first_off } else { 0 };
+            let base_line = data[..off.min(data.len())]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count() as u64;
+            for (n, line) in data[off.min(data.len())..]
+                .split_inclusive(|b| *b == b'\n')
+                .enumerate()
+            {
+                let line = line.strip_suffix(b"\n").unwrap_or(line);
+                let seq = chain.next_seq;
+                if off == 0 && n == 0 && seg.first_seq != seq {
+                    return Err(corrupt(
+                        dir,
+                        &seg.path,
+                        1,
+                        Some(seq),
+                        StepError::Seq {
+                            expected: seg.first_seq,
+                            found: seq,
+                        },
+                    ));
+                }
+                chain
+                    .step(line, None)
+                    .map_err(|e| corrupt(dir, &seg.path, base_line + n as u64 + 1, Some(seq), e))?;
+            }
+            first_off = 0;
+        }
+        let _ = first_off;
+        if let Some(r) = recovered.as_mut() {
+            r.last_good_seq = chain.next_seq.checked_sub(1);
+        }
+
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&last.path)
+            .map_err(|e| AuditError::io(format!("opening {}", last.path.display()), e))?;
+        let seg_bytes = file
+            .metadata()
+            .map_err(|e| AuditError::io(format!("reading {}", last.path.display()), e))?
+            .len();
+        let since_checkpoint = match &chain.last_checkpoint {
+            Some(cp) => chain.next_seq - cp.seq - 1,
+            None => chain.next_seq,
+        };
+        Ok((
+            Self {
+                config: config.clone(),
+                key,
+                file,
+                seg_path: last.path,
+                seg_bytes,
+                next_seq: chain.next_seq,
+                prev: chain.prev,
+                frontier: chain.frontier,
+                since_checkpoint,
+                last_checkpoint: Instant::now(),
+                buf: Vec::with_capacity(1 << 20),
+                line: Vec::with_capacity(1024),
+                shared: Arc::new(Shared::default()),
+            },
+            recovered,
+        ))
+    }
+
+    /// Moves the rendered `self.line` into the batch buffer and advances chain and tree.
+    fn commit_line(&mut self) -> Receipt {
+        let hash = chain_hash(&self.line);
+        self.frontier.push(hash);
+        self.buf.extend_from_slice(&self.line);
+        self.buf.push(b'\n');
+        let receipt = Receipt {
+            seq: self.next_seq,
+            hash,
+        };
+        self.prev = hash;
+        self.next_seq += 1;
+        receipt
+    }
+
+    fn add_event(&mut self, event: &mut Event) -> Result<Receipt, AuditError> {
+        let ts = now_rfc3339();
+        redact_map(&mut event.details);
+        loop {
+            self.line.clear();
+            render_event(&mut self.line, self.next_seq, &self.prev, &ts, event)
+                .map_err(|e| AuditError::Failed(format!("cannot encode event: {e}").into()))?;
+            let used = self.seg_bytes + self.buf.len() as u64;
+            if used > 0 && used + self.line.len() as u64 + 1 > self.config.segment_max_bytes {
+                self.rotate()?;
+                continue;
+            }
+            break;
+        }
+        let receipt = self.commit_line();
+        self.since_checkpoint += 1;
+        if self.since_checkpoint >= self.config.checkpoint_every {
+            self.add_checkpoint();
+        }
+        Ok(receipt)
+    }
+
+    fn add_checkpoint(&mut self) {
+        let cp = Checkpoint::sign(&self.frontier, self.prev, now_rfc3339(), &self.key);
+        self.line.clear();
+        cp.render(&mut self.line);
+        self.commit_line();
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+    }
+
+    fn flush(&mut self) -> Result<(), AuditError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let path = &self.seg_path;
+        self.file
+            .write_all(&self.buf)
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| AuditError::io(format!("writing {}", path.display()), e))?;
+        self.seg_bytes += self.buf.len() as u64;
+        self.buf.clear();
+        self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Seals the current segment with a checkpoint and starts the next one, named for the
+    /// seq it starts at; its first record links to that checkpoint.
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.add_checkpoint();
+        self.flush()?;
+        let path = self.config.dir.join(segment_name(self.next_seq));
+        self.file = create_segment(&path)?;
+        sync_dir(&self.config.dir)?;
+        self.seg_path = path;
+        self.seg_bytes = 0;
+        Ok(())
+    }
+
+    fn handle(
+        &mut self,
+        msg: Msg,
+        acks: &mut Vec<Ack>,
+        shutdown: &mut Option<oneshot::Sender<Result<(), AuditError>>>,
+    ) -> Result<(), AuditError> {
+        match msg {
+            Msg::Append(mut event, ack) => match self.add_event(&mut event) {
+                Ok(r) => acks.push(Ack::Record(r, ack)),
+                Err(e) => {
+                    let _ = ack.send(Err(e.clone()));
+                    return Err(e);
+                }
+            },
+            Msg::Checkpoint(ack) => {
+                if self.since_checkpoint > 0 {
+                    self.add_checkpoint();
+                }
+                acks.push(Ack::Checkpoint(
+                    self.frontier.size() - u64::from(self.frontier.size() > 0),
+                    ack,
+                ));
+            }
+            Msg::Shutdown(ack) => *shutdown = Some(ack),
+        }
+        Ok(())
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            let first = if self.since_checkpoint > 0 {
+                let wait = self
+                    .config
+                    .checkpoint_interval
+                    .saturating_sub(self.last_checkpoint.elapsed());
+                match rx.recv_timeout(wait) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => break,
+                }
+            };
+            let mut acks = Vec::new();
+            let mut shutdown = None;
+            let mut result = Ok(());
+            if let Some(m) = first {
+                result = self.handle(m, &mut acks, &mut shutdown);
+                let mut taken = 1;
+                while result.is_ok() && shutdown.is_none() && taken < self.config.max_batch {
+                    match rx.try_recv() {
+                        Ok(m) => result = self.handle(m, &mut acks, &mut shutdown),
+                        Err(_) => break,
+                    }
+                    taken += 1;
+                }
+            }
+            if result.is_ok()
+                && self.since_checkpoint > 0
+                && (shutdown.is_some()
+                    || self.last_checkpoint.elapsed() >= self.config.checkpoint_interval)
+            {
+                self.add_checkpoint();
+            }
+            let result = result.and_then(|_| self.flush());
+            match result {
+                Ok(()) => {
+                    let mut n = 0;
+                    for ack in acks {
+                        match ack {
+                            Ack::Record(r, tx) => {
+                                n += 1;
+                                let _ = tx.send(Ok(r));
+                            }
+                            Ack::Checkpoint(size, tx) => {
+                                let _ = tx.send(Ok(size));
+                            }
+                        }
+                    }
+                    self.shared.records.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    // After a failed write or fsync the file's state is unknown: stop for
+                    // good, and let every waiting and future caller see the error.
+                    tracing::error!(error = %err, "audit log failed; refusing further records");
+                    self.shared.fail(err.clone());
+                    for ack in acks {
+                        match ack {
+                            Ack::Record(_, tx) => {
+                                let _ = tx.send(Err(err.clone()));
+                            }
+                            Ack::Checkpoint(_, tx) => {
+                                let _ = tx.send(Err(err.clone()));
+                            }
+                        }
+                    }
+                    if let Some(tx) = shutdown {
+                        let _ = tx.send(Err(err));
+                    }
+                    return;
+                }
+            }
+            if let Some(tx) = shutdown {
+                self.shared.closed.store(true, Ordering::SeqCst);
+                let _ = tx.send(Ok(()));
+                return;
+            }
+        }
+        // Every handle is gone: seal what was written.
+        self.shared.closed.store(true, Ordering::SeqCst);
+        if self.since_checkpoint > 0 {
+            self.add_checkpoint();
+        }
+        if let Err(err) = self.flush() {
+            tracing::error!(error = %err, "audit log: final checkpoint failed");
+        }
+    }
+}
+
+fn create_segment(path: &Path) -> Result<File, AuditError> {
+    OpenOptions::new()
+        .append(true)
+        .mode(0o600)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| AuditError::io(format!("creating {}", path.display()), e))
+}
