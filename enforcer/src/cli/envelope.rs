@@ -1,5 +1,11 @@
 //! `enforcer keygen` and `enforcer envelope {new,sign,verify,inspect}`.
-use std::{fmt::Write as _, io::Read, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{
+    fmt::Write as _,
+    io::Read,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -105,7 +111,7 @@ pub fn run(cmd: EnvelopeCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub(super) fn read_input(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+pub(super) fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
     let limit = envelope::validate::MAX_ENVELOPE_BYTES as u64 + 1;
     let mut buf = Vec::new();
     if path.as_os_str() == "-" {
@@ -160,7 +166,7 @@ fn sign(a: SignArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) fn build_verifier(
-    trust: &std::path::Path,
+    trust: &Path,
     floor: Option<&PathBuf>,
     revoked: Option<&PathBuf>,
     options: VerifyOptions,
