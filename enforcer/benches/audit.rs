@@ -15,7 +15,7 @@ use enforcer::audit::{
 };
 
 fn event(i: u64) -> Event {
-    Event::new(if i % 7 == 0 {
+    Event::new(if i.is_multiple_of(7) {
         EventKind::RequestDenied
     } else {
         EventKind::RequestAllowed

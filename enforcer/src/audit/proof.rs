@@ -49,11 +49,11 @@ pub enum Proven {
     Inclusion {
         seq: u64,
         record: String,
-        checkpoint: Checkpoint,
+        checkpoint: Box<Checkpoint>,
     },
     Consistency {
-        old: Checkpoint,
-        new: Checkpoint,
+        old: Box<Checkpoint>,
+        new: Box<Checkpoint>,
     },
 }
 
@@ -219,7 +219,7 @@ pub fn verify_proof(json: &[u8], key: &VerifyingKey) -> Result<Proven, AuditErro
             Ok(Proven::Inclusion {
                 seq: p.seq,
                 record: p.record,
-                checkpoint: cp,
+                checkpoint: Box::new(cp),
             })
         }
         Some(CONSISTENCY_FORMAT) => {
@@ -232,7 +232,10 @@ pub fn verify_proof(json: &[u8], key: &VerifyingKey) -> Result<Proven, AuditErro
                     "the newer checkpoint does not extend the older one: the log was rewritten or the proof altered".into(),
                 ));
             }
-            Ok(Proven::Consistency { old, new })
+            Ok(Proven::Consistency {
+                old: Box::new(old),
+                new: Box::new(new),
+            })
         }
         _ => Err(AuditError::Proof(format!(
             "unknown format; expected {INCLUSION_FORMAT} or {CONSISTENCY_FORMAT}"
