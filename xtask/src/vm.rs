@@ -404,6 +404,7 @@ fn build_suites() -> anyhow::Result<Vec<(String, PathBuf)>> {
             suites.push((name.to_owned(), PathBuf::from(path)));
         }
     }
+    suites.sort_by_key(|(name, _)| SUITES.iter().position(|s| s == name));
     for suite in SUITES {
         if !suites.iter().any(|(name, _)| name == suite) {
             bail!("cargo built no test executable named {suite}");
@@ -427,13 +428,16 @@ fn which(command: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// The files of every module python loads to run the probe script, found by having the
-/// host's python run it without probes; plus the encodings package, which python picks
-/// from at start-up by locale.
+/// host's python import it and resolve an address the way `socket.create_connection` does
+/// (which pulls in the idna codec); plus the encodings package, which python picks from at
+/// start-up by locale.
 fn python_modules() -> anyhow::Result<Vec<PathBuf>> {
     let probe = workspace_root().join("tests/probe.py");
     let script = format!(
         "import runpy, sys, os, encodings, sysconfig\n\
          runpy.run_path({probe:?}, run_name='probe')\n\
+         import socket\n\
+         socket.getaddrinfo('127.0.0.1', 1)\n\
          files = {{m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)}}\n\
          enc = os.path.dirname(encodings.__file__)\n\
          files.update(os.path.join(enc, f) for f in os.listdir(enc) if f.endswith('.py'))\n\
