@@ -718,12 +718,16 @@ fn boot(
             eprintln!("xtask: trying KVM for {}", kernel.package);
             let trial = Duration::from_secs(30);
             match run_qemu(kernel, initramfs, args, Accel::Kvm, &log_path, Some(trial))? {
-                Console::Done(lines) => {
+                Console::Done(lines) if lines.iter().any(|l| l.contains(INIT_STARTED)) => {
                     *accel = Accel::Kvm;
                     return Ok(judge(&kernel.package, &lines, false));
                 }
-                Console::NoInit(_) => {
-                    eprintln!("xtask: KVM guest did not come up in {trial:?}; using TCG");
+                // On nested hosts qemu can also abort at once (rejected MSRs).
+                Console::Done(lines) | Console::NoInit(lines) => {
+                    let why = lines.last().map(String::as_str).unwrap_or("no output");
+                    eprintln!(
+                        "xtask: the KVM guest did not come up within {trial:?} ({why}); using TCG"
+                    );
                     Accel::Tcg
                 }
                 Console::TimedOut(lines) => {
