@@ -69,7 +69,7 @@ fn main() -> ExitCode {
             if no_vm {
                 Ok(())
             } else {
-                vm::run_vm_tests(&vm::Args::default())
+                vm::after_host_tests()
             }
         }),
         Task::VmTest(args) => vm::run_vm_tests(&args),
