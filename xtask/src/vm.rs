@@ -186,7 +186,16 @@ struct Kernel {
 fn fetch_kernel(vm_dir: &Path, version: &str) -> anyhow::Result<Kernel> {
     let cache = vm_dir.join("kernels");
     fs::create_dir_all(&cache)?;
-    let package = match resolve_package(version)? {
+    let mut resolved = resolve_package(version)?;
+    if resolved.is_none() && cached_package(&cache, version)?.is_none() {
+        // A fresh machine may have no package lists at all yet.
+        eprintln!(
+            "xtask: no kernel package for {version} in the apt lists; running apt-get update"
+        );
+        run(Command::new("apt-get").args(["update", "-q"])).context("`apt-get update` failed")?;
+        resolved = resolve_package(version)?;
+    }
+    let package = match resolved {
         Some(package) => package,
         None => match cached_package(&cache, version)? {
             Some(package) => {

@@ -118,3 +118,20 @@ fn program_name(program_type: ProgramType) -> &'static str {
         .find(|(t, _)| *t == program_type)
         .map_or("programs", |(_, what)| what)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::KernelError;
+
+    #[test]
+    fn the_refusal_names_every_missing_feature() {
+        let err = KernelError::MissingFeatures(vec![
+            "ring buffer maps (Linux 5.8)".into(),
+            "helper bpf_ktime_get_boot_ns in cgroup_skb programs".into(),
+        ]);
+        let text = err.to_string();
+        assert!(text.contains("refuses to run"), "{text}");
+        assert!(text.contains("ring buffer maps (Linux 5.8); helper bpf_ktime_get_boot_ns"));
+        assert!(text.contains(&format!("Linux {}", super::MINIMUM_KERNEL)));
+    }
+}
