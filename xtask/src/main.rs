@@ -2,6 +2,7 @@
 mod bench;
 mod demo;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -32,10 +33,15 @@ enum Task {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the suites in a VM on Debian's 6.1 kernel (`cargo xtask vm-test`).
+        #[arg(long)]
+        no_vm: bool,
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// The privileged suites in a VM on other kernels (Debian cloud kernels under qemu).
+    VmTest(vm::Args),
     /// The main job: a confined agent tries to get out and is stopped by the kernel.
     Demo,
     /// Benchmarks, each printed as ratios against a baseline measured in the same run.
@@ -57,8 +63,16 @@ fn main() -> ExitCode {
         }
         Task::Test {
             no_lint,
+            no_vm,
             cargo_test_args,
-        } => test(no_lint, &cargo_test_args),
+        } => test(no_lint, &cargo_test_args).and_then(|()| {
+            if no_vm {
+                Ok(())
+            } else {
+                vm::after_host_tests()
+            }
+        }),
+        Task::VmTest(args) => vm::run_vm_tests(&args),
         Task::Demo => demo::run(),
         Task::Bench { which } => bench::run(which),
         Task::BenchClient(args) => bench::client(args),

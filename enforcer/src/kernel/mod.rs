@@ -8,6 +8,7 @@
 //! instead of re-attaching, so there is never a moment of open enforcement.
 mod bpffs;
 pub mod events;
+pub mod features;
 mod object;
 mod query;
 
@@ -86,6 +87,13 @@ pub enum KernelError {
         program: &'static str,
         cgroup: PathBuf,
     },
+    #[error(
+        "this kernel lacks what the enforcer needs to confine agents, so it refuses to run: \
+         {}. Linux {} or newer built with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF has all of it",
+        .0.join("; "),
+        features::MINIMUM_KERNEL
+    )]
+    MissingFeatures(Vec<String>),
     #[error("no agent with cgroup id {0} has a policy entry")]
     UnknownAgent(u64),
     #[error("the kernel did not say which CPUs exist: {0}")]
@@ -195,6 +203,10 @@ impl Enforcement {
             .filter(|spec| !links_dir.join(spec.name).exists())
             .collect();
         if !missing.is_empty() {
+            let lacking = features::missing();
+            if !lacking.is_empty() {
+                return Err(KernelError::MissingFeatures(lacking));
+            }
             // Maps with pinning are reused from `maps_dir` when already pinned, so programs
             // attached now share state with any that are still pinned.
             let mut ebpf = EbpfLoader::new()

@@ -44,6 +44,14 @@ pub fn enforcer_bin() -> PathBuf {
     path
 }
 
+/// The probe script: `ENFORCER_PROBE`, or the one in the source tree. Test executables run
+/// inside a VM, where the source tree does not exist, are told where it is.
+pub fn probe_source() -> PathBuf {
+    std::env::var_os("ENFORCER_PROBE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("probe.py"))
+}
+
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
 /// One enforcer instance with its own pins and cgroup parent, so tests can run in parallel.
@@ -65,11 +73,7 @@ impl Instance {
             .expect("tempdir");
         // The agent runs as `nobody`: it must be able to read the probe script.
         let probe = scratch.path().join("probe.py");
-        std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("probe.py"),
-            &probe,
-        )
-        .expect("copy probe");
+        std::fs::copy(probe_source(), &probe).expect("copy probe");
         set_mode(scratch.path(), 0o755);
         set_mode(&probe, 0o644);
         Instance {
