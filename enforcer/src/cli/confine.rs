@@ -44,6 +44,8 @@ pub struct ConfineArgs {
 pub struct TripArgs {
     #[command(flatten)]
     kernel: KernelOpts,
+    #[command(flatten)]
+    socket: super::daemon::SocketOpts,
     /// Name of the agent to cut off.
     agent: String,
 }
@@ -191,6 +193,26 @@ fn exit_code(status: std::process::ExitStatus) -> ExitCode {
 
 pub fn trip(args: TripArgs) -> anyhow::Result<ExitCode> {
     require_root("trip")?;
+    // An agent the daemon runs is tripped through it, so its gateway refuses too and the
+    // trip is audited; agents started with `confine` are tripped in the kernel directly.
+    match enforcer::control::call(
+        &args.socket.socket,
+        enforcer::control::Op::Trip {
+            agent: args.agent.clone(),
+        },
+        Some(std::time::Duration::from_secs(10)),
+    ) {
+        Ok(_) => {
+            eprintln!(
+                "enforcer: agent {} tripped by the daemon: gateway and kernel refuse everything",
+                args.agent
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(enforcer::control::ControlError::NoDaemon { .. }) => {}
+        Err(enforcer::control::ControlError::Refused { kind, .. }) if kind == "unknown_agent" => {}
+        Err(e) => return Err(e.into()),
+    }
     let parent = CgroupParent::open(&args.kernel.cgroup_parent)?;
     let agent = parent.agent(&args.agent)?;
     let mut enforcement = Enforcement::open(&args.kernel.pin_dir)?;

@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch. Each group of subcommands has its own file.
 mod audit;
 mod confine;
+mod daemon;
 mod envelope;
 mod gateway;
 
@@ -51,6 +52,12 @@ pub enum Command {
     Gateway(gateway::GatewayArgs),
     /// Verify the audit log, show its records, make and check proofs.
     Audit(audit::AuditArgs),
+    /// Run the daemon: verify Envelopes, confine agents, run their gateways, audit everything.
+    Daemon(daemon::DaemonArgs),
+    /// Run a command as an agent under a signed Envelope (asks the daemon to activate it).
+    Run(daemon::RunArgs),
+    #[command(flatten)]
+    Operator(daemon::OperatorCommand),
     /// Print shell completions for the enforcer command.
     Completions {
         /// The shell to generate completions for.
@@ -67,6 +74,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen(args) => envelope::keygen(args),
         Command::Envelope(cmd) => envelope::run(cmd),
         Command::Gateway(args) => gateway::gateway(args),
+        Command::Daemon(args) => daemon::daemon(args),
+        Command::Run(args) => daemon::run(args),
+        Command::Operator(cmd) => daemon::operator(cmd),
         Command::Audit(args) => audit::audit(args),
         Command::Completions { shell } => {
             clap_complete::generate(

@@ -268,6 +268,17 @@ impl AgentUser {
 }
 
 impl AgentCgroup {
+    /// The agent cgroup at `path` (as the daemon reports it).
+    pub fn at(path: PathBuf, name: String) -> Result<Self, SandboxError> {
+        let id = fs::metadata(&path)
+            .map_err(|_| SandboxError::NoSuchAgent {
+                name: name.clone(),
+                path: path.clone(),
+            })?
+            .ino();
+        Ok(AgentCgroup { name, path, id })
+    }
+
     /// PIDs of every process in the cgroup.
     pub fn pids(&self) -> Result<Vec<u32>, SandboxError> {
         let procs = self.path.join("cgroup.procs");

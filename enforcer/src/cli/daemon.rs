@@ -1,0 +1,247 @@
+//! `enforcer daemon`, `enforcer run`, and the operator commands that talk to the daemon.
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use enforcer::{
+    control::{self, Op},
+    daemon::{Daemon, DaemonConfig},
+    sandbox::{AgentCgroup, AgentUser},
+};
+
+use super::require_root;
+
+#[derive(Debug, Clone, Args)]
+pub struct SocketOpts {
+    /// The daemon's control socket.
+    #[arg(
+        long,
+        env = "ENFORCER_CONTROL_SOCKET",
+        default_value = "/run/enforcer/control.sock"
+    )]
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The daemon configuration (TOML); see dist/enforcer.toml.
+    #[arg(long, default_value = enforcer::daemon::config::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    socket: SocketOpts,
+    /// The signed Envelope to run under.
+    #[arg(long)]
+    envelope: PathBuf,
+    /// Unprivileged user for the agent (default: the daemon's agent_user, `nobody`).
+    #[arg(long, default_value = "nobody")]
+    user: String,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The agent command and its arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    command: Vec<OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// List active agents with their state, budgets and counters (JSON).
+    Agents {
+        #[command(flatten)]
+        socket: SocketOpts,
+        /// Only this agent.
+        agent: Option<String>,
+    },
+    /// Close a tripped circuit: the agent may use its gateway again.
+    Reset {
+        #[command(flatten)]
+        socket: SocketOpts,
+        agent: String,
+    },
+    /// Revoke the agent's Envelope: cut off now, never again activatable on this host.
+    Revoke {
+        #[command(flatten)]
+        socket: SocketOpts,
+        agent: String,
+    },
+    /// List requests held for approval.
+    Approvals {
+        #[command(flatten)]
+        socket: SocketOpts,
+        agent: Option<String>,
+    },
+    /// Approve a held request.
+    Approve {
+        #[command(flatten)]
+        socket: SocketOpts,
+        agent: String,
+        id: u64,
+    },
+    /// Deny a held request.
+    Deny {
+        #[command(flatten)]
+        socket: SocketOpts,
+        agent: String,
+        id: u64,
+    },
+    /// Ask the daemon to drain and exit (agents stay confined).
+    Shutdown {
+        #[command(flatten)]
+        socket: SocketOpts,
+    },
+}
+
+pub fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    let loaded = DaemonConfig::load(&args.config)?;
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    require_root("daemon")?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(Daemon::run(loaded))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn call(socket: &SocketOpts, op: Op) -> anyhow::Result<serde_json::Value> {
+    Ok(control::call(
+        &socket.socket,
+        op,
+        Some(Duration::from_secs(30)),
+    )?)
+}
+
+pub fn operator(cmd: OperatorCommand) -> anyhow::Result<ExitCode> {
+    let (socket, op) = match cmd {
+        OperatorCommand::Agents { socket, agent } => (socket, Op::Status { agent }),
+        OperatorCommand::Reset { socket, agent } => (socket, Op::Reset { agent }),
+        OperatorCommand::Revoke { socket, agent } => (socket, Op::Revoke { agent }),
+        OperatorCommand::Approvals { socket, agent } => (socket, Op::Approvals { agent }),
+        OperatorCommand::Approve { socket, agent, id } => (socket, Op::Approve { agent, id }),
+        OperatorCommand::Deny { socket, agent, id } => (socket, Op::Deny { agent, id }),
+        OperatorCommand::Shutdown { socket } => (socket, Op::Shutdown),
+    };
+    let result = call(&socket, op)?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    require_root("run")?;
+    let envelope = std::fs::read_to_string(&args.envelope)
+        .with_context(|| format!("reading {}", args.envelope.display()))?;
+    let user = AgentUser::lookup(&args.user)?;
+    let activated = call(&args.socket, Op::Activate { envelope })?;
+    let field = |name: &str| {
+        activated
+            .get(name)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let agent = field("agent").context("the daemon did not name the agent")?;
+    let gateway = field("gateway").context("the daemon did not name the gateway")?;
+    let cgroup = field("cgroup").context("the daemon did not name the cgroup")?;
+    let ca = field("ca_file").context("the daemon did not name the CA file")?;
+    if let Some(notes) = activated.get("notes").and_then(|n| n.as_array()) {
+        for note in notes.iter().filter_map(|n| n.as_str()) {
+            eprintln!("enforcer: note: {note}");
+        }
+    }
+    eprintln!(
+        "enforcer: agent {agent} active until {}; gateway {gateway}",
+        field("expires_at").unwrap_or_default()
+    );
+    let cgroup = AgentCgroup::at(PathBuf::from(cgroup), agent.clone())?;
+    let proxy = format!("http://{gateway}");
+    let env: Vec<(String, String)> = [
+        ("HTTP_PROXY", proxy.as_str()),
+        ("HTTPS_PROXY", proxy.as_str()),
+        ("http_proxy", proxy.as_str()),
+        ("https_proxy", proxy.as_str()),
+        ("NO_PROXY", ""),
+        ("no_proxy", ""),
+        ("SSL_CERT_FILE", ca.as_str()),
+        ("CURL_CA_BUNDLE", ca.as_str()),
+        ("REQUESTS_CA_BUNDLE", ca.as_str()),
+        ("ENFORCER_AGENT", agent.as_str()),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let (program, rest) = args.command.split_first().context("no command given")?;
+    let status = match cgroup.spawn(program, rest, &user, &env) {
+        Ok(mut child) => {
+            // Ctrl-C reaches the agent's process group through the terminal; wait for it.
+            child.wait().context("waiting for the agent")
+        }
+        Err(e) => Err(anyhow::Error::from(e)),
+    };
+    let summary = call(
+        &args.socket,
+        Op::Deactivate {
+            agent: agent.clone(),
+        },
+    );
+    let status = status?;
+    let summary = summary?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    use std::os::unix::process::ExitStatusExt;
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
+        (None, Some(sig)) => ExitCode::from((128 + sig).clamp(0, 255) as u8),
+        _ => ExitCode::FAILURE,
+    })
+}
+
+fn print_summary(s: &serde_json::Value) {
+    let get = |p: &str| s.pointer(p).cloned().unwrap_or(serde_json::Value::Null);
+    eprintln!(
+        "enforcer: summary for {} (Envelope {})",
+        get("/agent"),
+        get("/envelope")
+    );
+    eprintln!(
+        "  final state:       {}{}",
+        get("/state"),
+        s.pointer("/breaker")
+            .and_then(|b| b.as_str())
+            .map(|b| format!(" ({b})"))
+            .unwrap_or_default()
+    );
+    eprintln!(
+        "  requests:          {} allowed, {} denied, {} held",
+        get("/requests/allowed"),
+        get("/requests/denied"),
+        get("/requests/held")
+    );
+    if let Some(budgets) = s.get("budgets").and_then(|b| b.as_object()) {
+        for (scope, b) in budgets {
+            eprintln!(
+                "  budget {scope}: requests {} spend {}",
+                b["requests"], b["spend"]
+            );
+        }
+    }
+    let denied: u64 = s
+        .pointer("/kernel/denied")
+        .and_then(|d| d.as_object())
+        .map(|d| d.values().filter_map(|v| v.as_u64()).sum())
+        .unwrap_or(0);
+    eprintln!("  kernel denials:    {denied}");
+}

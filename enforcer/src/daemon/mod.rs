@@ -1,0 +1,1205 @@
+//! The daemon: verified Envelopes in, confined agents out.
+//!
+//! It owns the pinned kernel state, one gateway per active agent, the audit log and the
+//! control socket. Activation is all-or-nothing; trips flip the kernel entry and the
+//! gateway in one step; everything that must survive a restart (budgets, breaker states,
+//! used Envelope ids, revocations, agent records) is on disk before it takes effect.
+pub mod config;
+mod metrics;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::{net::UnixListener, sync::Notify};
+
+use crate::{
+    audit::{AuditConfig, AuditLog, Event, EventKind},
+    control::{self, Op, Request, Response},
+    envelope::{UsedIds, VerifiedEnvelope},
+    gateway::{
+        breaker::{OperatorReset, TripHook},
+        server::{Decision, DecisionSink, Gateway, GatewaySetup, Limits},
+        tls::upstream_client_config,
+    },
+    kernel::{self, Enforcement, events::EventReader},
+    sandbox::{AgentCgroup, CgroupParent},
+};
+use enforcer_common::{AgentPolicy, STATE_ACTIVE};
+
+pub use config::{ConfigError, DaemonConfig, Loaded};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Verify(#[from] crate::envelope::VerifyError),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::server::GatewayError),
+    #[error(transparent)]
+    Tls(#[from] crate::gateway::tls::TlsError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon must run as root")]
+    NotRoot,
+    #[error("no free gateway port in {first}..={last} on {ip}")]
+    NoPort {
+        ip: std::net::IpAddr,
+        first: u16,
+        last: u16,
+    },
+    #[error("no agent named {0}")]
+    UnknownAgent(String),
+    #[error("the Envelope {0} was revoked on this host")]
+    Revoked(String),
+}
+
+impl DaemonError {
+    /// A stable kind for the control protocol and the audit log.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DaemonError::Verify(e) => e.kind(),
+            DaemonError::UnknownAgent(_) => "unknown_agent",
+            DaemonError::Revoked(_) => "revoked",
+            DaemonError::NoPort { .. } => "no_port",
+            DaemonError::Audit(_) => "audit_unavailable",
+            DaemonError::Kernel(_) => "kernel",
+            DaemonError::Sandbox(_) => "sandbox",
+            _ => "internal",
+        }
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let context = context.into();
+    move |source| DaemonError::Io { context, source }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum AgentState {
+    Active,
+    Tripped,
+    Expired,
+    Revoked,
+}
+
+/// What is persisted of an agent so a restarted daemon can resume it.
+#[derive(Debug, Serialize, Deserialize)]
+struct AgentRecord {
+    name: String,
+    envelope_id: String,
+    gateway: SocketAddr,
+}
+
+#[derive(Default)]
+struct DecisionCounts {
+    allowed: AtomicU64,
+    denied: AtomicU64,
+    held: AtomicU64,
+}
+
+struct Agent {
+    name: String,
+    envelope: VerifiedEnvelope,
+    cgroup: AgentCgroup,
+    gateway: Arc<Gateway>,
+    gateway_addr: SocketAddr,
+    ca_path: PathBuf,
+    dir: PathBuf,
+    stop: Arc<Notify>,
+    counts: Arc<DecisionCounts>,
+    revoked: bool,
+}
+
+impl Agent {
+    fn state(&self) -> AgentState {
+        if self.revoked {
+            AgentState::Revoked
+        } else if time::OffsetDateTime::now_utc() >= self.envelope.envelope().expires_at.0 {
+            AgentState::Expired
+        } else if self.gateway.breaker().open_reason().is_some() {
+            AgentState::Tripped
+        } else {
+            AgentState::Active
+        }
+    }
+}
+
+pub struct Daemon {
+    loaded: Loaded,
+    kernel: Mutex<Enforcement>,
+    parent: CgroupParent,
+    audit: AuditLog,
+    used_ids: Mutex<UsedIds>,
+    revoked: Mutex<BTreeSet<String>>,
+    agents: Mutex<BTreeMap<String, Agent>>,
+    activation: tokio::sync::Mutex<()>,
+    upstream_tls: Arc<rustls::ClientConfig>,
+    shutdown: Notify,
+    trips: AtomicU64,
+    me: Weak<Daemon>,
+}
+
+/// The daemon's hook for the gateway's breaker: one map write in the kernel, then a record.
+struct KernelTrip {
+    daemon: Weak<Daemon>,
+    agent: String,
+    envelope_id: String,
+    cgroup_id: u64,
+}
+
+impl TripHook for KernelTrip {
+    fn tripped(&self, reason: &str) {
+        let Some(daemon) = self.daemon.upgrade() else {
+            return;
+        };
+        let flipped = daemon
+            .kernel
+            .lock()
+            .map_err(|_| "kernel state lock poisoned".to_owned())
+            .and_then(|mut k| k.trip(self.cgroup_id).map_err(|e| e.to_string()));
+        daemon.trips.fetch_add(1, Ordering::Relaxed);
+        let mut event = Event::new(EventKind::BreakerTripped)
+            .agent(&self.agent)
+            .envelope(&self.envelope_id)
+            .rule(reason);
+        if let Err(e) = &flipped {
+            tracing::error!(agent = %self.agent, error = %e, "tripping the kernel entry failed; the gateway refuses everything");
+            event = event.detail("kernel_error", e.as_str());
+        }
+        if daemon.audit.submit(event).is_err() {
+            tracing::error!(agent = %self.agent, "could not record a trip in the audit log");
+        }
+        tracing::warn!(agent = %self.agent, reason, "circuit open: agent cut off in the kernel");
+    }
+}
+
+/// Gateway decisions into the audit log; a record that cannot be queued refuses the request.
+struct AuditDecisions {
+    audit: AuditLog,
+    counts: Arc<DecisionCounts>,
+}
+
+impl DecisionSink for AuditDecisions {
+    fn record(&self, d: &Decision) -> Result<(), String> {
+        let kind = match d.outcome {
+            "allowed" => EventKind::RequestAllowed,
+            "held" => EventKind::RequestHeld,
+            "approved" => EventKind::RequestApproved,
+            _ => EventKind::RequestDenied,
+        };
+        // The "allowed" record written just before forwarding has no status yet; the one
+        // after the response carries it. Count each request once, at its final record.
+        if d.status != 0 {
+            match kind {
+                EventKind::RequestAllowed | EventKind::RequestApproved => {
+                    self.counts.allowed.fetch_add(1, Ordering::Relaxed)
+                }
+                EventKind::RequestHeld => self.counts.held.fetch_add(1, Ordering::Relaxed),
+                _ => self.counts.denied.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+        let event = Event::new(kind)
+            .agent(&d.agent)
+            .envelope(&d.envelope_id)
+            .rule(&d.rule)
+            .detail("step", d.step)
+            .detail("status", d.status)
+            .detail("method", d.method.as_str())
+            .detail("url", d.url.as_str())
+            .detail("spend", d.spend)
+            .detail("upstream_status", d.upstream_status)
+            .detail("latency_ms", d.latency_ms);
+        self.audit
+            .submit(event)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A cgroup name from an Envelope subject: `agent:market-maker-7` → `agent-market-maker-7`.
+pub fn agent_name(subject: &str) -> String {
+    let mut name: String = subject
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name = name.trim_start_matches('-').chars().take(64).collect();
+    if name.is_empty() {
+        "agent".into()
+    } else {
+        name
+    }
+}
+
+/// `expires_at` as a `CLOCK_BOOTTIME` deadline for the kernel programs.
+fn boottime_deadline(expires_at: time::OffsetDateTime) -> Result<u64, kernel::KernelError> {
+    let now = kernel::boottime_now_ns()?;
+    let left = (expires_at - time::OffsetDateTime::now_utc())
+        .whole_nanoseconds()
+        .max(0);
+    Ok(now.saturating_add(u64::try_from(left).unwrap_or(u64::MAX)))
+}
+
+impl Daemon {
+    /// Starts the daemon: audit log, kernel state (adopted if pinned), agents of a previous
+    /// run, then the control socket and metrics. Returns when shut down.
+    pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(DaemonError::NotRoot);
+        }
+        let cfg = loaded.config.clone();
+        for dir in [
+            &cfg.state_dir,
+            &cfg.audit_dir,
+            &cfg.state_dir.join("agents"),
+        ] {
+            std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(format!("restricting {}", dir.display())))?;
+        }
+        let (audit, report) =
+            AuditLog::open(AuditConfig::new(&cfg.audit_dir), loaded.audit_key.clone())?;
+        if let Some(recovered) = &report.recovered {
+            tracing::warn!(?recovered, "the audit log had a torn tail, cut away");
+        }
+        let parent = CgroupParent::create(&cfg.cgroup_parent)?;
+        let enforcement = Enforcement::install_or_adopt(&cfg.pin_dir, parent.path())?;
+        let used_ids = UsedIds::open(&cfg.state_dir.join("used-envelope-ids"))?;
+        let revoked = read_lines(&cfg.state_dir.join("revoked-envelopes"))?;
+        let roots: Vec<&Path> = cfg.upstream_roots.iter().map(PathBuf::as_path).collect();
+        let upstream_tls = upstream_client_config(&roots, !cfg.no_system_roots)?;
+        let daemon = Arc::new_cyclic(|me| Daemon {
+            loaded,
+            kernel: Mutex::new(enforcement),
+            parent,
+            audit,
+            used_ids: Mutex::new(used_ids),
+            revoked: Mutex::new(revoked),
+            agents: Mutex::new(BTreeMap::new()),
+            activation: tokio::sync::Mutex::new(()),
+            upstream_tls,
+            shutdown: Notify::new(),
+            trips: AtomicU64::new(0),
+            me: me.clone(),
+        });
+        daemon
+            .audit
+            .append(Event::new(EventKind::DaemonStarted).detail("config", cfg_path(&daemon)))
+            .await?;
+        daemon.resume().await;
+
+        let listener = bind_control(&cfg.control_socket)?;
+        let control = tokio::spawn(daemon.clone().serve_control(listener));
+        let events = tokio::spawn(daemon.clone().kernel_events());
+        let metrics = match cfg.metrics_listen {
+            Some(addr) => Some(tokio::spawn(metrics::serve(daemon.clone(), addr))),
+            None => None,
+        };
+        let expiry = tokio::spawn(daemon.clone().watch_expiry());
+        tracing::info!(control = %cfg.control_socket.display(), "enforcer daemon ready");
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(io_err("installing the SIGTERM handler"))?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+            () = daemon.shutdown.notified() => tracing::info!("shutdown requested: draining"),
+        }
+        control.abort();
+        events.abort();
+        expiry.abort();
+        if let Some(m) = metrics {
+            m.abort();
+        }
+        let _ = std::fs::remove_file(&cfg.control_socket);
+        // Gateways stop taking connections; requests in flight get the grace period. The
+        // kernel entries stay: agents keep running, confined, with a dead gateway.
+        if let Ok(agents) = daemon.agents.lock() {
+            for agent in agents.values() {
+                agent.stop.notify_one();
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(cfg.shutdown_grace_secs)).await;
+        let _ = daemon
+            .audit
+            .append(Event::new(EventKind::DaemonStopped))
+            .await;
+        daemon.audit.close().await?;
+        Ok(())
+    }
+
+    fn config(&self) -> &DaemonConfig {
+        &self.loaded.config
+    }
+
+    fn agent_dir(&self, name: &str) -> PathBuf {
+        self.config().state_dir.join("agents").join(name)
+    }
+
+    /// Verifies, then sets everything up; any failure undoes what was done.
+    async fn activate(&self, envelope_json: &str) -> Result<serde_json::Value, DaemonError> {
+        let _serial = self.activation.lock().await;
+        let verified = {
+            let used = self
+                .used_ids
+                .lock()
+                .map_err(|_| io_err("used ids")(std::io::Error::other("lock poisoned")))?;
+            self.loaded.verifier.verify(envelope_json.as_bytes(), &used)
+        };
+        let verified = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self.audit.submit(
+                    Event::new(EventKind::EnvelopeRefused)
+                        .rule(e.kind())
+                        .detail("reason", e.to_string()),
+                );
+                return Err(e.into());
+            }
+        };
+        if self
+            .revoked
+            .lock()
+            .map(|r| r.contains(verified.id()))
+            .unwrap_or(true)
+        {
+            let _ = self.audit.submit(
+                Event::new(EventKind::EnvelopeRefused)
+                    .envelope(verified.id())
+                    .rule("revoked"),
+            );
+            return Err(DaemonError::Revoked(verified.id().to_owned()));
+        }
+        let name = agent_name(&verified.envelope().subject);
+        // A new Envelope for a running agent replaces its grant: same cgroup, same gateway
+        // address, fresh budgets and a closed breaker.
+        let previous = self.agents.lock().ok().and_then(|mut a| a.remove(&name));
+        let result = self
+            .set_up(&name, verified, envelope_json, previous.as_ref())
+            .await;
+        match result {
+            Ok((agent, notes)) => {
+                if let Some(prev) = &previous {
+                    prev.stop.notify_one();
+                    tracing::info!(agent = %name, old = prev.envelope.id(), new = agent.envelope.id(), "Envelope replaced");
+                }
+                let summary = self.describe(&agent);
+                let _ = self.audit.submit(
+                    Event::new(EventKind::EnvelopeActivated)
+                        .agent(&name)
+                        .envelope(agent.envelope.id())
+                        .detail("key_id", agent.envelope.key_id())
+                        .detail("gateway", agent.gateway_addr.to_string())
+                        .detail("notes", notes.clone()),
+                );
+                if let Ok(mut agents) = self.agents.lock() {
+                    agents.insert(name, agent);
+                }
+                let mut summary = summary;
+                summary["notes"] = json!(notes);
+                Ok(summary)
+            }
+            Err(e) => {
+                if let (Some(prev), Ok(mut agents)) = (previous, self.agents.lock()) {
+                    agents.insert(name, prev);
+                }
+                let _ = self.audit.submit(
+                    Event::new(EventKind::EnvelopeRefused)
+                        .rule(e.kind())
+                        .detail("reason", e.to_string()),
+                );
+                Err(e)
+            }
+        }
+    }
+
+    async fn set_up(
+        &self,
+        name: &str,
+        verified: VerifiedEnvelope,
+        envelope_json: &str,
+        previous: Option<&Agent>,
+    ) -> Result<(Agent, Vec<String>), DaemonError> {
+        let mut undo = Undo::default();
+        let outcome = self
+            .try_set_up(name, verified, envelope_json, previous, &mut undo)
+            .await;
+        if outcome.is_err() {
+            undo.run(self);
+        }
+        outcome
+    }
+
+    async fn try_set_up(
+        &self,
+        name: &str,
+        verified: VerifiedEnvelope,
+        envelope_json: &str,
+        previous: Option<&Agent>,
+        undo: &mut Undo,
+    ) -> Result<(Agent, Vec<String>), DaemonError> {
+        let cfg = self.config();
+        let mut notes = Vec::new();
+        let cgroup = match previous {
+            Some(prev) => prev.cgroup.clone(),
+            None => {
+                let cgroup = self.parent.create_agent(name)?;
+                undo.cgroup = Some(cgroup.clone());
+                cgroup
+            }
+        };
+        self.kernel
+            .lock()
+            .map_err(|_| poisoned())?
+            .verify_in_effect(&cgroup.path)?;
+        if let Some(limits) = &verified.envelope().resources {
+            notes.extend(apply_resource_limits(&cgroup.path, limits));
+        }
+        // Fresh per-Envelope state: budgets and breaker belong to the grant, not the agent.
+        let dir = self.agent_dir(name);
+        if dir.exists() {
+            let old = dir.with_extension(format!(
+                "replaced-{}",
+                time::OffsetDateTime::now_utc().unix_timestamp_nanos()
+            ));
+            std::fs::rename(&dir, &old)
+                .map_err(io_err(format!("moving {} aside", dir.display())))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        undo.dir = Some(dir.clone());
+        let listener = match previous {
+            Some(prev) => {
+                prev.stop.notify_one();
+                bind_retry(prev.gateway_addr).await?
+            }
+            None => bind_free_port(cfg.gateway_ip, cfg.gateway_ports).await?,
+        };
+        let gateway_addr = listener.local_addr().map_err(io_err("gateway address"))?;
+        let counts = Arc::new(DecisionCounts::default());
+        let gateway = Gateway::new(GatewaySetup {
+            agent: name.to_owned(),
+            envelope: verified.clone(),
+            secrets: self.loaded.secrets.clone(),
+            state_dir: Some(dir.clone()),
+            upstream_tls: self.upstream_tls.clone(),
+            limits: Limits::default(),
+            sink: Arc::new(AuditDecisions {
+                audit: self.audit.clone(),
+                counts: counts.clone(),
+            }),
+            trip_hook: Arc::new(KernelTrip {
+                daemon: self.me.clone(),
+                agent: name.to_owned(),
+                envelope_id: verified.id().to_owned(),
+                cgroup_id: cgroup.id,
+            }),
+        })?;
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, gateway.ca_pem())
+            .map_err(io_err(format!("writing {}", ca_path.display())))?;
+        // The agent reads its CA; the directory stays closed to it otherwise.
+        std::fs::set_permissions(&ca_path, std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err("chmod ca.pem"))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(io_err("chmod agent dir"))?;
+
+        let deadline = boottime_deadline(verified.envelope().expires_at.0)?;
+        {
+            let mut kernel = self.kernel.lock().map_err(|_| poisoned())?;
+            kernel.set_agent(cgroup.id, &AgentPolicy::for_gateway(gateway_addr, deadline))?;
+        }
+        undo.kernel_entry = previous.is_none().then_some(cgroup.id);
+
+        // The point of no return: the id is spent only once everything else worked.
+        self.used_ids
+            .lock()
+            .map_err(|_| poisoned())?
+            .consume(&verified)?;
+        let record = AgentRecord {
+            name: name.to_owned(),
+            envelope_id: verified.id().to_owned(),
+            gateway: gateway_addr,
+        };
+        write_json(&dir.join("agent.json"), &record)?;
+        std::fs::write(dir.join("envelope.json"), envelope_json)
+            .map_err(io_err("saving the Envelope"))?;
+        let stop = Arc::new(Notify::new());
+        let stop2 = stop.clone();
+        tokio::spawn(
+            gateway
+                .clone()
+                .serve(listener, async move { stop2.notified().await }),
+        );
+        *undo = Undo::default();
+        Ok((
+            Agent {
+                name: name.to_owned(),
+                envelope: verified,
+                cgroup,
+                gateway,
+                gateway_addr,
+                ca_path,
+                dir,
+                stop,
+                counts,
+                revoked: false,
+            },
+            notes,
+        ))
+    }
+
+    /// Resumes the agents of a previous run from their records.
+    async fn resume(&self) {
+        let agents_dir = self.config().state_dir.join("agents");
+        let Ok(entries) = std::fs::read_dir(&agents_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let record_path = entry.path().join("agent.json");
+            if !record_path.is_file() {
+                continue;
+            }
+            if let Err(e) = self.resume_one(&entry.path()).await {
+                tracing::error!(dir = %entry.path().display(), error = %e, "could not resume an agent; it stays cut off in the kernel");
+            }
+        }
+    }
+
+    async fn resume_one(&self, dir: &Path) -> Result<(), DaemonError> {
+        let record: AgentRecord = read_json(&dir.join("agent.json"))?;
+        let envelope_json = std::fs::read_to_string(dir.join("envelope.json"))
+            .map_err(io_err("reading a saved Envelope"))?;
+        let cgroup = match self.parent.agent(&record.name) {
+            Ok(cgroup) => cgroup,
+            Err(_) => {
+                // The cgroup is gone (a reboot): nothing left to resume.
+                let _ = std::fs::remove_file(dir.join("agent.json"));
+                return Ok(());
+            }
+        };
+        // The id is spent already; everything else is checked again.
+        let verified = match self
+            .loaded
+            .verifier
+            .verify(envelope_json.as_bytes(), &UsedIds::in_memory())
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(agent = %record.name, kind = e.kind(), "saved Envelope no longer valid; the agent stays cut off");
+                if e.kind() != "expired" {
+                    let _ = self.kernel.lock().map(|mut k| k.trip(cgroup.id));
+                }
+                return Ok(());
+            }
+        };
+        let revoked = self
+            .revoked
+            .lock()
+            .map(|r| r.contains(verified.id()))
+            .unwrap_or(true);
+        let listener = bind_retry(record.gateway).await?;
+        let counts = Arc::new(DecisionCounts::default());
+        let gateway = Gateway::new(GatewaySetup {
+            agent: record.name.clone(),
+            envelope: verified.clone(),
+            secrets: self.loaded.secrets.clone(),
+            state_dir: Some(dir.to_owned()),
+            upstream_tls: self.upstream_tls.clone(),
+            limits: Limits::default(),
+            sink: Arc::new(AuditDecisions {
+                audit: self.audit.clone(),
+                counts: counts.clone(),
+            }),
+            trip_hook: Arc::new(KernelTrip {
+                daemon: self.me.clone(),
+                agent: record.name.clone(),
+                envelope_id: verified.id().to_owned(),
+                cgroup_id: cgroup.id,
+            }),
+        })?;
+        // A new CA: the agent's old one is gone with the old process, so rewrite its file.
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, gateway.ca_pem()).map_err(io_err("writing ca.pem"))?;
+        std::fs::set_permissions(&ca_path, std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err("chmod ca.pem"))?;
+        if gateway.breaker().open_reason().is_some() || revoked {
+            self.kernel
+                .lock()
+                .map_err(|_| poisoned())?
+                .trip(cgroup.id)?;
+        }
+        let stop = Arc::new(Notify::new());
+        let stop2 = stop.clone();
+        tokio::spawn(
+            gateway
+                .clone()
+                .serve(listener, async move { stop2.notified().await }),
+        );
+        tracing::info!(agent = %record.name, envelope = verified.id(), "resumed");
+        let agent = Agent {
+            name: record.name.clone(),
+            envelope: verified,
+            cgroup,
+            gateway,
+            gateway_addr: record.gateway,
+            ca_path,
+            dir: dir.to_owned(),
+            stop,
+            counts,
+            revoked,
+        };
+        if let Ok(mut agents) = self.agents.lock() {
+            agents.insert(record.name, agent);
+        }
+        Ok(())
+    }
+
+    fn deactivate(&self, name: &str) -> Result<serde_json::Value, DaemonError> {
+        let agent = self
+            .agents
+            .lock()
+            .ok()
+            .and_then(|mut a| a.remove(name))
+            .ok_or_else(|| DaemonError::UnknownAgent(name.into()))?;
+        let summary = self.describe(&agent);
+        agent.stop.notify_one();
+        agent.cgroup.remove(Duration::from_secs(5))?;
+        self.kernel
+            .lock()
+            .map_err(|_| poisoned())?
+            .remove_agent(agent.cgroup.id)?;
+        let _ = std::fs::remove_file(agent.dir.join("agent.json"));
+        let _ = self.audit.submit(
+            Event::new(EventKind::Other)
+                .agent(name)
+                .envelope(agent.envelope.id())
+                .rule("deactivated")
+                .detail("summary", summary.clone()),
+        );
+        Ok(summary)
+    }
+
+    fn with_agent<T>(&self, name: &str, f: impl FnOnce(&mut Agent) -> T) -> Result<T, DaemonError> {
+        let mut agents = self.agents.lock().map_err(|_| poisoned())?;
+        let agent = agents
+            .get_mut(name)
+            .ok_or_else(|| DaemonError::UnknownAgent(name.into()))?;
+        Ok(f(agent))
+    }
+
+    fn trip(&self, name: &str, peer: control::Peer) -> Result<serde_json::Value, DaemonError> {
+        let gateway = self.with_agent(name, |a| a.gateway.clone())?;
+        gateway
+            .breaker()
+            .trip(format!("tripped by operator (pid {})", peer.pid));
+        Ok(json!({ "agent": name, "state": "tripped" }))
+    }
+
+    fn reset(&self, name: &str, peer: control::Peer) -> Result<serde_json::Value, DaemonError> {
+        let (gateway, cgroup_id, revoked, id, expires_at) = self.with_agent(name, |a| {
+            (
+                a.gateway.clone(),
+                a.cgroup.id,
+                a.revoked,
+                a.envelope.id().to_owned(),
+                a.envelope.envelope().expires_at.0,
+            )
+        })?;
+        if revoked {
+            return Err(DaemonError::Revoked(id));
+        }
+        gateway
+            .breaker()
+            .reset(&OperatorReset::checked_by_control_plane(format!(
+                "uid 0 pid {}",
+                peer.pid
+            )))
+            .map_err(io_err("resetting the breaker state"))?;
+        {
+            let mut kernel = self.kernel.lock().map_err(|_| poisoned())?;
+            let mut policy = kernel
+                .agent(cgroup_id)?
+                .ok_or(kernel::KernelError::UnknownAgent(cgroup_id))?;
+            policy.state = STATE_ACTIVE;
+            policy.deadline_boottime_ns = boottime_deadline(expires_at)?;
+            kernel.set_agent(cgroup_id, &policy)?;
+        }
+        let _ = self.audit.submit(
+            Event::new(EventKind::OperatorReset)
+                .agent(name)
+                .envelope(&id)
+                .detail("pid", peer.pid),
+        );
+        Ok(json!({ "agent": name, "state": "active" }))
+    }
+
+    fn revoke(&self, name: &str, peer: control::Peer) -> Result<serde_json::Value, DaemonError> {
+        let (gateway, id) = self.with_agent(name, |a| {
+            a.revoked = true;
+            (a.gateway.clone(), a.envelope.id().to_owned())
+        })?;
+        append_line(&self.config().state_dir.join("revoked-envelopes"), &id)?;
+        if let Ok(mut revoked) = self.revoked.lock() {
+            revoked.insert(id.clone());
+        }
+        let _ = self.audit.submit(
+            Event::new(EventKind::Revoked)
+                .agent(name)
+                .envelope(&id)
+                .detail("pid", peer.pid),
+        );
+        gateway
+            .breaker()
+            .trip(format!("Envelope {id} revoked by operator"));
+        Ok(json!({ "agent": name, "state": "revoked" }))
+    }
+
+    fn describe(&self, agent: &Agent) -> serde_json::Value {
+        let kernel = self.kernel.lock().ok();
+        let counters = kernel
+            .as_ref()
+            .and_then(|k| k.counters(agent.cgroup.id).ok())
+            .unwrap_or_default();
+        let hooks = enforcer_common::hook::NAMES;
+        let budgets: serde_json::Value = agent
+            .gateway
+            .ledger()
+            .snapshot()
+            .map(|snap| {
+                snap.into_iter()
+                    .map(|(scope, (used, limits))| {
+                        (
+                            scope,
+                            json!({
+                                "requests": [used.requests, limits.requests],
+                                "spend": [used.spend, limits.spend],
+                                "bytes_up": [used.bytes_up, limits.bytes_up],
+                                "bytes_down": [used.bytes_down, limits.bytes_down],
+                            }),
+                        )
+                    })
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            })
+            .unwrap_or(serde_json::Value::Null);
+        json!({
+            "agent": agent.name,
+            "envelope": agent.envelope.id(),
+            "subject": agent.envelope.envelope().subject,
+            "state": agent.state(),
+            "breaker": agent.gateway.breaker().open_reason(),
+            "gateway": agent.gateway_addr.to_string(),
+            "cgroup": agent.cgroup.path.display().to_string(),
+            "ca_file": agent.ca_path.display().to_string(),
+            "expires_at": agent.envelope.envelope().expires_at.to_rfc3339(),
+            "requests": {
+                "allowed": agent.counts.allowed.load(Ordering::Relaxed),
+                "denied": agent.counts.denied.load(Ordering::Relaxed),
+                "held": agent.counts.held.load(Ordering::Relaxed),
+            },
+            "budgets": budgets,
+            "kernel": {
+                "allowed": hooks.iter().zip(counters.allowed).map(|(h, n)| (h.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+                "denied": hooks.iter().zip(counters.denied).map(|(h, n)| (h.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+            },
+            "pending_approvals": agent.gateway.approvals().list(),
+        })
+    }
+
+    async fn handle(&self, request: Request, peer: control::Peer) -> Response {
+        if request.version != control::VERSION {
+            return Response::err(
+                "unsupported_version",
+                format!("this daemon speaks version {}", control::VERSION),
+            );
+        }
+        let result = match request.op {
+            Op::Activate { envelope } => self.activate(&envelope).await,
+            Op::Deactivate { agent } => self.deactivate(&agent),
+            Op::Status { agent } => match agent {
+                Some(name) => self.with_agent(&name, |a| a.name.clone()).and_then(|_| {
+                    let agents = self.agents.lock().map_err(|_| poisoned())?;
+                    Ok(agents.get(&name).map(|a| self.describe(a)).unwrap_or_default())
+                }),
+                None => self
+                    .agents
+                    .lock()
+                    .map_err(|_| poisoned())
+                    .map(|agents| json!({ "agents": agents.values().map(|a| self.describe(a)).collect::<Vec<_>>() })),
+            },
+            Op::Trip { agent } => self.trip(&agent, peer),
+            Op::Reset { agent } => self.reset(&agent, peer),
+            Op::Revoke { agent } => self.revoke(&agent, peer),
+            Op::Approvals { agent } => self.agents.lock().map_err(|_| poisoned()).map(|agents| {
+                let list: Vec<serde_json::Value> = agents
+                    .values()
+                    .filter(|a| agent.as_deref().is_none_or(|n| n == a.name))
+                    .flat_map(|a| a.gateway.approvals().list().into_iter().map(move |h| json!({ "agent": a.name, "held": h })))
+                    .collect();
+                json!({ "approvals": list })
+            }),
+            Op::Approve { agent, id } => self.decide(&agent, id, true, peer),
+            Op::Deny { agent, id } => self.decide(&agent, id, false, peer),
+            Op::Shutdown => {
+                self.shutdown.notify_one();
+                Ok(json!({ "state": "shutting down" }))
+            }
+        };
+        match result {
+            Ok(value) => Response::ok(value),
+            Err(e) => Response::err(e.kind(), e.to_string()),
+        }
+    }
+
+    fn decide(
+        &self,
+        name: &str,
+        id: u64,
+        approve: bool,
+        peer: control::Peer,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let (gateway, env) =
+            self.with_agent(name, |a| (a.gateway.clone(), a.envelope.id().to_owned()))?;
+        if !gateway.approvals().decide(id, approve) {
+            return Err(DaemonError::UnknownAgent(format!(
+                "{name} has no held request {id}"
+            )));
+        }
+        let _ = self.audit.submit(
+            Event::new(if approve {
+                EventKind::RequestApproved
+            } else {
+                EventKind::RequestDenied
+            })
+            .agent(name)
+            .envelope(&env)
+            .rule("operator")
+            .detail("held_id", id)
+            .detail("pid", peer.pid),
+        );
+        Ok(json!({ "agent": name, "id": id, "approved": approve }))
+    }
+
+    async fn serve_control(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let daemon = self.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+                let peer = match control::peer(&stream) {
+                    Ok(peer) => peer,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control connection without peer credentials; closed");
+                        return;
+                    }
+                };
+                let (read, mut write) = stream.into_split();
+                if let Err(why) = control::authorize(peer, &daemon.config().cgroup_parent) {
+                    tracing::warn!(
+                        uid = peer.uid,
+                        pid = peer.pid,
+                        why,
+                        "control connection refused"
+                    );
+                    let _ = daemon.audit.submit(
+                        Event::new(EventKind::Other)
+                            .rule("control_refused")
+                            .detail("why", why.clone()),
+                    );
+                    // Nothing about agents is revealed to a refused peer.
+                    let mut line = serde_json::to_vec(&Response::err("forbidden", "not allowed"))
+                        .unwrap_or_default();
+                    line.push(b'\n');
+                    let _ = write.write_all(&line).await;
+                    return;
+                }
+                let mut lines = BufReader::new(read.take(1024 * 1024)).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let response = match serde_json::from_str::<Request>(&line) {
+                        Ok(request) => daemon.handle(request, peer).await,
+                        Err(e) => Response::err("bad_request", e.to_string()),
+                    };
+                    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+                    out.push(b'\n');
+                    if write.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    async fn kernel_events(self: Arc<Self>) {
+        let mut reader = match EventReader::open(&self.config().pin_dir) {
+            Ok(reader) => reader,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read kernel deny events");
+                return;
+            }
+        };
+        loop {
+            match reader.next_batch().await {
+                Ok((events, undecodable)) => {
+                    let names: BTreeMap<u64, String> = self
+                        .agents
+                        .lock()
+                        .map(|a| a.values().map(|x| (x.cgroup.id, x.name.clone())).collect())
+                        .unwrap_or_default();
+                    for e in events {
+                        let agent = names
+                            .get(&e.cgroup_id)
+                            .cloned()
+                            .unwrap_or_else(|| format!("cgroup-{}", e.cgroup_id));
+                        let event = Event::new(EventKind::KernelDeny)
+                            .agent(&agent)
+                            .rule(e.reason)
+                            .detail("hook", e.hook)
+                            .detail("pid", e.pid)
+                            .detail("family", e.family)
+                            .detail("protocol", e.protocol)
+                            .detail("destination", e.destination.map(|d| d.to_string()));
+                        if self.audit.submit(event).is_err() {
+                            tracing::error!("audit log refused a kernel deny event");
+                        }
+                    }
+                    if undecodable > 0 {
+                        tracing::error!(undecodable, "kernel events that could not be decoded");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reading kernel events failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Records each agent's expiry once; the kernel deadline cuts it off by itself.
+    async fn watch_expiry(self: Arc<Self>) {
+        let mut reported: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let expired: Vec<(String, String)> = self
+                .agents
+                .lock()
+                .map(|a| {
+                    a.values()
+                        .filter(|x| x.state() == AgentState::Expired)
+                        .map(|x| (x.name.clone(), x.envelope.id().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (name, id) in expired {
+                if reported.insert(id.clone()) {
+                    let _ = self
+                        .audit
+                        .submit(Event::new(EventKind::Expired).agent(&name).envelope(&id));
+                    tracing::info!(agent = %name, envelope = %id, "Envelope expired: agent cut off");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub(crate) fn metrics_text(&self) -> String {
+        metrics::render(self)
+    }
+}
+
+fn cfg_path(d: &Daemon) -> String {
+    d.loaded.path.display().to_string()
+}
+
+fn poisoned() -> DaemonError {
+    DaemonError::Io {
+        context: "daemon state".into(),
+        source: std::io::Error::other("a lock was poisoned by a panic"),
+    }
+}
+
+/// What an activation that failed half-way must take back.
+#[derive(Default)]
+struct Undo {
+    cgroup: Option<AgentCgroup>,
+    dir: Option<PathBuf>,
+    kernel_entry: Option<u64>,
+}
+
+impl Undo {
+    fn run(self, daemon: &Daemon) {
+        if let Some(id) = self.kernel_entry
+            && let Ok(mut k) = daemon.kernel.lock()
+        {
+            let _ = k.remove_agent(id);
+        }
+        if let Some(cgroup) = self.cgroup {
+            let _ = cgroup.remove(Duration::from_secs(2));
+        }
+        if let Some(dir) = self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn apply_resource_limits(
+    cgroup: &Path,
+    limits: &crate::envelope::model::ResourceLimits,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mut set = |file: &str, value: String, what: &str| {
+        let path = cgroup.join(file);
+        if !path.exists() {
+            notes.push(format!("{what} not applied: the cgroup v2 controller for {file} is not enabled on this host"));
+            return;
+        }
+        if let Err(e) = std::fs::write(&path, &value) {
+            notes.push(format!(
+                "{what} not applied: writing {value} to {}: {e}",
+                path.display()
+            ));
+        }
+    };
+    if let Some(pids) = limits.pids {
+        set("pids.max", pids.to_string(), "pids limit");
+    }
+    if let Some(memory) = limits.memory_bytes {
+        set("memory.max", memory.to_string(), "memory limit");
+    }
+    if let Some(cpu) = limits.cpu_percent {
+        set("cpu.max", format!("{} 100000", cpu * 1000), "cpu limit");
+    }
+    notes
+}
+
+fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err(format!("chmod {}", dir.display())))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(DaemonError::Io {
+            context: format!("control socket {}", path.display()),
+            source: std::io::Error::other("another enforcer daemon is running"),
+        });
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(format!("chmod {}", path.display())))?;
+    Ok(listener)
+}
+
+async fn bind_free_port(
+    ip: std::net::IpAddr,
+    [first, last]: [u16; 2],
+) -> Result<tokio::net::TcpListener, DaemonError> {
+    for port in first..=last {
+        if let Ok(listener) = tokio::net::TcpListener::bind((ip, port)).await {
+            return Ok(listener);
+        }
+    }
+    Err(DaemonError::NoPort { ip, first, last })
+}
+
+/// Binds an address a gateway that is stopping may still hold for a moment.
+async fn bind_retry(addr: SocketAddr) -> Result<tokio::net::TcpListener, DaemonError> {
+    let mut last = None;
+    for _ in 0..50 {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(io_err(format!("binding the gateway address {addr}"))(
+        last.unwrap_or_else(|| std::io::Error::other("bind failed")),
+    ))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), DaemonError> {
+    let tmp = path.with_extension("tmp");
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| io_err("encoding")(std::io::Error::other(e)))?;
+    let file = std::fs::File::create(&tmp).map_err(io_err(format!("writing {}", tmp.display())))?;
+    use std::io::Write;
+    let mut file = file;
+    file.write_all(&bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io_err(format!("renaming to {}", path.display())))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, DaemonError> {
+    let bytes = std::fs::read(path).map_err(io_err(format!("reading {}", path.display())))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| io_err(format!("parsing {}", path.display()))(std::io::Error::other(e)))
+}
+
+fn read_lines(path: &Path) -> Result<BTreeSet<String>, DaemonError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+        Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+    }
+}
+
+fn append_line(path: &Path, line: &str) -> Result<(), DaemonError> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    writeln!(file, "{line}")
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(format!("writing {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_names_come_from_subjects() {
+        assert_eq!(agent_name("agent:market-maker-7"), "agent-market-maker-7");
+        assert_eq!(agent_name("::"), "agent");
+        assert_eq!(agent_name(&"x".repeat(100)).len(), 64);
+        assert!(crate::sandbox::validate_agent_name(&agent_name("a b/c..d@é")).is_ok());
+    }
+}
