@@ -130,6 +130,49 @@ def probe_cgroup_escape(name, procs_path):
         report(name, False, err_name(exc))
 
 
+def probe_http(name, method, url, body):
+    """An HTTP request the way agents make them: urllib, honouring HTTP(S)_PROXY and
+    SSL_CERT_FILE from the environment. ok when the status is 2xx; detail is the status."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    data = body.encode() if body else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data:
+        req.add_header("Content-Type", "application/json")
+    ctx = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE"))
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT * 2, context=ctx) as resp:
+            report(name, 200 <= resp.status < 300, resp.status)
+    except urllib.error.HTTPError as exc:
+        report(name, False, exc.code)
+    except Exception as exc:  # noqa: BLE001
+        reason = getattr(exc, "reason", exc)
+        report(name, False, err_name(reason) if isinstance(reason, OSError) else type(reason).__name__)
+
+
+def probe_read(name, path):
+    try:
+        with open(path, "rb") as f:
+            f.read(16)
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
+def probe_unix(name, path):
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(TIMEOUT)
+            s.connect(path)
+            s.sendall(b'{"version":1,"op":"reset","agent":"x"}\n')
+            answer = s.recv(256)
+            report(name, b'"ok":true' in answer, answer.decode(errors="replace")[:80])
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
 def hold(host, port):
     """Opens a connection to the gateway's echo service, proves it works, then waits for
     'go' on stdin and tries the same connection again and a new one."""
@@ -206,6 +249,15 @@ def run(args):
             i += 1
         elif cmd == "cgroup-escape":
             probe_cgroup_escape(f"cgroup-escape {args[i+1]}", args[i + 1])
+            i += 2
+        elif cmd == "http":
+            probe_http(f"http {args[i+1]} {args[i+2]}", args[i + 1], args[i + 2], args[i + 3])
+            i += 4
+        elif cmd == "read":
+            probe_read(f"read {args[i+1]}", args[i + 1])
+            i += 2
+        elif cmd == "unix":
+            probe_unix(f"unix {args[i+1]}", args[i + 1])
             i += 2
         elif cmd == "hold":
             hold(args[i + 1], args[i + 2])

@@ -276,13 +276,16 @@ impl Daemon {
             return Err(DaemonError::NotRoot);
         }
         let cfg = loaded.config.clone();
-        for dir in [
-            &cfg.state_dir,
-            &cfg.audit_dir,
-            &cfg.state_dir.join("agents"),
+        // Agents may reach exactly one thing below the state directory: their CA file in
+        // `public/`. The state directory is traversable but not listable; all else is 0700.
+        for (dir, mode) in [
+            (cfg.state_dir.clone(), 0o711),
+            (cfg.state_dir.join("public"), 0o755),
+            (cfg.state_dir.join("agents"), 0o700),
+            (cfg.audit_dir.clone(), 0o700),
         ] {
-            std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
                 .map_err(io_err(format!("restricting {}", dir.display())))?;
         }
         let (audit, report) =
@@ -319,10 +322,9 @@ impl Daemon {
         let listener = bind_control(&cfg.control_socket)?;
         let control = tokio::spawn(daemon.clone().serve_control(listener));
         let events = tokio::spawn(daemon.clone().kernel_events());
-        let metrics = match cfg.metrics_listen {
-            Some(addr) => Some(tokio::spawn(metrics::serve(daemon.clone(), addr))),
-            None => None,
-        };
+        let metrics = cfg
+            .metrics_listen
+            .map(|addr| tokio::spawn(metrics::serve(daemon.clone(), addr)));
         let expiry = tokio::spawn(daemon.clone().watch_expiry());
         tracing::info!(control = %cfg.control_socket.display(), "enforcer daemon ready");
 
@@ -358,6 +360,22 @@ impl Daemon {
 
     fn config(&self) -> &DaemonConfig {
         &self.loaded.config
+    }
+
+    /// The agent's interception CA, where the agent (an unprivileged user) can read it.
+    fn write_ca(&self, name: &str, gateway: &Gateway) -> Result<PathBuf, DaemonError> {
+        let path = self
+            .config()
+            .state_dir
+            .join("public")
+            .join(format!("{name}-ca.pem"));
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, gateway.ca_pem())
+            .map_err(io_err(format!("writing {}", tmp.display())))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err("chmod CA file"))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(format!("writing {}", path.display())))?;
+        Ok(path)
     }
 
     fn agent_dir(&self, name: &str) -> PathBuf {
@@ -522,14 +540,7 @@ impl Daemon {
                 cgroup_id: cgroup.id,
             }),
         })?;
-        let ca_path = dir.join("ca.pem");
-        std::fs::write(&ca_path, gateway.ca_pem())
-            .map_err(io_err(format!("writing {}", ca_path.display())))?;
-        // The agent reads its CA; the directory stays closed to it otherwise.
-        std::fs::set_permissions(&ca_path, std::fs::Permissions::from_mode(0o644))
-            .map_err(io_err("chmod ca.pem"))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
-            .map_err(io_err("chmod agent dir"))?;
+        let ca_path = self.write_ca(name, &gateway)?;
 
         let deadline = boottime_deadline(verified.envelope().expires_at.0)?;
         {
@@ -645,11 +656,8 @@ impl Daemon {
                 cgroup_id: cgroup.id,
             }),
         })?;
-        // A new CA: the agent's old one is gone with the old process, so rewrite its file.
-        let ca_path = dir.join("ca.pem");
-        std::fs::write(&ca_path, gateway.ca_pem()).map_err(io_err("writing ca.pem"))?;
-        std::fs::set_permissions(&ca_path, std::fs::Permissions::from_mode(0o644))
-            .map_err(io_err("chmod ca.pem"))?;
+        // A new CA: the old one died with the old process, so the agent's file is rewritten.
+        let ca_path = self.write_ca(&record.name, &gateway)?;
         if gateway.breaker().open_reason().is_some() || revoked {
             self.kernel
                 .lock()
@@ -1181,9 +1189,11 @@ fn read_lines(path: &Path) -> Result<BTreeSet<String>, DaemonError> {
 
 fn append_line(path: &Path, line: &str) -> Result<(), DaemonError> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .map_err(io_err(format!("opening {}", path.display())))?;
     writeln!(file, "{line}")

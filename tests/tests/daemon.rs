@@ -1,0 +1,671 @@
+//! End-to-end: the real daemon (real BPF programs, cgroups, gateway, audit log), agents
+//! started with `enforcer run` as `nobody`, a real upstream on loopback, and python's
+//! urllib as the agent's HTTP client. One test per threat of the seed model and per
+//! property, plus a restart with `kill -9`.
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{Probes, enforcer_bin, privileged, wait_for_line};
+
+const SECRET: &str = "sk-live-9d8c7b6a5f4e";
+
+/// An upstream API that records every request head and answers 200 with a body that
+/// echoes the head (secret included, so scrubbing is tested too).
+struct Upstream {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+    count: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let (h, c) = (heads.clone(), count.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (h, c) = (h.clone(), c.clone());
+                std::thread::spawn(move || serve(stream, &h, &c));
+            }
+        });
+        Upstream { addr, heads, count }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+fn serve(stream: TcpStream, heads: &Mutex<Vec<String>>, count: &AtomicUsize) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut head = String::new();
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        count.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut h) = heads.lock() {
+            h.push(head.clone());
+        }
+        let reply = format!("{{\"seen\":{head:?}}}");
+        let _ = write!(
+            writer,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
+            reply.len()
+        );
+    }
+}
+
+/// A daemon of the test's own: config, keys, secrets, pins, cgroup parent and control
+/// socket all unique. Dropping it kills the daemon and removes everything.
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    pin_dir: PathBuf,
+    cgroup_parent: String,
+    probe: PathBuf,
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+impl Daemon {
+    fn start(test: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let unique = format!("enforcer-dtest-{}-{n}-{test}", std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix("enforcer-daemon-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path();
+        let run = |args: &[&str]| {
+            let out = Command::new(enforcer_bin())
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("enforcer");
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for sub in ["trust", "secrets"] {
+            std::fs::create_dir(d.join(sub)).expect("mkdir");
+            set_mode(&d.join(sub), 0o700);
+        }
+        run(&["keygen", "--out", "issuer"]);
+        run(&["keygen", "--out", "audit"]);
+        std::fs::copy(d.join("issuer.pub"), d.join("trust/issuer.pub")).expect("trust");
+        std::fs::write(d.join("secrets/exchange-key"), SECRET).expect("secret");
+        set_mode(&d.join("secrets/exchange-key"), 0o600);
+        // The agent (nobody) must read the probe script, and nothing else here.
+        set_mode(d, 0o711);
+        let probe = d.join("probe.py");
+        std::fs::copy(common::probe_source(), &probe).expect("probe");
+        set_mode(&probe, 0o644);
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&unique);
+        std::fs::write(
+            d.join("enforcer.toml"),
+            format!(
+                "state_dir = \"{d}/state\"\naudit_dir = \"{d}/audit\"\naudit_key = \"{d}/audit.key\"\n\
+                 trust_dir = \"{d}/trust\"\nsecrets = \"{d}/secrets\"\ncontrol_socket = \"{d}/run/control.sock\"\n\
+                 pin_dir = \"{pins}\"\ncgroup_parent = \"{unique}\"\nshutdown_grace_secs = 0\n",
+                d = d.display(),
+                pins = pin_dir.display(),
+            ),
+        )
+        .expect("config");
+        let mut daemon = Daemon {
+            dir,
+            child: None,
+            pin_dir,
+            cgroup_parent: unique,
+            probe,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.path("daemon.log")).expect("log");
+        let child = Command::new(enforcer_bin())
+            .args(["daemon", "--config"])
+            .arg(self.path("enforcer.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the daemon");
+        self.child = Some(child);
+        let started = Instant::now();
+        while std::os::unix::net::UnixStream::connect(self.path("run/control.sock")).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the daemon did not come up:\n{}",
+                self.log()
+            );
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("the daemon exited with {status}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    fn enforcer(&self) -> Command {
+        let mut cmd = Command::new(enforcer_bin());
+        cmd.env("ENFORCER_CONTROL_SOCKET", self.path("run/control.sock"))
+            .env("ENFORCER_PIN_DIR", &self.pin_dir)
+            .env("ENFORCER_CGROUP_PARENT", &self.cgroup_parent)
+            .env("RUST_LOG", "warn")
+            .current_dir(self.dir.path());
+        cmd
+    }
+
+    /// Signs an Envelope for `upstream`; `extra` is appended TOML.
+    fn envelope(
+        &self,
+        name: &str,
+        upstream: SocketAddr,
+        lifetime_secs: i64,
+        extra: &str,
+    ) -> PathBuf {
+        let now = time::OffsetDateTime::now_utc();
+        let fmt = |t: time::OffsetDateTime| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .expect("time")
+        };
+        let toml = format!(
+            r#"version = 1
+id = "env-{name}-{nonce}"
+subject = "agent:{name}"
+task = "end-to-end test"
+issuer = "tests"
+issued_at = "{now}"
+not_before = "{now}"
+expires_at = "{end}"
+
+[[capabilities]]
+name = "exchange"
+upstream = {{ scheme = "http", host = "127.0.0.1", port = {port} }}
+credential = {{ secret = "exchange-key", header = "X-Api-Key", format = "{{secret}}" }}
+[[capabilities.routes]]
+methods = ["GET", "POST"]
+path = "/api/**"
+
+[[forbidden_effects]]
+path = "/api/withdraw/**"
+reason = "withdrawals are irreversible"
+{extra}
+"#,
+            nonce = NEXT.fetch_add(1, Ordering::SeqCst),
+            now = fmt(now - time::Duration::seconds(2)),
+            end = fmt(now + time::Duration::seconds(lifetime_secs)),
+            port = upstream.port(),
+        );
+        let src = self.path(&format!("{name}.toml"));
+        let out = self.path(&format!("{name}.json"));
+        std::fs::write(&src, toml).expect("write envelope");
+        let signed = Command::new(enforcer_bin())
+            .args(["envelope", "sign", "--key"])
+            .arg(self.path("issuer.key"))
+            .arg(&src)
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .expect("sign");
+        assert!(
+            signed.status.success(),
+            "sign: {}",
+            String::from_utf8_lossy(&signed.stderr)
+        );
+        out
+    }
+
+    /// `enforcer run --envelope E -- python3 probe.py ARGS`, to completion.
+    fn run(&self, envelope: &Path, probe_args: &[String]) -> (Output, Probes) {
+        let out = self
+            .enforcer()
+            .args(["run", "--json", "--envelope"])
+            .arg(envelope)
+            .arg("--")
+            .arg("/usr/bin/python3")
+            .arg(&self.probe)
+            .args(probe_args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("enforcer run");
+        let probes = Probes::parse(&out);
+        (out, probes)
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        self.enforcer().args(args).output().expect("enforcer")
+    }
+
+    fn audit_text(&self) -> String {
+        let out = Command::new(enforcer_bin())
+            .args(["audit", "show"])
+            .arg(self.path("audit"))
+            .output()
+            .expect("audit show");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = self.enforcer().args(["unload", "--force"]).output();
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn a(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn t1_t3_t5_t6_t4_one_agent_tries_everything() {
+    if !privileged("t1_t3_t5_t6_t4_one_agent_tries_everything") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("all");
+    let env = d.envelope("all", up.addr, 600, "[breakers]\non_forbidden = false\n");
+    let base = format!("http://127.0.0.1:{}", up.addr.port());
+    let secret_file = d.path("secrets/exchange-key");
+    let daemon_pid = d.child.as_ref().map(|c| c.id()).unwrap_or(0);
+    let (out, probes) = d.run(
+        &env,
+        &a(&[
+            "http",
+            "GET",
+            &format!("{base}/api/ticker"),
+            "",
+            "http",
+            "GET",
+            &format!("{base}/admin"),
+            "",
+            "http",
+            "POST",
+            &format!("{base}/api/withdraw/all"),
+            "{}",
+            "tcp4",
+            "127.0.0.1",
+            &up.addr.port().to_string(),
+            "read",
+            secret_file.to_str().unwrap_or(""),
+            "read",
+            &format!("/proc/{daemon_pid}/environ"),
+            "unix",
+            d.path("run/control.sock").to_str().unwrap_or(""),
+        ]),
+    );
+    assert!(
+        out.status.success(),
+        "run failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    // T1: inside the capability yes, outside no.
+    probes.assert_ok("http GET");
+    assert_eq!(
+        probes.get(&format!("http GET {base}/admin")),
+        (false, "403")
+    );
+    // T3: the forbidden effect is refused although a capability route matches it.
+    assert_eq!(probes.get("http POST"), (false, "403"));
+    // T6: straight to the upstream, past the gateway: the kernel says no.
+    probes.assert_denied("tcp4 127.0.0.1");
+    // T5: the secret reached the upstream, never the agent.
+    probes.assert_denied(&format!("read {}", secret_file.display()));
+    probes.assert_denied("read /proc/");
+    let heads = up.heads.lock().map(|h| h.join("\n")).unwrap_or_default();
+    assert!(
+        heads
+            .to_ascii_lowercase()
+            .contains(&format!("x-api-key: {SECRET}")),
+        "{heads}"
+    );
+    // T4: the control socket is out of the agent's reach.
+    probes.assert_denied("unix ");
+    assert_eq!(
+        up.count(),
+        1,
+        "only the one allowed request reached the upstream"
+    );
+    // Auditability: every decision is in the log, which verifies with the daemon's key.
+    let audit = d.audit_text();
+    for needle in [
+        "envelope_activated",
+        "request_allowed",
+        "request_denied",
+        "forbidden",
+        "kernel_deny",
+    ] {
+        assert!(audit.contains(needle), "audit lacks {needle}:\n{audit}");
+    }
+    let verify = Command::new(enforcer_bin())
+        .args(["audit", "verify", "--key"])
+        .arg(d.path("audit.pub"))
+        .arg(d.path("audit"))
+        .output()
+        .expect("audit verify");
+    assert!(
+        verify.status.success(),
+        "audit verify: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+#[test]
+fn t2_t7_budget_and_breaker_cut_the_agent_off_until_an_operator_resets() {
+    if !privileged("t2_t7_budget_and_breaker_cut_the_agent_off_until_an_operator_resets") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("budget");
+    let env = d.envelope(
+        "budget",
+        up.addr,
+        600,
+        "[budget]\nrequests = 2\n[breakers]\ndenied = { count = 2, window_secs = 60 }\n",
+    );
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    // The agent waits for "go" after its requests so the operator can act while it lives.
+    let mut child = d
+        .enforcer()
+        .args(["run", "--json", "--envelope"])
+        .arg(&env)
+        .arg("--")
+        .arg("/usr/bin/python3")
+        .arg(&d.probe)
+        .args(a(&[
+            "http", "GET", &url, "", "http", "GET", &url, "", "http", "GET", &url, "", "http",
+            "GET", &url, "", "wait", "http", "GET", &url, "",
+        ]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    wait_for_line(&mut reader, "ready", &mut seen);
+    // T2: two allowed, then 429s; two denials trip the breaker (T7 begins).
+    let early = Probes::parse_text(&seen, "");
+    let statuses: Vec<&str> = early.results.iter().map(|(_, _, d)| d.as_str()).collect();
+    assert_eq!(&statuses[..3], &["200", "200", "429"], "{seen}");
+    assert_eq!(up.count(), 2);
+    let agents = d.ctl(&["agents"]);
+    let agents = String::from_utf8_lossy(&agents.stdout);
+    assert!(agents.contains("\"state\": \"tripped\""), "{agents}");
+    // The agent itself cannot reset; the operator can.
+    let reset = d.ctl(&["reset", "agent-budget"]);
+    assert!(
+        reset.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("go");
+    let (status, probes) = common::finish(child, reader, seen);
+    assert!(status.success(), "{}", probes.stderr);
+    // After the reset the gateway is reachable again, and the budget is still spent.
+    assert_eq!(
+        probes.results.last().map(|r| r.2.as_str()),
+        Some("429"),
+        "{:?}",
+        probes.results
+    );
+    assert_eq!(up.count(), 2);
+    let audit = d.audit_text();
+    assert!(
+        audit.contains("breaker_tripped") && audit.contains("operator_reset"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn t8_tampered_and_replayed_envelopes_are_refused() {
+    if !privileged("t8_tampered_and_replayed_envelopes_are_refused") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("t8");
+    let env = d.envelope("t8", up.addr, 600, "");
+    let text = std::fs::read_to_string(&env).expect("read");
+    // Flip one character of the base64 payload.
+    let i = text.find("\"payload\"").expect("payload") + 15;
+    let mut bytes = text.into_bytes();
+    bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+    let tampered = d.path("tampered.json");
+    std::fs::write(&tampered, &bytes).expect("write");
+    let (out, _) = d.run(&tampered, &a(&[]));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad_signature") || stderr.contains("malformed"),
+        "{stderr}"
+    );
+    let (out, _) = d.run(&env, &a(&[]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (out, _) = d.run(&env, &a(&[]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replayed"));
+    assert!(d.audit_text().contains("envelope_refused"));
+}
+
+#[test]
+fn ephemerality_and_revocability() {
+    if !privileged("ephemerality_and_revocability") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("ttl");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("ttl", up.addr, 4, "");
+    let (out, probes) = d.run(
+        &env,
+        &a(&[
+            "http", "GET", &url, "", "sleep", "5", "http", "GET", &url, "",
+        ]),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, false], "expired: {:?}", probes.results);
+    assert!(d.audit_text().contains("expired"));
+
+    let env = d.envelope("revoke", up.addr, 600, "");
+    let mut child = d
+        .enforcer()
+        .args(["run", "--envelope"])
+        .arg(&env)
+        .arg("--")
+        .arg("/usr/bin/python3")
+        .arg(&d.probe)
+        .args(a(&[
+            "http", "GET", &url, "", "wait", "http", "GET", &url, "",
+        ]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    wait_for_line(&mut reader, "ready", &mut seen);
+    let revoked = d.ctl(&["revoke", "agent-revoke"]);
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("go");
+    let (_, probes) = common::finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, false], "revoked: {:?}", probes.results);
+    let reset = d.ctl(&["reset", "agent-revoke"]);
+    assert!(
+        !reset.status.success(),
+        "a revoked Envelope cannot be reset"
+    );
+}
+
+#[test]
+fn kill_9_of_the_daemon_keeps_agents_confined_and_budgets_spent() {
+    if !privileged("kill_9_of_the_daemon_keeps_agents_confined_and_budgets_spent") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("kill9");
+    let env = d.envelope("kill9", up.addr, 600, "[budget]\nrequests = 3\n");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let port = up.addr.port().to_string();
+    let mut child = d
+        .enforcer()
+        .args(["run", "--envelope"])
+        .arg(&env)
+        .arg("--")
+        .arg("/usr/bin/python3")
+        .arg(&d.probe)
+        .args(a(&[
+            "http",
+            "GET",
+            &url,
+            "",
+            "http",
+            "GET",
+            &url,
+            "",
+            "wait",
+            "tcp4",
+            "127.0.0.1",
+            &port,
+            "http",
+            "GET",
+            &url,
+            "",
+            "wait",
+            "http",
+            "GET",
+            &url,
+            "",
+            "http",
+            "GET",
+            &url,
+            "",
+        ]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut seen = String::new();
+    wait_for_line(&mut reader, "ready", &mut seen);
+    d.kill9();
+    // Daemon dead: still no way around the gateway, and the gateway is gone.
+    stdin.write_all(b"go\n").expect("go");
+    wait_for_line(&mut reader, "ready", &mut seen);
+    d.spawn();
+    stdin.write_all(b"go\n").expect("go");
+    drop(stdin);
+    let (_, probes) = common::finish(child, reader, seen);
+    let results: Vec<(bool, &str)> = probes.results.iter().map(|r| (r.1, r.2.as_str())).collect();
+    assert_eq!(
+        results[..2],
+        [(true, "200"), (true, "200")],
+        "{:?}",
+        probes.results
+    );
+    assert!(
+        !results[2].0,
+        "direct connect while the daemon was dead: {:?}",
+        probes.results
+    );
+    assert!(
+        !results[3].0,
+        "gateway while the daemon was dead: {:?}",
+        probes.results
+    );
+    // Resumed: one request of the budget of three was left, then 429.
+    assert_eq!(
+        results[4..],
+        [(true, "200"), (false, "429")],
+        "{:?}\n{}",
+        probes.results,
+        d.log()
+    );
+    assert_eq!(up.count(), 3);
+}
