@@ -212,7 +212,8 @@ impl DecisionSink for AuditDecisions {
         };
         // The "allowed" record written just before forwarding has no status yet; the one
         // after the response carries it. Count each request once, at its final record.
-        if d.status != 0 {
+        // Tunnels are not requests: what runs inside them is counted one by one.
+        if d.status != 0 && d.step != "tunnel" {
             match kind {
                 EventKind::RequestAllowed | EventKind::RequestApproved => {
                     self.counts.allowed.fetch_add(1, Ordering::Relaxed)

@@ -542,8 +542,13 @@ impl Gateway {
                     format!("budget `{scope}`: wall-clock time of {limit}s used up"),
                 ));
             }
+            // A read without a body spends nothing. Anything else must show its cost in
+            // the body, or it is refused: a write that moved its amount into the query
+            // string would otherwise be free.
+            let safe_read = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS)
+                && matches!(body_view, Body::Absent);
             let spend = match &budget.spend {
-                Some(spend) if spend.amount.is_some() => {
+                Some(spend) if spend.amount.is_some() && !safe_read => {
                     spend.cost(body_view).map_err(|reason| {
                         Refusal::new(
                             StatusCode::FORBIDDEN,
