@@ -28,8 +28,6 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("reading CA certificates from {path}: {reason}")]
     Roots { path: String, reason: String },
-    #[error("no usable root certificates: the system store is empty and no extra roots were given")]
-    NoRoots,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -142,7 +140,9 @@ pub fn upstream_client_config(
         }
     }
     if roots.is_empty() {
-        return Err(TlsError::NoRoots);
+        // Not an error: with no roots every upstream certificate is refused, which is
+        // what a host without a CA store and without configured roots should get.
+        tracing::warn!("no upstream root certificates: every https upstream will be refused");
     }
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
