@@ -179,9 +179,9 @@ mod tests {
         let good = dir.path().join("ca.pem");
         std::fs::write(&good, ca.cert_pem()).unwrap();
         assert!(upstream_client_config(&[&good], false).is_ok());
-        assert!(matches!(
-            upstream_client_config(&[], false),
-            Err(TlsError::NoRoots)
-        ));
+        assert!(
+            upstream_client_config(&[], false).is_ok(),
+            "an empty store refuses every upstream; it does not fail start-up"
+        );
     }
 }
