@@ -22,6 +22,8 @@ pub enum Which {
     Envelope,
     /// Audit appends with durability vs raw appends; audit verification speed.
     Audit,
+    /// Trip latency (map write to first refused connect) and activation time and memory.
+    Daemon,
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -29,6 +31,14 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         Which::Kernel => kernel(),
         Which::Envelope => cargo_bench("envelope"),
         Which::Audit => cargo_bench("audit"),
+        Which::Daemon => {
+            if !crate::is_root() {
+                bail!(
+                    "the daemon benchmark loads BPF programs and runs the daemon: run it as root"
+                );
+            }
+            cargo_bench("daemon")
+        }
     }
 }
 

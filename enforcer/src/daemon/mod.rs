@@ -159,6 +159,7 @@ pub struct Daemon {
     upstream_tls: Arc<rustls::ClientConfig>,
     shutdown: Notify,
     trips: AtomicU64,
+    next_port: std::sync::atomic::AtomicU32,
     me: Weak<Daemon>,
 }
 
@@ -312,6 +313,7 @@ impl Daemon {
             upstream_tls,
             shutdown: Notify::new(),
             trips: AtomicU64::new(0),
+            next_port: std::sync::atomic::AtomicU32::new(0),
             me: me.clone(),
         });
         daemon
@@ -519,7 +521,7 @@ impl Daemon {
                 prev.stop.notify_one();
                 bind_retry(prev.gateway_addr).await?
             }
-            None => bind_free_port(cfg.gateway_ip, cfg.gateway_ports).await?,
+            None => bind_free_port(cfg.gateway_ip, cfg.gateway_ports, &self.next_port).await?,
         };
         let gateway_addr = listener.local_addr().map_err(io_err("gateway address"))?;
         let counts = Arc::new(DecisionCounts::default());
@@ -1129,12 +1131,20 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
+/// Binds the next free port of the range, starting after the one handed out last, so
+/// activation does not retry every port already in use.
 async fn bind_free_port(
     ip: std::net::IpAddr,
     [first, last]: [u16; 2],
+    cursor: &std::sync::atomic::AtomicU32,
 ) -> Result<tokio::net::TcpListener, DaemonError> {
-    for port in first..=last {
+    let span = u32::from(last - first) + 1;
+    let start = cursor.load(Ordering::Relaxed);
+    for step in 0..span {
+        let offset = (start + step) % span;
+        let port = first + offset as u16;
         if let Ok(listener) = tokio::net::TcpListener::bind((ip, port)).await {
+            cursor.store((offset + 1) % span, Ordering::Relaxed);
             return Ok(listener);
         }
     }
