@@ -278,6 +278,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_shipped_example_config_parses() {
+        let text = include_str!("../../../dist/enforcer.toml");
+        let cfg = DaemonConfig::parse(Path::new("dist/enforcer.toml"), text).unwrap();
+        assert_eq!(cfg.gateway_ports, [18000, 18999]);
+        assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9310".parse().unwrap()));
+    }
+
+    #[test]
     fn unknown_fields_and_bad_values_name_the_field() {
         let p = Path::new("/etc/enforcer/enforcer.toml");
         let err = DaemonConfig::parse(p, "state_dir = '/s'\naudit_dir = '/a'\naudit_key = '/k'\ntrust_dir = '/t'\nsecrets = '/x'\nbogus = 1\n")
