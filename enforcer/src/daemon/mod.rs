@@ -1019,18 +1019,25 @@ impl Daemon {
     async fn watch_expiry(self: Arc<Self>) {
         let mut reported: BTreeSet<String> = BTreeSet::new();
         loop {
-            let expired: Vec<(String, String)> = self
+            let expired: Vec<(String, String, u64)> = self
                 .agents
                 .lock()
                 .map(|a| {
                     a.values()
                         .filter(|x| x.state() == AgentState::Expired)
-                        .map(|x| (x.name.clone(), x.envelope.id().to_owned()))
+                        .map(|x| (x.name.clone(), x.envelope.id().to_owned(), x.cgroup.id))
                         .collect()
                 })
                 .unwrap_or_default();
-            for (name, id) in expired {
+            for (name, id, cgroup_id) in expired {
                 if reported.insert(id.clone()) {
+                    // The kernel deadline has cut the agent already; this second, independent
+                    // cut holds even if the deadline clock and the wall clock disagree.
+                    if let Ok(mut kernel) = self.kernel.lock()
+                        && let Err(e) = kernel.trip(cgroup_id)
+                    {
+                        tracing::error!(agent = %name, error = %e, "cutting an expired agent off failed");
+                    }
                     let _ = self
                         .audit
                         .submit(Event::new(EventKind::Expired).agent(&name).envelope(&id));

@@ -340,6 +340,18 @@ impl Gateway {
                 format!("the circuit is open: {reason}"),
             ));
         }
+        // Expiry is enforced here and, independently, by the kernel deadline.
+        if time::OffsetDateTime::now_utc() >= self.envelope.envelope().expires_at.0 {
+            decision.step = "expired";
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "envelope_expired",
+                format!(
+                    "the Envelope expired at {}",
+                    self.envelope.envelope().expires_at.to_rfc3339()
+                ),
+            ));
+        }
         if req.method() == Method::CONNECT {
             return self.connect(req, tunnel.is_some(), decision);
         }
