@@ -64,10 +64,7 @@ fn rates(mut a: impl FnMut(usize), mut b: impl FnMut(usize), n: usize) -> (f64, 
         nb += SLICE;
         i += SLICE;
     }
-    (
-        na as f64 / ta.as_secs_f64(),
-        nb as f64 / tb.as_secs_f64(),
-    )
+    (na as f64 / ta.as_secs_f64(), nb as f64 / tb.as_secs_f64())
 }
 
 /// The exact message and signature a bare `verify_strict` checks for a signed envelope.

@@ -171,7 +171,11 @@ const SECRET_KEYS: &[&str] = &[
 fn normalized_eq(key: &[u8], name: &[u8]) -> bool {
     key.len() == name.len()
         && key.iter().zip(name).all(|(&k, &n)| {
-            let k = if k == b'-' { b'_' } else { k.to_ascii_lowercase() };
+            let k = if k == b'-' {
+                b'_'
+            } else {
+                k.to_ascii_lowercase()
+            };
             k == n
         })
 }
@@ -262,7 +266,14 @@ mod tests {
         ] {
             assert!(is_secret_key(k), "{k}");
         }
-        for k in ["input_tokens", "tokenizer", "mysecret", "key", "authorizations", "_"] {
+        for k in [
+            "input_tokens",
+            "tokenizer",
+            "mysecret",
+            "key",
+            "authorizations",
+            "_",
+        ] {
             assert!(!is_secret_key(k), "{k}");
         }
         assert!(looks_like_secret_value("  BEARER abc"));

@@ -873,7 +873,9 @@ impl Writer {
 
     fn run(mut self, rx: Receiver<Msg>) {
         let Some(sink) = self.sink.take() else {
-            self.shared.fail(AuditError::Failed("the audit log has no open segment".into()));
+            self.shared.fail(AuditError::Failed(
+                "the audit log has no open segment".into(),
+            ));
             return;
         };
         // One batch may wait while another is written: enough to keep both threads busy.

@@ -648,11 +648,7 @@ impl Checker {
             );
         }
         if c.max_length.is_some_and(|m| m > 1 << 20) {
-            self.err(
-                p.at("max_length"),
-                "absurdly large",
-                "use at most 1048576",
-            );
+            self.err(p.at("max_length"), "absurdly large", "use at most 1048576");
         }
         let scalar_ok = |v: &serde_json::Value| {
             c.query.is_none()

@@ -594,9 +594,7 @@ fn decode_into_pae(payload_type: &str, b64: &[u8]) -> Result<(Vec<u8>, usize), V
     let expected = (b64.len() / 4 * 3).saturating_sub(padding);
     let mut message = pae_prefix(payload_type, expected, expected);
     let start = message.len();
-    STANDARD
-        .decode_vec(b64, &mut message)
-        .map_err(malformed)?;
+    STANDARD.decode_vec(b64, &mut message).map_err(malformed)?;
     if message.len() - start != expected {
         // Not reachable for input the decoder accepts; rebuild the honest way rather
         // than sign-check a message with a wrong length prefix.
