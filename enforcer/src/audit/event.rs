@@ -166,16 +166,35 @@ const SECRET_KEYS: &[&str] = &[
     "signature",
 ];
 
+/// `key` compared as lower case with `-` read as `_`, without allocating: this runs for
+/// every detail of every record.
+fn normalized_eq(key: &[u8], name: &[u8]) -> bool {
+    key.len() == name.len()
+        && key.iter().zip(name).all(|(&k, &n)| {
+            let k = if k == b'-' {
+                b'_'
+            } else {
+                k.to_ascii_lowercase()
+            };
+            k == n
+        })
+}
+
 fn is_secret_key(key: &str) -> bool {
-    let k = key.to_ascii_lowercase().replace('-', "_");
+    let k = key.as_bytes();
     SECRET_KEYS.iter().any(|s| {
-        k == *s || (k.len() > s.len() && k.ends_with(s) && k[..k.len() - s.len()].ends_with('_'))
+        let s = s.as_bytes();
+        normalized_eq(k, s)
+            || (k.len() > s.len()
+                && normalized_eq(&k[k.len() - s.len()..], s)
+                && matches!(k[k.len() - s.len() - 1], b'_' | b'-'))
     })
 }
 
 fn looks_like_secret_value(v: &str) -> bool {
-    let lower = v.trim_start().to_ascii_lowercase();
-    lower.starts_with("bearer ") || lower.starts_with("basic ")
+    let v = v.trim_start().as_bytes();
+    let starts = |p: &[u8]| v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p);
+    starts(b"bearer ") || starts(b"basic ")
 }
 
 /// Replaces credential-looking values, at any depth.
@@ -232,6 +251,33 @@ mod tests {
                 "access_token": REDACTED,
             })
         );
+    }
+
+    #[test]
+    fn secret_keys_match_case_and_dash_insensitively() {
+        for k in [
+            "Authorization",
+            "PROXY-AUTHORIZATION",
+            "x-api-key",
+            "client_secret",
+            "Client-Secret",
+            "access_token",
+            "token",
+        ] {
+            assert!(is_secret_key(k), "{k}");
+        }
+        for k in [
+            "input_tokens",
+            "tokenizer",
+            "mysecret",
+            "key",
+            "authorizations",
+            "_",
+        ] {
+            assert!(!is_secret_key(k), "{k}");
+        }
+        assert!(looks_like_secret_value("  BEARER abc"));
+        assert!(!looks_like_secret_value("bear"));
     }
 
     #[test]

@@ -91,13 +91,40 @@ pub fn parse_head(line: &[u8]) -> Result<Head<'_>, &'static str> {
     Ok(Head { seq, prev, kind })
 }
 
+/// Appends `n` in decimal, without the formatting machinery: the writer does this for
+/// every record.
+pub(crate) fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+/// Appends `bytes` as lower-case hex.
+pub(crate) fn push_hex(buf: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    buf.reserve(bytes.len() * 2);
+    for b in bytes {
+        buf.push(HEX[usize::from(b >> 4)]);
+        buf.push(HEX[usize::from(b & 0x0f)]);
+    }
+}
+
 fn push_head(buf: &mut Vec<u8>, seq: u64, prev: &Hash, kind: &str) {
-    // Writing to a Vec cannot fail.
-    let _ = write!(
-        buf,
-        "{{\"seq\":{seq},\"prev\":\"{}\",\"kind\":\"{kind}\"",
-        hex::encode(prev)
-    );
+    buf.extend_from_slice(b"{\"seq\":");
+    push_decimal(buf, seq);
+    buf.extend_from_slice(b",\"prev\":\"");
+    push_hex(buf, prev);
+    buf.extend_from_slice(b"\",\"kind\":\"");
+    buf.extend_from_slice(kind.as_bytes());
+    buf.push(b'"');
 }
 
 /// Appends the line for `event` (without newline) to `buf`; the caller has redacted it.
@@ -112,12 +139,12 @@ pub fn render_event(
     buf.extend_from_slice(b",\"ts\":");
     serde_json::to_writer(&mut *buf, ts)?;
     for (name, value) in [
-        ("envelope", &event.envelope),
-        ("agent", &event.agent),
-        ("rule", &event.rule),
+        (&b",\"envelope\":"[..], &event.envelope),
+        (b",\"agent\":", &event.agent),
+        (b",\"rule\":", &event.rule),
     ] {
         if let Some(v) = value {
-            let _ = write!(buf, ",\"{name}\":");
+            buf.extend_from_slice(name);
             serde_json::to_writer(&mut *buf, v)?;
         }
     }
@@ -348,6 +375,20 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
         assert_eq!(v["agent"], "a\nb");
+    }
+
+    #[test]
+    fn heads_render_like_the_formatter() {
+        for seq in [0, 7, 10, 999, 1000, u64::MAX] {
+            let prev: Hash = std::array::from_fn(|i| (i as u8).wrapping_mul(37));
+            let mut buf = Vec::new();
+            push_head(&mut buf, seq, &prev, "request_allowed");
+            let expected = format!(
+                "{{\"seq\":{seq},\"prev\":\"{}\",\"kind\":\"request_allowed\"",
+                hex::encode(prev)
+            );
+            assert_eq!(String::from_utf8(buf).unwrap(), expected);
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The writer: one thread owns the files; the request path enqueues into a bounded queue and
 //! either waits for its record to be durable or gets an error it must treat as "refuse".
 //! Records are batched (group commit): one write and one fsync per batch, then every
-//! record in it is acknowledged.
+//! record in it is acknowledged. Two threads pipeline the work: the writer renders,
+//! hashes and signs batch k+1 while the sync thread writes and fsyncs batch k, in order.
 use std::{
     fs::{self, File, OpenOptions},
     future::Future,
@@ -207,7 +208,7 @@ impl AuditLog {
                 ev = ev.detail("last_good_seq", seq);
             }
             writer.add_event(&mut ev)?;
-            writer.flush()?;
+            writer.dispatch(None, None)?;
         }
         let report = OpenReport {
             next_seq: writer.next_seq,
@@ -216,6 +217,9 @@ impl AuditLog {
         let (tx, rx) = sync_channel(config.queue_capacity);
         let shared = Arc::new(Shared::default());
         writer.shared = shared.clone();
+        if let Some(sink) = writer.sink.as_mut() {
+            sink.shared = shared.clone();
+        }
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
@@ -303,6 +307,65 @@ fn now_rfc3339() -> String {
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
 }
 
+/// RFC 3339 UTC timestamps for every record, byte for byte what [`now_rfc3339`] gives,
+/// with the date and time of day formatted once per second instead of once per record.
+struct Clock {
+    second: i64,
+    /// `YYYY-MM-DDTHH:MM:SS` of `second`.
+    prefix: String,
+    text: String,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self {
+            second: i64::MIN,
+            prefix: String::new(),
+            text: String::with_capacity(40),
+        }
+    }
+
+    fn now(&mut self) -> &str {
+        self.at(OffsetDateTime::now_utc())
+    }
+
+    fn at(&mut self, t: OffsetDateTime) -> &str {
+        let second = t.unix_timestamp();
+        if second != self.second {
+            let whole = t.replace_nanosecond(0).unwrap_or(t);
+            match whole.format(&Rfc3339) {
+                Ok(text) => {
+                    self.prefix = text.trim_end_matches('Z').to_owned();
+                    self.second = second;
+                }
+                Err(_) => {
+                    self.second = i64::MIN;
+                    self.text = now_rfc3339();
+                    return &self.text;
+                }
+            }
+        }
+        self.text.clear();
+        self.text.push_str(&self.prefix);
+        let nanos = t.nanosecond();
+        if nanos != 0 {
+            // The fraction with trailing zeros dropped, as the RFC 3339 formatter writes it.
+            let mut digits = [0u8; 9];
+            let mut n = nanos;
+            for d in digits.iter_mut().rev() {
+                *d = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+            let len = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+            self.text.push('.');
+            self.text
+                .push_str(std::str::from_utf8(&digits[..len]).unwrap_or_default());
+        }
+        self.text.push('Z');
+        &self.text
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<(), AuditError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -314,19 +377,134 @@ enum Ack {
     Checkpoint(u64, oneshot::Sender<Result<u64, AuditError>>),
 }
 
+/// A batch for the sync thread: bytes to append, then (optionally) the next segment to
+/// start, then the acknowledgements, which are sent only once all of it is durable.
+struct Job {
+    buf: Vec<u8>,
+    acks: Vec<Ack>,
+    next_segment: Option<PathBuf>,
+    shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
+}
+
+/// The files: owned by the writer until it starts, then by the sync thread.
+struct Sink {
+    dir: PathBuf,
+    file: File,
+    seg_path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+impl Sink {
+    fn write(&mut self, job: &Job) -> Result<(), AuditError> {
+        if !job.buf.is_empty() {
+            let path = &self.seg_path;
+            self.file
+                .write_all(&job.buf)
+                .and_then(|_| self.file.sync_data())
+                .map_err(|e| AuditError::io(format!("writing {}", path.display()), e))?;
+            self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(path) = &job.next_segment {
+            self.file = create_segment(path)?;
+            sync_dir(&self.dir)?;
+            self.seg_path = path.clone();
+        }
+        Ok(())
+    }
+
+    /// Acknowledges a job once `written` says it is durable. On failure every
+    /// acknowledgement gets the error, the log is marked failed, and `false` says to stop.
+    fn finish(&self, job: Job, written: Result<(), AuditError>) -> bool {
+        match written {
+            Ok(()) => {
+                let mut n = 0;
+                for ack in job.acks {
+                    match ack {
+                        Ack::Record(r, tx) => {
+                            n += 1;
+                            let _ = tx.send(Ok(r));
+                        }
+                        Ack::Checkpoint(size, tx) => {
+                            let _ = tx.send(Ok(size));
+                        }
+                    }
+                }
+                self.shared.records.fetch_add(n, Ordering::Relaxed);
+                if let Some(tx) = job.shutdown {
+                    self.shared.closed.store(true, Ordering::SeqCst);
+                    let _ = tx.send(Ok(()));
+                }
+                true
+            }
+            Err(err) => {
+                // After a failed write or fsync the file's state is unknown: stop for
+                // good, and let every waiting and future caller see the error.
+                tracing::error!(error = %err, "audit log failed; refusing further records");
+                self.shared.fail(err.clone());
+                fail_job(job, &err);
+                false
+            }
+        }
+    }
+
+    /// The sync thread: completes jobs in order; after a failure, fails every job still
+    /// queued. Emptied buffers go back to the writer for reuse.
+    fn run(mut self, rx: Receiver<Job>, recycle: SyncSender<Vec<u8>>) {
+        let mut ok = true;
+        while let Ok(mut job) = rx.recv() {
+            if !ok {
+                fail_job(job, &self.shared.gone());
+                continue;
+            }
+            let shutting_down = job.shutdown.is_some();
+            let written = self.write(&job);
+            let mut buf = std::mem::take(&mut job.buf);
+            buf.clear();
+            let _ = recycle.try_send(buf);
+            ok = self.finish(job, written);
+            if shutting_down && ok {
+                return;
+            }
+        }
+    }
+}
+
+fn fail_job(job: Job, err: &AuditError) {
+    for ack in job.acks {
+        match ack {
+            Ack::Record(_, tx) => {
+                let _ = tx.send(Err(err.clone()));
+            }
+            Ack::Checkpoint(_, tx) => {
+                let _ = tx.send(Err(err.clone()));
+            }
+        }
+    }
+    if let Some(tx) = job.shutdown {
+        let _ = tx.send(Err(err.clone()));
+    }
+}
+
 struct Writer {
     config: AuditConfig,
     key: SigningKey,
-    file: File,
-    seg_path: PathBuf,
+    /// The files until the sync thread starts.
+    sink: Option<Sink>,
+    /// Jobs for the sync thread, once started.
+    jobs: Option<SyncSender<Job>>,
+    /// Buffers the sync thread has finished with.
+    recycled: Option<Receiver<Vec<u8>>>,
+    sync_thread: Option<std::thread::JoinHandle<()>>,
+    /// Bytes in the current segment, counting those handed to the sync thread.
     seg_bytes: u64,
     next_seq: u64,
     prev: Hash,
     frontier: Frontier,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    clock: Clock,
     buf: Vec<u8>,
-    line: Vec<u8>,
+    acks: Vec<Ack>,
     shared: Arc<Shared>,
 }
 
@@ -512,27 +690,35 @@ impl Writer {
             Self {
                 config: config.clone(),
                 key,
-                file,
-                seg_path: last.path,
+                sink: Some(Sink {
+                    dir: config.dir.clone(),
+                    file,
+                    seg_path: last.path,
+                    shared: Arc::new(Shared::default()),
+                }),
+                jobs: None,
+                recycled: None,
+                sync_thread: None,
                 seg_bytes,
                 next_seq: chain.next_seq,
                 prev: chain.prev,
                 frontier: chain.frontier,
                 since_checkpoint,
                 last_checkpoint: Instant::now(),
+                clock: Clock::new(),
                 buf: Vec::with_capacity(1 << 20),
-                line: Vec::with_capacity(1024),
+                acks: Vec::new(),
                 shared: Arc::new(Shared::default()),
             },
             recovered,
         ))
     }
 
-    /// Moves the rendered `self.line` into the batch buffer and advances chain and tree.
-    fn commit_line(&mut self) -> Receipt {
-        let hash = chain_hash(&self.line);
+    /// Chains and hashes the line just rendered at `self.buf[start..]` and ends it with a
+    /// newline. Lines are rendered in place: no copy per record.
+    fn commit_line(&mut self, start: usize) -> Receipt {
+        let hash = chain_hash(&self.buf[start..]);
         self.frontier.push(hash);
-        self.buf.extend_from_slice(&self.line);
         self.buf.push(b'\n');
         let receipt = Receipt {
             seq: self.next_seq,
@@ -544,20 +730,26 @@ impl Writer {
     }
 
     fn add_event(&mut self, event: &mut Event) -> Result<Receipt, AuditError> {
-        let ts = now_rfc3339();
         redact_map(&mut event.details);
-        loop {
-            self.line.clear();
-            render_event(&mut self.line, self.next_seq, &self.prev, &ts, event)
-                .map_err(|e| AuditError::Failed(format!("cannot encode event: {e}").into()))?;
-            let used = self.seg_bytes + self.buf.len() as u64;
-            if used > 0 && used + self.line.len() as u64 + 1 > self.config.segment_max_bytes {
+        let start = loop {
+            let start = self.buf.len();
+            let ts = self.clock.now();
+            if let Err(e) = render_event(&mut self.buf, self.next_seq, &self.prev, ts, event) {
+                self.buf.truncate(start);
+                return Err(AuditError::Failed(
+                    format!("cannot encode event: {e}").into(),
+                ));
+            }
+            let line_len = (self.buf.len() - start) as u64;
+            let used = self.seg_bytes + start as u64;
+            if used > 0 && used + line_len + 1 > self.config.segment_max_bytes {
+                self.buf.truncate(start);
                 self.rotate()?;
                 continue;
             }
-            break;
-        }
-        let receipt = self.commit_line();
+            break start;
+        };
+        let receipt = self.commit_line(start);
         self.since_checkpoint += 1;
         if self.since_checkpoint >= self.config.checkpoint_every {
             self.add_checkpoint();
@@ -566,38 +758,64 @@ impl Writer {
     }
 
     fn add_checkpoint(&mut self) {
-        let cp = Checkpoint::sign(&self.frontier, self.prev, now_rfc3339(), &self.key);
-        self.line.clear();
-        cp.render(&mut self.line);
-        self.commit_line();
+        let ts = self.clock.now().to_owned();
+        let cp = Checkpoint::sign(&self.frontier, self.prev, ts, &self.key);
+        let start = self.buf.len();
+        cp.render(&mut self.buf);
+        self.commit_line(start);
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
     }
 
-    fn flush(&mut self) -> Result<(), AuditError> {
-        if self.buf.is_empty() {
+    /// Hands the batch built so far (and the acknowledgements it owes) to the sync thread,
+    /// or, before that thread runs, writes and fsyncs it here.
+    fn dispatch(
+        &mut self,
+        next_segment: Option<PathBuf>,
+        shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
+    ) -> Result<(), AuditError> {
+        if self.buf.is_empty()
+            && self.acks.is_empty()
+            && next_segment.is_none()
+            && shutdown.is_none()
+        {
             return Ok(());
         }
-        let path = &self.seg_path;
-        self.file
-            .write_all(&self.buf)
-            .and_then(|_| self.file.sync_data())
-            .map_err(|e| AuditError::io(format!("writing {}", path.display()), e))?;
-        self.seg_bytes += self.buf.len() as u64;
-        self.buf.clear();
-        self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        let fresh = self
+            .recycled
+            .as_ref()
+            .and_then(|r| r.try_recv().ok())
+            .unwrap_or_else(|| Vec::with_capacity(self.buf.capacity()));
+        let job = Job {
+            buf: std::mem::replace(&mut self.buf, fresh),
+            acks: std::mem::take(&mut self.acks),
+            next_segment,
+            shutdown,
+        };
+        self.seg_bytes += job.buf.len() as u64;
+        if let Some(jobs) = &self.jobs {
+            return jobs.send(job).map_err(|_| self.shared.gone());
+        }
+        let Some(sink) = self.sink.as_mut() else {
+            return Err(self.shared.gone());
+        };
+        let written = sink.write(&job);
+        if let Err(e) = &written {
+            let e = e.clone();
+            sink.finish(job, written);
+            return Err(e);
+        }
+        sink.finish(job, written);
         Ok(())
     }
 
     /// Seals the current segment with a checkpoint and starts the next one, named for the
-    /// seq it starts at; its first record links to that checkpoint.
+    /// seq it starts at; its first record links to that checkpoint. The sync thread
+    /// creates the file only after the sealed segment is durable.
     fn rotate(&mut self) -> Result<(), AuditError> {
         self.add_checkpoint();
-        self.flush()?;
         let path = self.config.dir.join(segment_name(self.next_seq));
-        self.file = create_segment(&path)?;
-        sync_dir(&self.config.dir)?;
-        self.seg_path = path;
+        self.dispatch(Some(path), None)?;
         self.seg_bytes = 0;
         Ok(())
     }
@@ -605,12 +823,11 @@ impl Writer {
     fn handle(
         &mut self,
         msg: Msg,
-        acks: &mut Vec<Ack>,
         shutdown: &mut Option<oneshot::Sender<Result<(), AuditError>>>,
     ) -> Result<(), AuditError> {
         match msg {
             Msg::Append(mut event, ack) => match self.add_event(&mut event) {
-                Ok(r) => acks.push(Ack::Record(r, ack)),
+                Ok(r) => self.acks.push(Ack::Record(r, ack)),
                 Err(e) => {
                     let _ = ack.send(Err(e.clone()));
                     return Err(e);
@@ -620,7 +837,7 @@ impl Writer {
                 if self.since_checkpoint > 0 {
                     self.add_checkpoint();
                 }
-                acks.push(Ack::Checkpoint(
+                self.acks.push(Ack::Checkpoint(
                     self.frontier.size() - u64::from(self.frontier.size() > 0),
                     ack,
                 ));
@@ -630,7 +847,53 @@ impl Writer {
         Ok(())
     }
 
+    /// Lets the sync thread finish what it was given and waits for it.
+    fn stop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.sync_thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops for good after `err`: the batch being built is refused, later calls fail.
+    fn fail(&mut self, err: AuditError, shutdown: Option<oneshot::Sender<Result<(), AuditError>>>) {
+        tracing::error!(error = %err, "audit log failed; refusing further records");
+        self.shared.fail(err.clone());
+        fail_job(
+            Job {
+                buf: Vec::new(),
+                acks: std::mem::take(&mut self.acks),
+                next_segment: None,
+                shutdown,
+            },
+            &err,
+        );
+        self.stop();
+    }
+
     fn run(mut self, rx: Receiver<Msg>) {
+        let Some(sink) = self.sink.take() else {
+            self.shared.fail(AuditError::Failed(
+                "the audit log has no open segment".into(),
+            ));
+            return;
+        };
+        // One batch may wait while another is written: enough to keep both threads busy.
+        let (jobs, job_rx) = sync_channel::<Job>(1);
+        let (recycle, recycled) = sync_channel::<Vec<u8>>(2);
+        match std::thread::Builder::new()
+            .name("audit-sync".into())
+            .spawn(move || sink.run(job_rx, recycle))
+        {
+            Ok(t) => self.sync_thread = Some(t),
+            Err(e) => {
+                self.shared
+                    .fail(AuditError::io("starting the audit sync thread", e));
+                return;
+            }
+        }
+        self.jobs = Some(jobs);
+        self.recycled = Some(recycled);
         loop {
             let first = if self.since_checkpoint > 0 {
                 let wait = self
@@ -648,68 +911,42 @@ impl Writer {
                     Err(_) => break,
                 }
             };
-            let mut acks = Vec::new();
+            if self.shared.failed.load(Ordering::SeqCst) {
+                // The sync thread failed: what is still queued is dropped, and its
+                // callers learn why from the shared failure.
+                self.stop();
+                return;
+            }
             let mut shutdown = None;
             let mut result = Ok(());
             if let Some(m) = first {
-                result = self.handle(m, &mut acks, &mut shutdown);
+                result = self.handle(m, &mut shutdown);
                 let mut taken = 1;
                 while result.is_ok() && shutdown.is_none() && taken < self.config.max_batch {
                     match rx.try_recv() {
-                        Ok(m) => result = self.handle(m, &mut acks, &mut shutdown),
+                        Ok(m) => result = self.handle(m, &mut shutdown),
                         Err(_) => break,
                     }
                     taken += 1;
                 }
             }
-            if result.is_ok()
-                && self.since_checkpoint > 0
+            if let Err(err) = result {
+                self.fail(err, shutdown);
+                return;
+            }
+            if self.since_checkpoint > 0
                 && (shutdown.is_some()
                     || self.last_checkpoint.elapsed() >= self.config.checkpoint_interval)
             {
                 self.add_checkpoint();
             }
-            let result = result.and_then(|_| self.flush());
-            match result {
-                Ok(()) => {
-                    let mut n = 0;
-                    for ack in acks {
-                        match ack {
-                            Ack::Record(r, tx) => {
-                                n += 1;
-                                let _ = tx.send(Ok(r));
-                            }
-                            Ack::Checkpoint(size, tx) => {
-                                let _ = tx.send(Ok(size));
-                            }
-                        }
-                    }
-                    self.shared.records.fetch_add(n, Ordering::Relaxed);
-                }
-                Err(err) => {
-                    // After a failed write or fsync the file's state is unknown: stop for
-                    // good, and let every waiting and future caller see the error.
-                    tracing::error!(error = %err, "audit log failed; refusing further records");
-                    self.shared.fail(err.clone());
-                    for ack in acks {
-                        match ack {
-                            Ack::Record(_, tx) => {
-                                let _ = tx.send(Err(err.clone()));
-                            }
-                            Ack::Checkpoint(_, tx) => {
-                                let _ = tx.send(Err(err.clone()));
-                            }
-                        }
-                    }
-                    if let Some(tx) = shutdown {
-                        let _ = tx.send(Err(err));
-                    }
-                    return;
-                }
+            let closing = shutdown.is_some();
+            if let Err(err) = self.dispatch(None, shutdown) {
+                self.fail(err, None);
+                return;
             }
-            if let Some(tx) = shutdown {
-                self.shared.closed.store(true, Ordering::SeqCst);
-                let _ = tx.send(Ok(()));
+            if closing {
+                self.stop();
                 return;
             }
         }
@@ -718,9 +955,10 @@ impl Writer {
         if self.since_checkpoint > 0 {
             self.add_checkpoint();
         }
-        if let Err(err) = self.flush() {
+        if let Err(err) = self.dispatch(None, None) {
             tracing::error!(error = %err, "audit log: final checkpoint failed");
         }
+        self.stop();
     }
 }
 
@@ -731,4 +969,27 @@ fn create_segment(path: &Path) -> Result<File, AuditError> {
         .create_new(true)
         .open(path)
         .map_err(|e| AuditError::io(format!("creating {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn cached_timestamps_match_the_rfc3339_formatter() {
+        let mut clock = Clock::new();
+        let base = OffsetDateTime::from_unix_timestamp(1_746_000_000).unwrap();
+        for (secs, nanos) in [
+            (0, 0),
+            (0, 123_000_000),
+            (0, 5),
+            (1, 100),
+            (1, 999_999_999),
+            (86_399, 10_000),
+            (86_400, 0),
+        ] {
+            let t = base + time::Duration::new(secs, nanos);
+            assert_eq!(clock.at(t), t.format(&Rfc3339).unwrap());
+        }
+    }
 }

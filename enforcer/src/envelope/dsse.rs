@@ -33,15 +33,22 @@ pub struct Signature {
 /// DSSE v1 pre-authentication encoding:
 /// `"DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`, lengths as ASCII decimal.
 pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload_type.len() + payload.len() + 32);
+    let mut out = pae_prefix(payload_type, payload.len(), payload.len());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Everything of `PAE(payload_type, body)` before the body, for a body of `body_len`
+/// bytes, with room reserved for `reserve` more bytes.
+pub(crate) fn pae_prefix(payload_type: &str, body_len: usize, reserve: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload_type.len() + reserve + 32);
     out.extend_from_slice(b"DSSEv1 ");
     out.extend_from_slice(payload_type.len().to_string().as_bytes());
     out.push(b' ');
     out.extend_from_slice(payload_type.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(payload.len().to_string().as_bytes());
+    out.extend_from_slice(body_len.to_string().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(payload);
     out
 }
 

@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    sync::{Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use regex::{Regex, RegexBuilder};
@@ -48,7 +48,9 @@ pub fn is_normalized_path(path: &str) -> bool {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seg {
-    Literal(String),
+    /// Byte range of the literal in the pattern's source: one allocation per pattern
+    /// rather than one per segment.
+    Literal(std::ops::Range<usize>),
     /// `*`: exactly one non-empty segment.
     One,
     /// `**`: zero or more segments, only last.
@@ -67,6 +69,10 @@ pub struct PathPattern {
 
 impl PathPattern {
     pub fn parse(source: &str) -> Result<PathPattern, String> {
+        Self::parse_owned(source.to_owned())
+    }
+
+    fn parse_owned(source: String) -> Result<PathPattern, String> {
         if source.len() > MAX_PATTERN_LEN {
             return Err(format!("path pattern longer than {MAX_PATTERN_LEN} bytes"));
         }
@@ -75,10 +81,12 @@ impl PathPattern {
         };
         let mut segs = Vec::new();
         if !rest.is_empty() {
-            let parts: Vec<&str> = rest.split('/').collect();
-            let last = parts.len() - 1;
-            for (i, part) in parts.iter().enumerate() {
-                let seg = match *part {
+            let last = rest.split('/').count() - 1;
+            let mut offset = 1;
+            for (i, part) in rest.split('/').enumerate() {
+                let start = offset;
+                offset += part.len() + 1;
+                let seg = match part {
                     "" => {
                         return Err(format!(
                             "path pattern `{source}` has an empty segment (`//` or a trailing `/`); remove it or use `/**`"
@@ -107,16 +115,13 @@ impl PathPattern {
                                 bad.escape_default()
                             ));
                         }
-                        Seg::Literal(lit.to_owned())
+                        Seg::Literal(start..start + lit.len())
                     }
                 };
                 segs.push(seg);
             }
         }
-        Ok(PathPattern {
-            source: source.to_owned(),
-            segs,
-        })
+        Ok(PathPattern { source, segs })
     }
 
     pub fn as_str(&self) -> &str {
@@ -144,7 +149,7 @@ impl PathPattern {
                     _ => return false,
                 },
                 Seg::Literal(lit) => match parts.get(i) {
-                    Some(p) if p == lit => i += 1,
+                    Some(p) if self.source.get(lit.clone()) == Some(*p) => i += 1,
                     _ => return false,
                 },
             }
@@ -174,7 +179,7 @@ impl Serialize for PathPattern {
 impl<'de> Deserialize<'de> for PathPattern {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        PathPattern::parse(&s).map_err(serde::de::Error::custom)
+        PathPattern::parse_owned(s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -263,11 +268,17 @@ impl<'de> Deserialize<'de> for HostPattern {
 #[derive(Clone)]
 pub struct RegexRule {
     source: String,
-    regex: Regex,
+    /// Shared with the cache: cloning a `Regex` builds a fresh matching-state pool, which
+    /// cost more than the lookup it follows.
+    regex: Arc<Regex>,
 }
 
 impl RegexRule {
     pub fn parse(source: &str) -> Result<RegexRule, String> {
+        Self::parse_owned(source.to_owned())
+    }
+
+    fn parse_owned(source: String) -> Result<RegexRule, String> {
         if source.len() > MAX_REGEX_LEN {
             return Err(format!(
                 "regex longer than {MAX_REGEX_LEN} bytes; simplify it or use one_of"
@@ -276,14 +287,11 @@ impl RegexRule {
         // Issuers reuse the same few patterns across envelopes and renewals; compiling is
         // by far the most expensive step of verification, so compiled programs are shared
         // process-wide (bounded). Failures are never cached.
-        static CACHE: OnceLock<Mutex<HashMap<String, Regex>>> = OnceLock::new();
+        static CACHE: OnceLock<Mutex<HashMap<String, Arc<Regex>>>> = OnceLock::new();
         const CACHE_ENTRIES: usize = 4096;
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-        if let Some(regex) = cache.lock().ok().and_then(|c| c.get(source).cloned()) {
-            return Ok(RegexRule {
-                source: source.to_owned(),
-                regex,
-            });
+        if let Some(regex) = cache.lock().ok().and_then(|c| c.get(&source).cloned()) {
+            return Ok(RegexRule { source, regex });
         }
         let regex = RegexBuilder::new(&format!("^(?:{source})$"))
             .size_limit(REGEX_SIZE_LIMIT)
@@ -292,16 +300,14 @@ impl RegexRule {
             .map_err(|e| {
                 format!("invalid regex `{source}`: {e}; fix the syntax or reduce repetition counts")
             })?;
+        let regex = Arc::new(regex);
         if let Ok(mut c) = cache.lock() {
             if c.len() >= CACHE_ENTRIES {
                 c.clear();
             }
-            c.insert(source.to_owned(), regex.clone());
+            c.insert(source.clone(), regex.clone());
         }
-        Ok(RegexRule {
-            source: source.to_owned(),
-            regex,
-        })
+        Ok(RegexRule { source, regex })
     }
     pub fn as_str(&self) -> &str {
         &self.source
@@ -332,7 +338,7 @@ impl Serialize for RegexRule {
 impl<'de> Deserialize<'de> for RegexRule {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        RegexRule::parse(&s).map_err(serde::de::Error::custom)
+        RegexRule::parse_owned(s).map_err(serde::de::Error::custom)
     }
 }
 

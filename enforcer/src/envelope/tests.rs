@@ -456,10 +456,13 @@ fn floor_refuses_rather_than_clips_and_merges_forbidden_effects() {
     let none = UsedIds::in_memory();
     let ok = v.verify(&signed(&example(), &k), &none).unwrap();
     assert_eq!(
-        ok.forbidden_effects().len(),
+        ok.forbidden_effects().count(),
         2 + example().forbidden_effects.len()
     );
-    assert_eq!(ok.forbidden_effects()[0], floor.forbidden_effects[0]);
+    assert_eq!(
+        ok.forbidden_effects().next(),
+        floor.forbidden_effects.first()
+    );
     // The floor's rule applies though the envelope never mentions it.
     let body = json!({"destination_address": "bc1q..."});
     let req = RequestView {

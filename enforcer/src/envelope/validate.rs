@@ -228,6 +228,56 @@ pub fn validate(env: &Envelope) -> Result<(), EnvelopeError> {
     }
 }
 
+/// A field path such as `capabilities[2].routes[0].path`, built on the stack and only
+/// rendered as text when a problem is reported: verification validates every accepted
+/// Envelope, and formatting hundreds of paths that are never shown dominated its cost.
+#[derive(Clone, Copy)]
+pub(crate) enum Fp<'a> {
+    /// A top-level field (`budget`), or the whole document when empty.
+    Root(&'a str),
+    /// An element of a top-level array: `capabilities[2]`.
+    TopIndex(&'a str, usize),
+    /// `parent.name`; `name` may itself contain dots (`upstream.host`).
+    Field(&'a Fp<'a>, &'a str),
+    /// `parent.name[index]`.
+    Index(&'a Fp<'a>, &'a str, usize),
+}
+
+impl<'a> Fp<'a> {
+    pub(crate) fn at(&'a self, name: &'a str) -> Fp<'a> {
+        Fp::Field(self, name)
+    }
+
+    pub(crate) fn idx(&'a self, name: &'a str, index: usize) -> Fp<'a> {
+        Fp::Index(self, name, index)
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Fp::Root(""))
+    }
+}
+
+impl fmt::Display for Fp<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let child = |f: &mut fmt::Formatter<'_>, parent: &Fp<'_>, name: &str| {
+            if parent.is_empty() {
+                f.write_str(name)
+            } else {
+                write!(f, "{parent}.{name}")
+            }
+        };
+        match self {
+            Fp::Root(name) => f.write_str(name),
+            Fp::TopIndex(name, i) => write!(f, "{name}[{i}]"),
+            Fp::Field(parent, name) => child(f, parent, name),
+            Fp::Index(parent, name, i) => {
+                child(f, parent, name)?;
+                write!(f, "[{i}]")
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Checker {
     pub(crate) problems: Vec<Problem>,
@@ -260,6 +310,15 @@ fn is_currency(c: &str) -> bool {
             .all(|ch| ch.is_ascii_uppercase() || ch.is_ascii_digit())
 }
 
+fn method_bit(m: Method) -> u8 {
+    // Seven methods: one bit each.
+    1 << (m as u8)
+}
+
+fn method_mask(methods: &[Method]) -> u8 {
+    methods.iter().fold(0, |acc, m| acc | method_bit(*m))
+}
+
 /// Header names the credential may not be injected as: they steer framing or routing.
 const RESERVED_HEADERS: &[&str] = &[
     "host",
@@ -275,9 +334,9 @@ const RESERVED_HEADERS: &[&str] = &[
 ];
 
 impl Checker {
-    pub(crate) fn err(&mut self, path: impl Into<String>, message: impl Into<String>, fix: &str) {
+    pub(crate) fn err(&mut self, path: impl fmt::Display, message: impl Into<String>, fix: &str) {
         self.problems.push(Problem {
-            path: path.into(),
+            path: path.to_string(),
             message: message.into(),
             fix: fix.to_owned(),
             location: None,
@@ -340,7 +399,7 @@ impl Checker {
             .and_then(|b| b.spend.as_ref())
             .map(|s| s.currency.clone());
         if let Some(b) = &env.budget {
-            self.budget(b, "budget", None, None);
+            self.budget(b, &Fp::Root("budget"), None, None);
         }
         if env.capabilities.is_empty() {
             self.err(
@@ -358,10 +417,10 @@ impl Checker {
         }
         let mut names = HashSet::new();
         for (i, cap) in env.capabilities.iter().enumerate() {
-            let p = format!("capabilities[{i}]");
+            let p = Fp::TopIndex("capabilities", i);
             if !names.insert(cap.name.as_str()) {
                 self.err(
-                    format!("{p}.name"),
+                    p.at("name"),
                     format!("duplicate capability name `{}`", cap.name),
                     "give every capability a unique name",
                 );
@@ -376,7 +435,7 @@ impl Checker {
             );
         }
         for (i, f) in env.forbidden_effects.iter().enumerate() {
-            self.forbidden(f, &format!("forbidden_effects[{i}]"));
+            self.forbidden(f, &Fp::TopIndex("forbidden_effects", i));
         }
         if env.approvals.len() > MAX_EFFECTS {
             self.err(
@@ -386,27 +445,27 @@ impl Checker {
             );
         }
         for (i, a) in env.approvals.iter().enumerate() {
-            self.approval(a, &format!("approvals[{i}]"));
+            self.approval(a, &Fp::TopIndex("approvals", i));
         }
         if let Some(b) = &env.breakers {
             self.breakers(b, total_currency.as_deref());
         }
         if let Some(r) = &env.resources {
-            self.resources(r, "resources");
+            self.resources(r, &Fp::Root("resources"));
         }
     }
 
     fn capability(
         &mut self,
         cap: &Capability,
-        p: &str,
+        p: &Fp<'_>,
         total: Option<&Budget>,
         total_currency: Option<&str>,
     ) {
         if !is_word(&cap.name, 64, &['_', '-']) || cap.name.chars().any(|c| c.is_ascii_uppercase())
         {
             self.err(
-                format!("{p}.name"),
+                p.at("name"),
                 format!(
                     "`{}` is not a valid capability name",
                     cap.name.escape_default()
@@ -416,23 +475,23 @@ impl Checker {
         }
         if let Err(e) = check_host(&cap.upstream.host) {
             self.err(
-                format!("{p}.upstream.host"),
+                p.at("upstream.host"),
                 e,
                 "write the bare host, e.g. `api.exchange.example`",
             );
         }
         if cap.upstream.port == Some(0) {
             self.err(
-                format!("{p}.upstream.port"),
+                p.at("upstream.port"),
                 "port 0 cannot be dialled",
                 "give the real port, or omit it for the scheme's default",
             );
         }
         if let Some(c) = &cap.credential {
-            let cp = format!("{p}.credential");
+            let cp = p.at("credential");
             if !is_word(&c.secret, 128, &['_', '-', '.']) {
                 self.err(
-                    format!("{cp}.secret"),
+                    cp.at("secret"),
                     "not a valid secret name",
                     "name the secret as the daemon's secret store knows it (A-Z a-z 0-9 _ - .); never put the secret itself here",
                 );
@@ -441,7 +500,7 @@ impl Checker {
                 || RESERVED_HEADERS.contains(&c.header.to_ascii_lowercase().as_str())
             {
                 self.err(
-                    format!("{cp}.header"),
+                    cp.at("header"),
                     format!("`{}` cannot carry a credential", c.header.escape_default()),
                     "use a header such as Authorization or X-Api-Key",
                 );
@@ -451,7 +510,7 @@ impl Checker {
                 || c.format.chars().any(char::is_control)
             {
                 self.err(
-                    format!("{cp}.format"),
+                    cp.at("format"),
                     "must contain `{secret}` exactly once and no control characters",
                     "e.g. \"Bearer {secret}\"",
                 );
@@ -464,7 +523,7 @@ impl Checker {
                     .is_ok_and(|ip| ip.is_loopback());
             if cap.upstream.scheme == Scheme::Http && !loopback {
                 self.err(
-                    format!("{p}.upstream.scheme"),
+                    p.at("upstream.scheme"),
                     "a credential would be sent in clear text over http",
                     "use https (plain http with credentials is only allowed to loopback)",
                 );
@@ -472,25 +531,25 @@ impl Checker {
         }
         if cap.routes.is_empty() {
             self.err(
-                format!("{p}.routes"),
+                p.at("routes"),
                 "no routes: the capability would allow nothing",
                 "add at least one [[capabilities.routes]] with methods and path",
             );
         }
         if cap.routes.len() > MAX_ROUTES {
             self.err(
-                format!("{p}.routes"),
+                p.at("routes"),
                 format!("more than {MAX_ROUTES} routes"),
                 "use `*` and `**` patterns",
             );
         }
-        let mut seen = HashSet::new();
+        let mut seen = HashSet::with_capacity(cap.routes.len());
         for (j, r) in cap.routes.iter().enumerate() {
-            let rp = format!("{p}.routes[{j}]");
-            self.methods(&r.methods, &format!("{rp}.methods"), false);
-            let mut ms = r.methods.clone();
-            ms.sort();
-            if !seen.insert((ms, r.path.as_str().to_owned())) {
+            let rp = p.idx("routes", j);
+            self.methods(&r.methods, &rp.at("methods"), false);
+            // The set of methods as a bit mask: order-insensitive like sorting, without
+            // copying the list.
+            if !seen.insert((method_mask(&r.methods), r.path.as_str())) {
                 self.err(
                     rp,
                     "duplicate route",
@@ -500,41 +559,43 @@ impl Checker {
         }
         if cap.constraints.len() > MAX_CONSTRAINTS {
             self.err(
-                format!("{p}.constraints"),
+                p.at("constraints"),
                 format!("more than {MAX_CONSTRAINTS} constraints"),
                 "combine rules on the same field",
             );
         }
         for (j, c) in cap.constraints.iter().enumerate() {
-            self.constraint(c, &format!("{p}.constraints[{j}]"));
+            self.constraint(c, &p.idx("constraints", j));
         }
         if let Some(b) = &cap.budget {
-            self.budget(b, &format!("{p}.budget"), Some(total), total_currency);
+            self.budget(b, &p.at("budget"), Some(total), total_currency);
         }
     }
 
-    fn methods(&mut self, methods: &[Method], path: &str, may_be_empty: bool) {
+    fn methods(&mut self, methods: &[Method], path: &Fp<'_>, may_be_empty: bool) {
         if methods.is_empty() && !may_be_empty {
             self.err(path, "no methods", "list the HTTP methods, e.g. [\"GET\"]");
         }
-        let mut seen = HashSet::new();
+        let mut seen = 0u8;
         for m in methods {
-            if !seen.insert(m) {
+            let bit = method_bit(*m);
+            if seen & bit != 0 {
                 self.err(
                     path,
                     format!("{} is listed twice", m.as_str()),
                     "list each method once",
                 );
             }
+            seen |= bit;
         }
     }
 
-    pub(crate) fn constraint(&mut self, c: &Constraint, p: &str) {
+    pub(crate) fn constraint(&mut self, c: &Constraint, p: &Fp<'_>) {
         match (&c.query, &c.body) {
             (Some(q), None) => {
                 if !is_text(q, 128) {
                     self.err(
-                        format!("{p}.query"),
+                        p.at("query"),
                         "not a valid query parameter name",
                         "give the decoded parameter name",
                     );
@@ -543,7 +604,7 @@ impl Checker {
             (None, Some(b)) => {
                 if !is_json_pointer(b) {
                     self.err(
-                        format!("{p}.body"),
+                        p.at("body"),
                         format!("`{}` is not a JSON pointer", b.escape_default()),
                         "write an RFC 6901 pointer such as \"/order/quantity\" (escape ~ as ~0 and / as ~1)",
                     );
@@ -571,7 +632,7 @@ impl Checker {
         for (name, val) in [("min", c.min), ("max", c.max)] {
             if val.is_some_and(|v| !v.is_finite()) {
                 self.err(
-                    format!("{p}.{name}"),
+                    p.at(name),
                     "must be a finite number",
                     "write a plain number",
                 );
@@ -581,17 +642,13 @@ impl Checker {
             && min > max
         {
             self.err(
-                format!("{p}.min"),
+                p.at("min"),
                 format!("min ({min}) is greater than max ({max})"),
                 "swap them or fix one",
             );
         }
         if c.max_length.is_some_and(|m| m > 1 << 20) {
-            self.err(
-                format!("{p}.max_length"),
-                "absurdly large",
-                "use at most 1048576",
-            );
+            self.err(p.at("max_length"), "absurdly large", "use at most 1048576");
         }
         let scalar_ok = |v: &serde_json::Value| {
             c.query.is_none()
@@ -604,7 +661,7 @@ impl Checker {
             && !scalar_ok(e)
         {
             self.err(
-                format!("{p}.equals"),
+                p.at("equals"),
                 "a query parameter can only equal a string or a number",
                 "write a string or number",
             );
@@ -612,14 +669,14 @@ impl Checker {
         if let Some(opts) = &c.one_of {
             if opts.is_empty() || opts.len() > MAX_ONE_OF {
                 self.err(
-                    format!("{p}.one_of"),
+                    p.at("one_of"),
                     format!("must list 1 to {MAX_ONE_OF} values"),
                     "list the allowed values",
                 );
             }
             if !opts.iter().all(scalar_ok) {
                 self.err(
-                    format!("{p}.one_of"),
+                    p.at("one_of"),
                     "a query parameter can only equal strings or numbers",
                     "write strings or numbers",
                 );
@@ -628,7 +685,7 @@ impl Checker {
                 && !opts.contains(e)
             {
                 self.err(
-                    format!("{p}.equals"),
+                    p.at("equals"),
                     "equals is not among one_of: nothing could pass",
                     "drop one of the two rules",
                 );
@@ -639,7 +696,7 @@ impl Checker {
     pub(crate) fn budget(
         &mut self,
         b: &Budget,
-        p: &str,
+        p: &Fp<'_>,
         total: Option<Option<&Budget>>,
         total_currency: Option<&str>,
     ) {
@@ -657,12 +714,12 @@ impl Checker {
         for (name, val, max) in limits {
             match val {
                 Some(0) => self.err(
-                    format!("{p}.{name}"),
+                    p.at(name),
                     "a limit of 0 allows nothing",
                     "remove what it limits instead, or give a positive limit",
                 ),
                 Some(v) if v > max => self.err(
-                    format!("{p}.{name}"),
+                    p.at(name),
                     format!("{v} is absurdly large (at most {max})"),
                     "give a limit that fits the task",
                 ),
@@ -681,7 +738,7 @@ impl Checker {
                     && m > a
                 {
                     self.err(
-                        format!("{p}.{name}"),
+                        p.at(name),
                         format!("{m} exceeds the envelope's total budget.{name} ({a})"),
                         "lower it to at most the envelope total",
                     );
@@ -689,22 +746,22 @@ impl Checker {
             }
         }
         if let Some(s) = &b.spend {
-            let sp = format!("{p}.spend");
+            let sp = p.at("spend");
             if !is_currency(&s.currency) {
                 self.err(
-                    format!("{sp}.currency"),
+                    sp.at("currency"),
                     format!("`{}` is not a currency code", s.currency.escape_default()),
                     "use an uppercase code such as USD or USDT",
                 );
             }
             match s.max {
                 Some(m) if !m.is_finite() || m <= 0.0 || m > MAX_MONEY => self.err(
-                    format!("{sp}.max"),
+                    sp.at("max"),
                     format!("{m} is not a positive amount of at most {MAX_MONEY}"),
                     "give the most that may be spent",
                 ),
                 None if !capability_level => self.err(
-                    format!("{sp}.max"),
+                    sp.at("max"),
                     "the envelope's spend needs a max",
                     "give the total that may be spent",
                 ),
@@ -713,12 +770,12 @@ impl Checker {
             if capability_level {
                 match &s.amount {
                     None => self.err(
-                        format!("{sp}.amount"),
+                        sp.at("amount"),
                         "a capability's spend needs the amount's JSON pointer",
                         "e.g. amount = \"/quantity\", multiplier = \"/price\"",
                     ),
                     Some(a) if !is_json_pointer(a) => self.err(
-                        format!("{sp}.amount"),
+                        sp.at("amount"),
                         "not a JSON pointer",
                         "write an RFC 6901 pointer such as \"/quantity\"",
                     ),
@@ -726,7 +783,7 @@ impl Checker {
                 }
                 if s.multiplier.as_deref().is_some_and(|m| !is_json_pointer(m)) {
                     self.err(
-                        format!("{sp}.multiplier"),
+                        sp.at("multiplier"),
                         "not a JSON pointer",
                         "write an RFC 6901 pointer such as \"/price\"",
                     );
@@ -735,7 +792,7 @@ impl Checker {
                     && tc != s.currency
                 {
                     self.err(
-                        format!("{sp}.currency"),
+                        sp.at("currency"),
                         format!(
                             "spend in {} cannot count against the envelope's total in {tc}",
                             s.currency
@@ -748,7 +805,7 @@ impl Checker {
                     && m > tm
                 {
                     self.err(
-                        format!("{sp}.max"),
+                        sp.at("max"),
                         format!("{m} exceeds the envelope's total spend ({tm})"),
                         "lower it to at most the envelope total",
                     );
@@ -765,13 +822,13 @@ impl Checker {
 
     fn pattern_common(
         &mut self,
-        p: &str,
+        p: &Fp<'_>,
         methods: &[Method],
         has_other: bool,
         when: &[Constraint],
         reason: &str,
     ) {
-        self.methods(methods, &format!("{p}.methods"), true);
+        self.methods(methods, &p.at("methods"), true);
         if methods.is_empty() && !has_other && when.is_empty() {
             self.err(
                 p,
@@ -781,24 +838,24 @@ impl Checker {
         }
         if when.len() > MAX_CONSTRAINTS {
             self.err(
-                format!("{p}.when"),
+                p.at("when"),
                 format!("more than {MAX_CONSTRAINTS} conditions"),
                 "combine them",
             );
         }
         for (k, c) in when.iter().enumerate() {
-            self.constraint(c, &format!("{p}.when[{k}]"));
+            self.constraint(c, &p.idx("when", k));
         }
         if !is_text(reason, 512) {
             self.err(
-                format!("{p}.reason"),
+                p.at("reason"),
                 "needs a reason (1 to 512 bytes, one line)",
                 "say why, for the audit log and the operator",
             );
         }
     }
 
-    pub(crate) fn forbidden(&mut self, f: &ForbiddenEffect, p: &str) {
+    pub(crate) fn forbidden(&mut self, f: &ForbiddenEffect, p: &Fp<'_>) {
         self.pattern_common(
             p,
             &f.methods,
@@ -808,7 +865,7 @@ impl Checker {
         );
     }
 
-    fn approval(&mut self, a: &Approval, p: &str) {
+    fn approval(&mut self, a: &Approval, p: &Fp<'_>) {
         self.pattern_common(
             p,
             &a.methods,
@@ -818,14 +875,14 @@ impl Checker {
         );
         if a.timeout_secs == 0 || a.timeout_secs > MAX_APPROVAL_TIMEOUT_SECS {
             self.err(
-                format!("{p}.timeout_secs"),
+                p.at("timeout_secs"),
                 format!("must be 1 to {MAX_APPROVAL_TIMEOUT_SECS} seconds"),
                 "give how long a human has to answer before the request is denied",
             );
         }
     }
 
-    fn window(&mut self, p: String, w: u64) {
+    fn window(&mut self, p: &str, w: u64) {
         if w == 0 || w > MAX_WINDOW_SECS {
             self.err(
                 p,
@@ -844,7 +901,7 @@ impl Checker {
                     "give how many denials trip the circuit",
                 );
             }
-            self.window("breakers.denied.window_secs".into(), d.window_secs);
+            self.window("breakers.denied.window_secs", d.window_secs);
         }
         if let Some(s) = &b.spend_velocity {
             if !is_currency(&s.currency) {
@@ -867,7 +924,7 @@ impl Checker {
                     "give the most that may be spent per window",
                 );
             }
-            self.window("breakers.spend_velocity.window_secs".into(), s.window_secs);
+            self.window("breakers.spend_velocity.window_secs", s.window_secs);
         }
         if let Some(u) = &b.upstream_errors {
             if !(u.rate > 0.0 && u.rate <= 1.0) {
@@ -884,11 +941,11 @@ impl Checker {
                     "e.g. 10",
                 );
             }
-            self.window("breakers.upstream_errors.window_secs".into(), u.window_secs);
+            self.window("breakers.upstream_errors.window_secs", u.window_secs);
         }
     }
 
-    pub(crate) fn resources(&mut self, r: &ResourceLimits, p: &str) {
+    pub(crate) fn resources(&mut self, r: &ResourceLimits, p: &Fp<'_>) {
         let checks = [
             ("pids", r.pids, 1, 4_194_304),
             ("memory_bytes", r.memory_bytes, 1 << 20, MAX_BYTES),
@@ -899,7 +956,7 @@ impl Checker {
                 && !(lo..=hi).contains(&v)
             {
                 self.err(
-                    format!("{p}.{name}"),
+                    p.at(name),
                     format!("{v} is outside {lo}..={hi}"),
                     "give a value in range",
                 );

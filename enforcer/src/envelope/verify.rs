@@ -5,6 +5,7 @@
 //! payload parse and validation → not_before/expires_at (with skew) → host maximum
 //! lifetime → envelope revocation → replay → host policy floor.
 use std::{
+    borrow::Cow,
     collections::HashSet,
     fs::{File, OpenOptions},
     io::{Read, Write},
@@ -20,12 +21,12 @@ use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 use super::{
-    dsse::{SignedEnvelope, pae},
+    dsse::{SignedEnvelope, pae, pae_prefix},
     keys::Keyring,
-    model::{Envelope, ForbiddenEffect, PAYLOAD_TYPE, ResourceLimits, Timestamp},
+    model::{Budget, Envelope, ForbiddenEffect, PAYLOAD_TYPE, ResourceLimits, Timestamp},
     pattern::RequestView,
     validate::{
-        Checker, EnvelopeError, MAX_ENVELOPE_BYTES, Problem, from_json, location_of, span_of,
+        Checker, EnvelopeError, Fp, MAX_ENVELOPE_BYTES, Problem, from_json, location_of, span_of,
     },
 };
 
@@ -345,10 +346,10 @@ impl Floor {
         })?;
         let mut c = Checker::default();
         for (i, f) in floor.forbidden_effects.iter().enumerate() {
-            c.forbidden(f, &format!("forbidden_effects[{i}]"));
+            c.forbidden(f, &Fp::TopIndex("forbidden_effects", i));
         }
         if let Some(r) = &floor.max_resources {
-            c.resources(r, "max_resources");
+            c.resources(r, &Fp::Root("max_resources"));
         }
         if floor.max_lifetime_secs == Some(0) {
             c.err(
@@ -394,7 +395,8 @@ impl Floor {
     /// The first way `env` asks for more than the floor, if any.
     pub fn check(&self, env: &Envelope) -> Result<(), String> {
         if let Some(fb) = &self.max_budget {
-            let eb = env.budget.clone().unwrap_or_default();
+            let none = Budget::default();
+            let eb = env.budget.as_ref().unwrap_or(&none);
             let pairs = [
                 ("requests", fb.requests, eb.requests),
                 ("bytes_up", fb.bytes_up, eb.bytes_up),
@@ -477,8 +479,13 @@ impl Floor {
 pub struct VerifiedEnvelope {
     envelope: Envelope,
     key_id: String,
-    payload: Vec<u8>,
-    forbidden: Vec<ForbiddenEffect>,
+    /// The signed message, `PAE(payloadType, payload)`; the payload is its tail from
+    /// `payload_start`. Kept whole so verification decodes the payload only once.
+    signed: Vec<u8>,
+    payload_start: usize,
+    /// Shared with the verifier: the floor's forbidden effects are the same for every
+    /// Envelope, so they are not copied into each one.
+    floor: Arc<Floor>,
 }
 
 impl VerifiedEnvelope {
@@ -494,19 +501,22 @@ impl VerifiedEnvelope {
     }
     /// SHA-256 of the signed payload bytes; names this exact grant in the audit log.
     pub fn payload_sha256(&self) -> [u8; 32] {
-        Sha256::digest(&self.payload).into()
+        Sha256::digest(self.payload()).into()
     }
     /// The exact signed payload bytes.
     pub fn payload(&self) -> &[u8] {
-        &self.payload
+        self.signed.get(self.payload_start..).unwrap_or_default()
     }
     /// The host floor's forbidden effects followed by the Envelope's own.
-    pub fn forbidden_effects(&self) -> &[ForbiddenEffect] {
-        &self.forbidden
+    pub fn forbidden_effects(&self) -> impl Iterator<Item = &ForbiddenEffect> + '_ {
+        self.floor
+            .forbidden_effects
+            .iter()
+            .chain(&self.envelope.forbidden_effects)
     }
     /// The first forbidden effect (floor or Envelope) the request is or may be.
     pub fn forbidden_match(&self, req: &RequestView<'_>) -> Option<&ForbiddenEffect> {
-        self.forbidden.iter().find(|f| f.matches(req))
+        self.forbidden_effects().find(|f| f.matches(req))
     }
 }
 
@@ -515,7 +525,7 @@ impl VerifiedEnvelope {
 pub struct Verifier {
     keyring: Keyring,
     options: VerifyOptions,
-    floor: Floor,
+    floor: Arc<Floor>,
     revocations: Revocations,
     clock: Arc<dyn Clock>,
 }
@@ -546,12 +556,62 @@ pub fn decode_unverified(input: &[u8]) -> Result<(SignedEnvelope, Vec<u8>), Veri
     Ok((wrapper, payload))
 }
 
+/// The DSSE wrapper as [`Verifier::verify`] reads it: the same fields and the same
+/// strictness as [`SignedEnvelope`], but borrowing from the input where no JSON escape
+/// forces a copy.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireEnvelope<'a> {
+    #[serde(rename = "payloadType", borrow)]
+    payload_type: Cow<'a, str>,
+    /// Read as the raw bytes of the JSON string: the base64 decoder rejects anything
+    /// outside its alphabet, so a separate UTF-8 pass over the largest field is wasted.
+    #[serde(borrow)]
+    payload: Cow<'a, [u8]>,
+    #[serde(borrow)]
+    signatures: Vec<WireSignature<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireSignature<'a> {
+    #[serde(borrow)]
+    keyid: Cow<'a, str>,
+    #[serde(borrow)]
+    sig: Cow<'a, str>,
+}
+
+/// Decodes the base64 payload straight into its pre-authentication encoding, so the
+/// signed message is built without a second copy of the payload. Returns the message and
+/// where the payload starts in it.
+fn decode_into_pae(payload_type: &str, b64: &[u8]) -> Result<(Vec<u8>, usize), VerifyError> {
+    let malformed = |e: base64::DecodeError| {
+        VerifyError::Malformed(format!("payload is not standard base64: {e}"))
+    };
+    // Canonical padded base64 decodes to exactly this many bytes; anything else fails
+    // to decode below or is caught by the length check after it.
+    let padding = b64.iter().rev().take_while(|&&b| b == b'=').count().min(2);
+    let expected = (b64.len() / 4 * 3).saturating_sub(padding);
+    let mut message = pae_prefix(payload_type, expected, expected);
+    let start = message.len();
+    STANDARD.decode_vec(b64, &mut message).map_err(malformed)?;
+    if message.len() - start != expected {
+        // Not reachable for input the decoder accepts; rebuild the honest way rather
+        // than sign-check a message with a wrong length prefix.
+        let payload = message.split_off(start);
+        let message = pae(payload_type, &payload);
+        let start = message.len() - payload.len();
+        return Ok((message, start));
+    }
+    Ok((message, start))
+}
+
 impl Verifier {
     pub fn new(keyring: Keyring) -> Verifier {
         Verifier {
             keyring,
             options: VerifyOptions::default(),
-            floor: Floor::default(),
+            floor: Arc::new(Floor::default()),
             revocations: Revocations::default(),
             clock: Arc::new(SystemClock),
         }
@@ -561,7 +621,7 @@ impl Verifier {
         self
     }
     pub fn with_floor(mut self, floor: Floor) -> Verifier {
-        self.floor = floor;
+        self.floor = Arc::new(floor);
         self
     }
     pub fn with_revocations(mut self, revocations: Revocations) -> Verifier {
@@ -582,7 +642,8 @@ impl Verifier {
                 limit,
             });
         }
-        let wrapper: SignedEnvelope =
+        // Borrows the base64 payload and signatures from the input instead of copying them.
+        let wrapper: WireEnvelope<'_> =
             serde_json::from_slice(input).map_err(|e| VerifyError::Malformed(e.to_string()))?;
         if wrapper.payload_type != PAYLOAD_TYPE {
             return Err(VerifyError::WrongPayloadType {
@@ -597,12 +658,10 @@ impl Verifier {
                 "more than {MAX_SIGNATURES} signatures"
             )));
         }
-        let payload = STANDARD
-            .decode(&wrapper.payload)
-            .map_err(|e| VerifyError::Malformed(format!("payload is not standard base64: {e}")))?;
-        let key_id = self.check_signatures(&wrapper, &payload)?;
+        let (signed, payload_start) = decode_into_pae(&wrapper.payload_type, &wrapper.payload)?;
+        let key_id = self.check_signatures(&wrapper, &signed)?;
 
-        let env = from_json(&payload)?;
+        let env = from_json(&signed[payload_start..])?;
 
         let now = self.clock.now();
         let skew = self.options.clock_skew;
@@ -638,13 +697,12 @@ impl Verifier {
         }
         self.floor.check(&env).map_err(VerifyError::ExceedsFloor)?;
 
-        let mut forbidden = self.floor.forbidden_effects.clone();
-        forbidden.extend(env.forbidden_effects.iter().cloned());
         Ok(VerifiedEnvelope {
             envelope: env,
             key_id,
-            payload,
-            forbidden,
+            signed,
+            payload_start,
+            floor: self.floor.clone(),
         })
     }
 
@@ -663,30 +721,30 @@ impl Verifier {
     /// reports the most telling failure (bad signature > revoked key > unknown key).
     fn check_signatures(
         &self,
-        wrapper: &SignedEnvelope,
-        payload: &[u8],
+        wrapper: &WireEnvelope<'_>,
+        message: &[u8],
     ) -> Result<String, VerifyError> {
         let mut unknown = Vec::new();
         let mut revoked = None;
         let mut bad = None;
-        let mut message = None;
         for s in &wrapper.signatures {
             let Some(key) = self.keyring.get(&s.keyid) else {
                 unknown.push(s.keyid.chars().take(80).collect::<String>());
                 continue;
             };
-            if self.revocations.keys.contains(&s.keyid) {
-                revoked = Some(s.keyid.clone());
+            if self.revocations.keys.contains(s.keyid.as_ref()) {
+                revoked = Some(s.keyid.to_string());
                 continue;
             }
             let sig = STANDARD
-                .decode(&s.sig)
+                .decode(s.sig.as_bytes())
                 .ok()
                 .and_then(|b| EdSignature::from_slice(&b).ok());
-            let msg = message.get_or_insert_with(|| pae(&wrapper.payload_type, payload));
             match sig {
-                Some(sig) if key.verify_strict(msg, &sig).is_ok() => return Ok(s.keyid.clone()),
-                _ => bad = Some(s.keyid.clone()),
+                Some(sig) if key.verify_strict(message, &sig).is_ok() => {
+                    return Ok(s.keyid.to_string());
+                }
+                _ => bad = Some(s.keyid.to_string()),
             }
         }
         if let Some(keyid) = bad {
