@@ -365,6 +365,36 @@ impl Daemon {
         &self.loaded.config
     }
 
+    /// An agent's gateway, its decisions going to the audit log and its trips to the kernel.
+    fn new_gateway(
+        &self,
+        name: &str,
+        verified: &VerifiedEnvelope,
+        dir: &Path,
+        cgroup_id: u64,
+    ) -> Result<(Arc<Gateway>, Arc<DecisionCounts>), DaemonError> {
+        let counts = Arc::new(DecisionCounts::default());
+        let gateway = Gateway::new(GatewaySetup {
+            agent: name.to_owned(),
+            envelope: verified.clone(),
+            secrets: self.loaded.secrets.clone(),
+            state_dir: Some(dir.to_owned()),
+            upstream_tls: self.upstream_tls.clone(),
+            limits: Limits::default(),
+            sink: Arc::new(AuditDecisions {
+                audit: self.audit.clone(),
+                counts: counts.clone(),
+            }),
+            trip_hook: Arc::new(KernelTrip {
+                daemon: self.me.clone(),
+                agent: name.to_owned(),
+                envelope_id: verified.id().to_owned(),
+                cgroup_id,
+            }),
+        })?;
+        Ok((gateway, counts))
+    }
+
     /// The agent's interception CA, where the agent (an unprivileged user) can read it.
     fn write_ca(&self, name: &str, gateway: &Gateway) -> Result<PathBuf, DaemonError> {
         let path = self
@@ -524,25 +554,7 @@ impl Daemon {
             None => bind_free_port(cfg.gateway_ip, cfg.gateway_ports, &self.next_port).await?,
         };
         let gateway_addr = listener.local_addr().map_err(io_err("gateway address"))?;
-        let counts = Arc::new(DecisionCounts::default());
-        let gateway = Gateway::new(GatewaySetup {
-            agent: name.to_owned(),
-            envelope: verified.clone(),
-            secrets: self.loaded.secrets.clone(),
-            state_dir: Some(dir.clone()),
-            upstream_tls: self.upstream_tls.clone(),
-            limits: Limits::default(),
-            sink: Arc::new(AuditDecisions {
-                audit: self.audit.clone(),
-                counts: counts.clone(),
-            }),
-            trip_hook: Arc::new(KernelTrip {
-                daemon: self.me.clone(),
-                agent: name.to_owned(),
-                envelope_id: verified.id().to_owned(),
-                cgroup_id: cgroup.id,
-            }),
-        })?;
+        let (gateway, counts) = self.new_gateway(name, &verified, &dir, cgroup.id)?;
         let ca_path = self.write_ca(name, &gateway)?;
 
         let deadline = boottime_deadline(verified.envelope().expires_at.0)?;
@@ -640,25 +652,7 @@ impl Daemon {
             .map(|r| r.contains(verified.id()))
             .unwrap_or(true);
         let listener = bind_retry(record.gateway).await?;
-        let counts = Arc::new(DecisionCounts::default());
-        let gateway = Gateway::new(GatewaySetup {
-            agent: record.name.clone(),
-            envelope: verified.clone(),
-            secrets: self.loaded.secrets.clone(),
-            state_dir: Some(dir.to_owned()),
-            upstream_tls: self.upstream_tls.clone(),
-            limits: Limits::default(),
-            sink: Arc::new(AuditDecisions {
-                audit: self.audit.clone(),
-                counts: counts.clone(),
-            }),
-            trip_hook: Arc::new(KernelTrip {
-                daemon: self.me.clone(),
-                agent: record.name.clone(),
-                envelope_id: verified.id().to_owned(),
-                cgroup_id: cgroup.id,
-            }),
-        })?;
+        let (gateway, counts) = self.new_gateway(&record.name, &verified, dir, cgroup.id)?;
         // A new CA: the old one died with the old process, so the agent's file is rewritten.
         let ca_path = self.write_ca(&record.name, &gateway)?;
         if gateway.breaker().open_reason().is_some() || revoked {
