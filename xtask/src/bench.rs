@@ -22,6 +22,8 @@ pub enum Which {
     Envelope,
     /// Audit appends with durability vs raw appends; audit verification speed.
     Audit,
+    /// HTTP requests/s and latency: direct, through nginx, through the gateway.
+    Gateway,
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -29,6 +31,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         Which::Kernel => kernel(),
         Which::Envelope => cargo_bench("envelope"),
         Which::Audit => cargo_bench("audit"),
+        Which::Gateway => crate::bench_gateway::run(),
     }
 }
 
