@@ -651,8 +651,8 @@ impl Gateway {
         }
         let cost_refs: Vec<(&str, Cost)> =
             costs.iter().map(|(s, c)| (s.as_str(), c.clone())).collect();
-        match self.ledger.reserve(&cost_refs) {
-            Ok(Ok(())) => {}
+        let ticket = match self.ledger.reserve_deferred(&cost_refs) {
+            Ok(Ok(ticket)) => ticket,
             Ok(Err(exceeded)) => {
                 return Err(Refusal::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -668,7 +668,7 @@ impl Gateway {
                     "the budget ledger is unavailable".into(),
                 ));
             }
-        }
+        };
         decision.spend = spend_for_velocity;
         decision.bytes_up = body.len() as u64;
         if spend_for_velocity > 0.0 {
@@ -682,7 +682,21 @@ impl Gateway {
             status: 0,
             ..decision.clone()
         };
-        if let Err(e) = self.sink.record_durable(&allowed).await {
+        // The reservation and the record reach the disk together; both before anything
+        // leaves.
+        let (durable, recorded) = tokio::join!(
+            self.ledger.durable(ticket),
+            self.sink.record_durable(&allowed)
+        );
+        if let Err(e) = durable {
+            tracing::error!(error = %e, "budget ledger unavailable");
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                "the budget ledger is unavailable".into(),
+            ));
+        }
+        if let Err(e) = recorded {
             decision.step = "audit";
             tracing::error!(error = %e, "audit unavailable; refusing");
             return Err(Refusal::new(
@@ -893,6 +907,7 @@ impl Gateway {
 
         let (mut parts, mut incoming) = response.into_parts();
         let mut collected: Vec<u8> = Vec::new();
+        let mut charged = None;
         while let Some(frame) = incoming.frame().await {
             let frame =
                 frame.map_err(|e| upstream_refusal(format!("reading the response: {e}")))?;
@@ -909,8 +924,11 @@ impl Gateway {
                     ),
                 ));
             }
-            match self.ledger.charge_download(scopes, data.len() as u64) {
-                Ok(Ok(())) => {}
+            match self
+                .ledger
+                .charge_download_deferred(scopes, data.len() as u64)
+            {
+                Ok(Ok(ticket)) => charged = Some(ticket),
                 Ok(Err(exceeded)) => {
                     return Err(Refusal::new(
                         StatusCode::TOO_MANY_REQUESTS,
@@ -931,6 +949,16 @@ impl Gateway {
             } else {
                 collected.extend_from_slice(&data);
             }
+        }
+        // What the response used is on disk before the agent gets it.
+        if let Some(ticket) = charged
+            && self.ledger.durable(ticket).await.is_err()
+        {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                "the budget ledger is unavailable".into(),
+            ));
         }
         // The whole response was read, so the connection can carry the next request
         // (unless the upstream asked to close it).
