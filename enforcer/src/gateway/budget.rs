@@ -437,9 +437,9 @@ impl Ledger {
                 buf.push(b'\n');
             }
         }
-        let result =
-            file.write_all(&buf)
-                .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
+        let result = file
+            .write_all(&buf)
+            .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
         if let Err(source) = result {
             // After a failed write the file's tail is unknown; refuse from now on rather
             // than guess what was recorded.
