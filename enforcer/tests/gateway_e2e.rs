@@ -17,7 +17,7 @@ use enforcer::{
     gateway::{
         breaker::LogOnly,
         secrets::SecretStore,
-        server::{Gateway, GatewaySetup, Limits, TracingSink},
+        server::{DecisionSink, Gateway, GatewaySetup, Limits, TracingSink},
         tls::upstream_client_config,
     },
 };
@@ -53,8 +53,7 @@ impl Upstream {
     }
 }
 
-fn serve_http(stream: TcpStream, requests: &AtomicUsize, seen: &Mutex<Vec<String>>) {
-    let mut writer = stream.try_clone().unwrap();
+fn serve_http<S: Read + Write>(stream: S, requests: &AtomicUsize, seen: &Mutex<Vec<String>>) {
     let mut reader = BufReader::new(stream);
     loop {
         let mut head = String::new();
@@ -73,12 +72,14 @@ fn serve_http(stream: TcpStream, requests: &AtomicUsize, seen: &Mutex<Vec<String
             head.push_str(&line);
         }
         let mut body = vec![0u8; content_length];
-        reader.read_exact(&mut body).unwrap();
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
         requests.fetch_add(1, Ordering::SeqCst);
         seen.lock().unwrap().push(head.clone());
         let reply = format!("{{\"echo\":{:?}}}", head);
         let _ = write!(
-            writer,
+            reader.get_mut(),
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n{reply}",
             reply.len()
         );
@@ -152,7 +153,37 @@ fn rand_suffix() -> String {
     hex::encode(b)
 }
 
+/// What a test may change about the gateway it starts.
+struct Options {
+    limits: Limits,
+    sink: Arc<dyn DecisionSink>,
+    /// Extra PEM roots trusted for upstream TLS (instead of the system store).
+    upstream_roots: Vec<std::path::PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            limits: Limits {
+                request_timeout: Duration::from_secs(5),
+                ..Limits::default()
+            },
+            sink: Arc::new(TracingSink),
+            upstream_roots: Vec::new(),
+        }
+    }
+}
+
 fn start(upstream: SocketAddr, extra: &str, state: Option<tempfile::TempDir>) -> Setup {
+    start_with(upstream, extra, state, Options::default())
+}
+
+fn start_with(
+    upstream: SocketAddr,
+    extra: &str,
+    state: Option<tempfile::TempDir>,
+    options: Options,
+) -> Setup {
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
     let mut keyring = Keyring::new();
     keyring.add(key.verifying_key());
@@ -172,25 +203,28 @@ fn start(upstream: SocketAddr, extra: &str, state: Option<tempfile::TempDir>) ->
         envelope: verified,
         secrets: SecretStore::from_pairs([("exchange-key".to_owned(), SECRET.to_owned())]),
         state_dir: Some(dir.path().join("state")),
-        upstream_tls: upstream_client_config(&[], true).unwrap_or_else(|_| {
-            let ca = dir.path().join("none.pem");
-            std::fs::write(
-                &ca,
-                enforcer::gateway::tls::AgentCa::generate(
-                    "x",
-                    time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+        upstream_tls: if !options.upstream_roots.is_empty() {
+            let roots: Vec<&std::path::Path> =
+                options.upstream_roots.iter().map(|p| p.as_path()).collect();
+            upstream_client_config(&roots, false).unwrap()
+        } else {
+            upstream_client_config(&[], true).unwrap_or_else(|_| {
+                let ca = dir.path().join("none.pem");
+                std::fs::write(
+                    &ca,
+                    enforcer::gateway::tls::AgentCa::generate(
+                        "x",
+                        time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+                    )
+                    .unwrap()
+                    .cert_pem(),
                 )
-                .unwrap()
-                .cert_pem(),
-            )
-            .unwrap();
-            upstream_client_config(&[ca.as_path()], false).unwrap()
-        }),
-        limits: Limits {
-            request_timeout: Duration::from_secs(5),
-            ..Limits::default()
+                .unwrap();
+                upstream_client_config(&[ca.as_path()], false).unwrap()
+            })
         },
-        sink: Arc::new(TracingSink),
+        limits: options.limits,
+        sink: options.sink,
         trip_hook: Arc::new(LogOnly),
     })
     .expect("gateway");
@@ -469,4 +503,442 @@ fn python_urllib_uses_the_gateway_as_its_proxy() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = s.dir.path();
+}
+
+/// A TLS upstream on loopback with a certificate for 127.0.0.1 from a CA made here; the
+/// CA certificate is written to `dir/upstream-ca.pem`.
+fn start_tls_upstream(dir: &std::path::Path) -> (Upstream, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "upstream test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let ca_path = dir.join("upstream-ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (r, s) = (requests.clone(), seen.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (r, s, config) = (r.clone(), s.clone(), config.clone());
+            std::thread::spawn(move || {
+                let Ok(conn) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                serve_http(rustls::StreamOwned::new(conn, stream), &r, &s);
+            });
+        }
+    });
+    (
+        Upstream {
+            addr,
+            requests,
+            seen,
+        },
+        ca_path,
+    )
+}
+
+fn https_capability(port: u16) -> String {
+    format!(
+        r#"
+[[capabilities]]
+name = "secure"
+upstream = {{ scheme = "https", host = "127.0.0.1", port = {port} }}
+credential = {{ secret = "exchange-key", header = "X-Api-Key", format = "{{secret}}" }}
+[[capabilities.routes]]
+methods = ["GET"]
+path = "/api/v3/**"
+"#
+    )
+}
+
+#[test]
+fn https_through_connect_gets_the_same_checks_and_the_credential() {
+    let plain = Upstream::start();
+    let certs = tempfile::tempdir().unwrap();
+    let (up, upstream_ca) = start_tls_upstream(certs.path());
+    let s = start_with(
+        plain.addr,
+        &https_capability(up.addr.port()),
+        None,
+        Options {
+            upstream_roots: vec![upstream_ca.clone()],
+            ..Options::default()
+        },
+    );
+    let agent_ca = s.dir.path().join("agent-ca.pem");
+    std::fs::write(&agent_ca, s.gateway.ca_pem()).unwrap();
+    // (status, body), or (the proxy's CONNECT status, "") when the tunnel was refused.
+    let https_curl = |url: &str| -> (u16, String) {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "10",
+                "-w",
+                "\n%{http_code}/%{http_connect}",
+                "--cacert",
+            ])
+            .arg(&agent_ca)
+            .arg(url)
+            .env("HTTPS_PROXY", format!("http://{}", s.proxy))
+            .env("https_proxy", format!("http://{}", s.proxy))
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .output()
+            .expect("curl is installed");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, codes) = text.rsplit_once('\n').unwrap_or(("", "0/0"));
+        let (code, connect) = codes.trim().split_once('/').unwrap_or(("0", "0"));
+        match code.parse().unwrap_or(0) {
+            0 => (connect.parse().unwrap_or(0), String::new()),
+            code => (code, body.to_owned()),
+        }
+    };
+    let port = up.addr.port();
+
+    // Allowed: the agent trusts only its own CA, the gateway verifies the upstream's.
+    let (status, body) = https_curl(&format!("https://127.0.0.1:{port}/api/v3/ticker"));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("[REDACTED]") && !body.contains(SECRET),
+        "{body}"
+    );
+    let seen = up.seen.lock().unwrap().join("\n").to_ascii_lowercase();
+    assert!(seen.contains(&format!("x-api-key: {SECRET}")), "{seen}");
+
+    // A route the https capability does not have, inside the tunnel.
+    let (status, body) = https_curl(&format!("https://127.0.0.1:{port}/admin"));
+    assert_eq!((status, body.contains("no_route")), (403, true), "{body}");
+
+    // CONNECT to a host:port no https capability reaches (the plain one is http).
+    let (status, _) = https_curl(&format!(
+        "https://127.0.0.1:{}/api/v3/ticker",
+        plain.addr.port()
+    ));
+    assert_eq!(status, 403, "curl reports the proxy's CONNECT refusal");
+
+    // Absolute-form http:// to the https capability: the upstream leg uses TLS.
+    let (status, body) = curl(
+        s.proxy,
+        &[&format!("http://127.0.0.1:{port}/api/v3/ticker")],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains(SECRET), "{body}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 2);
+
+    // Forbidden inside the tunnel (the route would allow it); trips the breaker.
+    let (status, body) = https_curl(&format!("https://127.0.0.1:{port}/api/v3/withdraw/all"));
+    assert_eq!(
+        (status, body.contains("forbidden_effect")),
+        (403, true),
+        "{body}"
+    );
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        2,
+        "nothing refused was forwarded"
+    );
+    assert_eq!(plain.requests.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn upstream_tls_is_verified() {
+    // The gateway trusts another CA than the one that issued the upstream's certificate.
+    let certs = tempfile::tempdir().unwrap();
+    let (up, _) = start_tls_upstream(certs.path());
+    let other = tempfile::tempdir().unwrap();
+    let (_other_up, other_ca) = start_tls_upstream(other.path());
+    let port = up.addr.port();
+    let s = start_with(
+        "127.0.0.1:1".parse().unwrap(),
+        &https_capability(port),
+        None,
+        Options {
+            upstream_roots: vec![other_ca],
+            ..Options::default()
+        },
+    );
+    let (status, body) = curl(
+        s.proxy,
+        &[&format!("http://127.0.0.1:{port}/api/v3/ticker")],
+    );
+    assert_eq!(
+        (status, body.contains("upstream_unreachable")),
+        (502, true),
+        "{body}"
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+}
+
+/// Sends raw bytes to the gateway and returns everything it answers until it closes.
+fn raw(proxy: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = stream.write_all(bytes);
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[test]
+fn ambiguous_framing_is_refused_and_nothing_is_smuggled() {
+    let up = Upstream::start();
+    let s = start(up.addr, "", None);
+    let authority = format!("127.0.0.1:{}", up.addr.port());
+    let url = format!("http://{authority}/api/v3/order");
+
+    // CL+TE, with a second request hidden where the two framings disagree.
+    let smuggle = format!(
+        "POST {url} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 40\r\n\
+         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET {url} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    );
+    let reply = raw(s.proxy, smuggle.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("ambiguous_framing"), "{reply}");
+    assert_eq!(
+        reply.matches("HTTP/1.1 ").count(),
+        1,
+        "one answer, then close: {reply}"
+    );
+
+    for head in [
+        "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        "Content-Length: 5\r\nContent-Length: 5\r\n",
+        "Content-Length: 5\r\nContent-Length: 6\r\n",
+        "Transfer-Encoding: gzip, chunked\r\n",
+    ] {
+        let request =
+            format!("POST {url} HTTP/1.1\r\nHost: {authority}\r\n{head}\r\n0\r\n\r\nhello");
+        let reply = raw(s.proxy, request.as_bytes());
+        assert!(reply.starts_with("HTTP/1.1 400"), "{head}: {reply}");
+        assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{head}: {reply}");
+    }
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        0,
+        "nothing reached the upstream"
+    );
+
+    // Well-framed pipelined requests (a chunked one included) still all get through.
+    let body = "{\"quantity\": 1}";
+    let pipelined = format!(
+        "POST {url} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n\
+         POST {url} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}\
+         GET {url} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n",
+        body.len(),
+        body.len()
+    );
+    let reply = raw(s.proxy, pipelined.as_bytes());
+    assert_eq!(reply.matches("HTTP/1.1 200").count(), 3, "{reply}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn size_limits_refuse_before_anything_is_forwarded() {
+    let up = Upstream::start();
+    let s = start_with(
+        up.addr,
+        "",
+        None,
+        Options {
+            limits: Limits {
+                max_header_bytes: 16 * 1024,
+                max_body_bytes: 1024,
+                request_timeout: Duration::from_secs(5),
+                ..Limits::default()
+            },
+            ..Options::default()
+        },
+    );
+    let authority = format!("127.0.0.1:{}", up.addr.port());
+    let url = format!("http://{authority}/api/v3/order");
+    let big = "a".repeat(40 * 1024);
+    let reply = raw(
+        s.proxy,
+        format!("GET {url} HTTP/1.1\r\nHost: {authority}\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+    );
+    assert!(
+        reply.starts_with("HTTP/1.1 431") || reply.starts_with("HTTP/1.1 400"),
+        "{reply}"
+    );
+
+    let body = "x".repeat(2000);
+    let (status, reply) = curl(s.proxy, &["-d", &body, &url]);
+    assert_eq!(
+        (status, reply.contains("body_too_large")),
+        (413, true),
+        "{reply}"
+    );
+    // Exactly at the limit is inspected (and refused by the JSON constraint, not size).
+    let (status, reply) = curl(s.proxy, &["-d", &"y".repeat(1024), &url]);
+    assert_eq!(status, 403, "{reply}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_silent_upstream_times_out_with_504() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let s = start_with(
+        addr,
+        "",
+        None,
+        Options {
+            limits: Limits {
+                request_timeout: Duration::from_secs(1),
+                ..Limits::default()
+            },
+            ..Options::default()
+        },
+    );
+    let started = std::time::Instant::now();
+    let (status, body) = curl(
+        s.proxy,
+        &[&format!("http://127.0.0.1:{}/api/v3/ticker", addr.port())],
+    );
+    assert_eq!(
+        (status, body.contains("upstream_timeout")),
+        (504, true),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn connections_per_agent_are_limited() {
+    let up = Upstream::start();
+    let s = start_with(
+        up.addr,
+        "",
+        None,
+        Options {
+            limits: Limits {
+                max_connections: 2,
+                request_timeout: Duration::from_secs(5),
+                ..Limits::default()
+            },
+            ..Options::default()
+        },
+    );
+    let url = format!("http://127.0.0.1:{}/api/v3/ticker", up.addr.port());
+    let a = TcpStream::connect(s.proxy).unwrap();
+    let b = TcpStream::connect(s.proxy).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // The third is accepted by the kernel and closed by the gateway without an answer.
+    let reply = raw(
+        s.proxy,
+        format!("GET {url} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(reply, "", "over the limit: {reply}");
+    drop((a, b));
+    std::thread::sleep(Duration::from_millis(200));
+    let reply = raw(
+        s.proxy,
+        format!("GET {url} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[test]
+fn decisions_go_to_the_audit_log_and_a_dead_log_refuses() {
+    use enforcer::{
+        audit::{AuditConfig, AuditLog, VerifyOptions, verify},
+        gateway::audit_sink::AuditSink,
+    };
+    let up = Upstream::start();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let (log, _) = AuditLog::open(AuditConfig::new(audit_dir.path()), key.clone()).unwrap();
+    let s = start_with(
+        up.addr,
+        "",
+        None,
+        Options {
+            sink: Arc::new(AuditSink::new(log.clone())),
+            ..Options::default()
+        },
+    );
+    let port = up.addr.port();
+    let (status, body) = curl(
+        s.proxy,
+        &[&format!(
+            "http://127.0.0.1:{port}/api/v3/ticker?api_key=q-secret"
+        )],
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = curl(s.proxy, &[&format!("http://127.0.0.1:{port}/admin")]);
+    assert_eq!(status, 403);
+
+    log.close_blocking().unwrap();
+    let report = verify(
+        audit_dir.path(),
+        &VerifyOptions {
+            trusted_key: Some(key.verifying_key()),
+            ..VerifyOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(report.ok(), "{:?}", report.failure);
+    let mut text = String::new();
+    for entry in std::fs::read_dir(audit_dir.path()).unwrap() {
+        text.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    }
+    assert_eq!(text.matches("\"request_allowed\"").count(), 2, "{text}");
+    assert!(text.contains("\"upstream_status\":200"), "{text}");
+    assert!(
+        text.contains("\"request_denied\"") && text.contains("no_route"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(SECRET) && !text.contains("q-secret"),
+        "{text}"
+    );
+
+    // The log is closed now: nothing is forwarded without a record.
+    let before = up.requests.load(Ordering::SeqCst);
+    let (status, body) = curl(
+        s.proxy,
+        &[&format!("http://127.0.0.1:{port}/api/v3/ticker")],
+    );
+    assert_eq!(
+        (status, body.contains("audit_unavailable")),
+        (503, true),
+        "{body}"
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), before);
 }

@@ -24,6 +24,8 @@ pub enum Which {
     Audit,
     /// Trip latency (map write to first refused connect) and activation time and memory.
     Daemon,
+    /// HTTP requests/s and latency: direct, through nginx, through the gateway.
+    Gateway,
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -39,6 +41,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             }
             cargo_bench("daemon")
         }
+        Which::Gateway => crate::bench_gateway::run(),
     }
 }
 

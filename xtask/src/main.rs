@@ -1,5 +1,6 @@
 //! `cargo xtask …`: everything from a fresh clone to green tests, a demo, and benchmarks.
 mod bench;
+mod bench_gateway;
 mod demo;
 mod setup;
 mod vm;

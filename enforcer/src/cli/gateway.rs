@@ -4,11 +4,13 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 use anyhow::Context;
 use clap::Args;
 use enforcer::{
+    audit::{AuditConfig, AuditLog},
     envelope::{UsedIds, VerifyOptions},
     gateway::{
+        audit_sink::AuditSink,
         breaker::LogOnly,
         secrets::SecretStore,
-        server::{Gateway, GatewaySetup, Limits, TracingSink},
+        server::{DecisionSink, Gateway, GatewaySetup, Limits, TracingSink},
         tls::upstream_client_config,
     },
 };
@@ -49,6 +51,13 @@ pub struct GatewayArgs {
     /// Seconds an upstream may take to answer.
     #[arg(long, default_value_t = 30)]
     request_timeout: u64,
+    /// Record every decision in the tamper-evident audit log in this directory; a request
+    /// is forwarded only once its record is durable.
+    #[arg(long, requires = "audit_key")]
+    audit_dir: Option<PathBuf>,
+    /// The key that signs the audit log's checkpoints (PEM PKCS#8, mode 0600).
+    #[arg(long, requires = "audit_dir")]
+    audit_key: Option<PathBuf>,
 }
 
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
@@ -72,6 +81,19 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let roots: Vec<&std::path::Path> = args.upstream_roots.iter().map(PathBuf::as_path).collect();
     let upstream_tls = upstream_client_config(&roots, !args.no_system_roots)?;
     let agent = envelope.envelope().subject.clone();
+    let audit = match (&args.audit_dir, &args.audit_key) {
+        (Some(dir), Some(key)) => {
+            let key = enforcer::envelope::load_signing_key(key)?;
+            let (log, _) = AuditLog::open(AuditConfig::new(dir), key)
+                .with_context(|| format!("opening the audit log in {}", dir.display()))?;
+            Some(log)
+        }
+        _ => None,
+    };
+    let sink: Arc<dyn DecisionSink> = match &audit {
+        Some(log) => Arc::new(AuditSink::new(log.clone())),
+        None => Arc::new(TracingSink),
+    };
     let gateway = Gateway::new(GatewaySetup {
         agent: agent.clone(),
         envelope,
@@ -83,7 +105,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
             request_timeout: Duration::from_secs(args.request_timeout),
             ..Limits::default()
         },
-        sink: Arc::new(TracingSink),
+        sink,
         trip_hook: Arc::new(LogOnly),
     })?;
     if let Some(path) = &args.ca_out {
@@ -113,6 +135,9 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
             }
         };
         gateway.serve(listener, shutdown).await;
+        if let Some(log) = audit {
+            log.close().await.context("closing the audit log")?;
+        }
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -28,8 +28,9 @@ use crate::{
     control::{self, Op, Request, Response},
     envelope::{UsedIds, VerifiedEnvelope},
     gateway::{
+        audit_sink::AuditSink,
         breaker::{OperatorReset, TripHook},
-        server::{Decision, DecisionSink, Gateway, GatewaySetup, Limits},
+        server::{Decision, DecisionSink, Gateway, GatewaySetup, Limits, SinkFuture},
         tls::upstream_client_config,
     },
     kernel::{self, Enforcement, events::EventReader},
@@ -197,47 +198,39 @@ impl TripHook for KernelTrip {
     }
 }
 
-/// Gateway decisions into the audit log; a record that cannot be queued refuses the request.
+/// Gateway decisions into the audit log (the gateway's own audit sink: forwarding waits
+/// for its record to be durable, any failure refuses), counted per agent for `status`.
 struct AuditDecisions {
-    audit: AuditLog,
+    sink: AuditSink,
     counts: Arc<DecisionCounts>,
+}
+
+impl AuditDecisions {
+    fn count(&self, d: &Decision) {
+        // The "allowed" record written just before forwarding has no status yet; the one
+        // after the response carries it. Count each request once, at its final record.
+        // Tunnels are not requests: what runs inside them is counted one by one.
+        if d.status == 0 || d.step == "tunnel" {
+            return;
+        }
+        let counter = match d.outcome {
+            "allowed" | "approved" => &self.counts.allowed,
+            "held" => &self.counts.held,
+            _ => &self.counts.denied,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl DecisionSink for AuditDecisions {
     fn record(&self, d: &Decision) -> Result<(), String> {
-        let kind = match d.outcome {
-            "allowed" => EventKind::RequestAllowed,
-            "held" => EventKind::RequestHeld,
-            "approved" => EventKind::RequestApproved,
-            _ => EventKind::RequestDenied,
-        };
-        // The "allowed" record written just before forwarding has no status yet; the one
-        // after the response carries it. Count each request once, at its final record.
-        // Tunnels are not requests: what runs inside them is counted one by one.
-        if d.status != 0 && d.step != "tunnel" {
-            match kind {
-                EventKind::RequestAllowed | EventKind::RequestApproved => {
-                    self.counts.allowed.fetch_add(1, Ordering::Relaxed)
-                }
-                EventKind::RequestHeld => self.counts.held.fetch_add(1, Ordering::Relaxed),
-                _ => self.counts.denied.fetch_add(1, Ordering::Relaxed),
-            };
-        }
-        let event = Event::new(kind)
-            .agent(&d.agent)
-            .envelope(&d.envelope_id)
-            .rule(&d.rule)
-            .detail("step", d.step)
-            .detail("status", d.status)
-            .detail("method", d.method.as_str())
-            .detail("url", d.url.as_str())
-            .detail("spend", d.spend)
-            .detail("upstream_status", d.upstream_status)
-            .detail("latency_ms", d.latency_ms);
-        self.audit
-            .submit(event)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.count(d);
+        self.sink.record(d)
+    }
+
+    fn record_durable<'a>(&'a self, d: &'a Decision) -> SinkFuture<'a> {
+        self.count(d);
+        self.sink.record_durable(d)
     }
 }
 
@@ -382,7 +375,7 @@ impl Daemon {
             upstream_tls: self.upstream_tls.clone(),
             limits: Limits::default(),
             sink: Arc::new(AuditDecisions {
-                audit: self.audit.clone(),
+                sink: AuditSink::new(self.audit.clone()),
                 counts: counts.clone(),
             }),
             trip_hook: Arc::new(KernelTrip {

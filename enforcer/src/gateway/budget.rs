@@ -6,12 +6,22 @@
 //! Download bytes are charged chunk by chunk as the response streams, and the response is
 //! cut when the budget runs out. Every reservation is appended to a ledger file and synced
 //! before the request leaves, so a restart can never refill a budget.
+//!
+//! The gateway uses the deferred forms ([`Ledger::reserve_deferred`],
+//! [`Ledger::charge_download_deferred`]): the usage changes and the line is written under
+//! the lock, and the caller then awaits [`Ledger::durable`] before acting on it. One
+//! fsync covers every line written before it started (group commit), so concurrent
+//! requests share fsyncs instead of queueing one each behind the lock, and the guarantee
+//! is the same: nothing leaves before its reservation is on disk.
 use std::{
     collections::BTreeMap,
     fs::{File, OpenOptions},
     io::{self, Write},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use serde::{Deserialize, Serialize};
@@ -100,12 +110,25 @@ struct State {
     used: BTreeMap<String, Usage>,
     file: Option<File>,
     poisoned: bool,
+    /// Writes made so far (each a batch of lines); a [`Ticket`] names one.
+    written: u64,
 }
+
+/// A ledger write; [`Ledger::durable`] waits until it is on disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[must_use = "a reservation must be made durable before acting on it"]
+pub struct Ticket(u64);
 
 /// All budgets of one agent.
 pub struct Ledger {
     path: Option<PathBuf>,
     state: Mutex<State>,
+    /// A second handle on the ledger file, synced outside the state lock.
+    sync_file: Option<Arc<File>>,
+    /// Writes known to be on disk.
+    synced: AtomicU64,
+    /// One fsync at a time; whoever holds it syncs everything written so far.
+    syncing: tokio::sync::Mutex<()>,
 }
 
 /// The cost reserved for one request.
@@ -170,6 +193,15 @@ impl Ledger {
                 .map_err(io_err)?;
             file = Some(handle);
         }
+        let sync_file = match (&file, path) {
+            (Some(f), Some(path)) => Some(Arc::new(f.try_clone().map_err(|source| {
+                LedgerError::Io {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?)),
+            _ => None,
+        };
         Ok(Ledger {
             path: path.map(Path::to_owned),
             state: Mutex::new(State {
@@ -177,13 +209,35 @@ impl Ledger {
                 used,
                 file,
                 poisoned: false,
+                written: 0,
             }),
+            sync_file,
+            synced: AtomicU64::new(0),
+            syncing: tokio::sync::Mutex::new(()),
         })
     }
 
     /// Reserves each scope's cost, in every scope or in none. The reservation is durable
     /// when this returns `Ok(Ok(()))`.
     pub fn reserve(&self, costs: &[(&str, Cost)]) -> Result<Result<(), Exceeded>, LedgerError> {
+        self.reserve_with(costs, true).map(|r| r.map(drop))
+    }
+
+    /// [`reserve`](Self::reserve) without the fsync: the reservation holds against
+    /// concurrent requests at once, and is durable once [`durable`](Self::durable) returns
+    /// for the ticket.
+    pub fn reserve_deferred(
+        &self,
+        costs: &[(&str, Cost)],
+    ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
+        self.reserve_with(costs, false)
+    }
+
+    fn reserve_with(
+        &self,
+        costs: &[(&str, Cost)],
+        sync: bool,
+    ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
         let mut state = self.lock()?;
         for (scope, cost) in costs {
             let Some(limits) = state.limits.get(*scope) else {
@@ -239,14 +293,14 @@ impl Ledger {
                 bytes_down: 0,
             })
             .collect();
-        self.persist(&mut state, &entries)?;
+        let ticket = self.persist(&mut state, &entries, sync)?;
         for entry in entries {
             let usage = state.used.entry(entry.scope).or_default();
             usage.requests += entry.requests;
             usage.spend += entry.spend;
             usage.bytes_up += entry.bytes_up;
         }
-        Ok(Ok(()))
+        Ok(Ok(ticket))
     }
 
     /// Charges `bytes` of response to every scope; refuses (charging nothing) when any
@@ -256,6 +310,26 @@ impl Ledger {
         scopes: &[&str],
         bytes: u64,
     ) -> Result<Result<(), Exceeded>, LedgerError> {
+        self.charge_download_with(scopes, bytes, true)
+            .map(|r| r.map(drop))
+    }
+
+    /// [`charge_download`](Self::charge_download) without the fsync; see
+    /// [`reserve_deferred`](Self::reserve_deferred).
+    pub fn charge_download_deferred(
+        &self,
+        scopes: &[&str],
+        bytes: u64,
+    ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
+        self.charge_download_with(scopes, bytes, false)
+    }
+
+    fn charge_download_with(
+        &self,
+        scopes: &[&str],
+        bytes: u64,
+        sync: bool,
+    ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
         let mut state = self.lock()?;
         for scope in scopes {
             if let Some(limit) = state.limits.get(*scope).and_then(|l| l.bytes_down) {
@@ -279,11 +353,41 @@ impl Ledger {
                 bytes_down: bytes,
             })
             .collect();
-        self.persist(&mut state, &entries)?;
+        let ticket = self.persist(&mut state, &entries, sync)?;
         for entry in entries {
             state.used.entry(entry.scope).or_default().bytes_down += entry.bytes_down;
         }
-        Ok(Ok(()))
+        Ok(Ok(ticket))
+    }
+
+    /// Returns once the write `ticket` names (and every one before it) is on disk. An
+    /// fsync failure poisons the ledger: every later call refuses.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), LedgerError> {
+        let Some(file) = &self.sync_file else {
+            return Ok(());
+        };
+        if self.synced.load(Ordering::Acquire) >= ticket.0 {
+            return Ok(());
+        }
+        let _turn = self.syncing.lock().await;
+        // The fsync that ran while this one waited may have covered it.
+        if self.synced.load(Ordering::Acquire) >= ticket.0 {
+            return Ok(());
+        }
+        let upto = self.lock()?.written;
+        let file = file.clone();
+        let result = tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let path = self.path.clone().unwrap_or_default();
+        if let Err(source) = result {
+            if let Ok(mut state) = self.state.lock() {
+                state.poisoned = true;
+            }
+            return Err(LedgerError::Io { path, source });
+        }
+        self.synced.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Usage and limits of every scope.
@@ -313,12 +417,17 @@ impl Ledger {
         Ok(state)
     }
 
-    fn persist(&self, state: &mut State, entries: &[Entry]) -> Result<(), LedgerError> {
+    fn persist(
+        &self,
+        state: &mut State,
+        entries: &[Entry],
+        sync: bool,
+    ) -> Result<Ticket, LedgerError> {
         let (Some(file), Some(path)) = (state.file.as_mut(), self.path.as_ref()) else {
-            return Ok(());
+            return Ok(Ticket(0));
         };
         if entries.is_empty() {
-            return Ok(());
+            return Ok(Ticket(0));
         }
         let mut buf = Vec::with_capacity(64 * entries.len());
         for entry in entries {
@@ -328,7 +437,9 @@ impl Ledger {
                 buf.push(b'\n');
             }
         }
-        let result = file.write_all(&buf).and_then(|()| file.sync_data());
+        let result = file
+            .write_all(&buf)
+            .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
         if let Err(source) = result {
             // After a failed write the file's tail is unknown; refuse from now on rather
             // than guess what was recorded.
@@ -338,7 +449,11 @@ impl Ledger {
                 source,
             });
         }
-        Ok(())
+        state.written += 1;
+        if sync {
+            self.synced.fetch_max(state.written, Ordering::AcqRel);
+        }
+        Ok(Ticket(state.written))
     }
 }
 
@@ -434,6 +549,46 @@ mod tests {
                 .unwrap(),
             Err(Exceeded::BytesDown { .. })
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_reservations_are_durable_once_awaited_and_never_overrun() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let ledger = Arc::new(Ledger::open(limits(50, 1e9), Some(&path)).unwrap());
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let ledger = ledger.clone();
+                tokio::spawn(async move {
+                    let cost = Cost {
+                        requests: 1,
+                        spend: 0.0,
+                        bytes_up: 0,
+                    };
+                    match ledger.reserve_deferred(&[("envelope", cost)]).unwrap() {
+                        Ok(ticket) => {
+                            ledger.durable(ticket).await.unwrap();
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                })
+            })
+            .collect();
+        let mut granted = 0;
+        for t in tasks {
+            granted += u64::from(t.await.unwrap());
+        }
+        assert_eq!(granted, 50);
+        let download = ledger
+            .charge_download_deferred(&["envelope"], 40)
+            .unwrap()
+            .unwrap();
+        ledger.durable(download).await.unwrap();
+        drop(ledger);
+        let again = Ledger::open(limits(50, 1e9), Some(&path)).unwrap();
+        let (usage, _) = again.snapshot().unwrap()["envelope"].clone();
+        assert_eq!((usage.requests, usage.bytes_down), (50, 40));
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! the Envelope, charged to its budgets, and forwarded with a credential the agent never
 //! sees.
 pub mod approval;
+pub mod audit_sink;
 pub mod breaker;
 pub mod budget;
+pub mod framing;
 pub mod normalize;
 pub mod secrets;
 pub mod server;

@@ -2,18 +2,20 @@
 //! `CONNECT` tunnels it intercepts with the agent's CA) that runs every request through the
 //! decision order and forwards what passes with the credential injected.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
     path::PathBuf,
-    sync::Arc,
+    pin::Pin,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -22,6 +24,7 @@ use super::{
     approval::{Approvals, Held, Verdict},
     breaker::{Breaker, TripHook},
     budget::{Cost, Ledger, LedgerError, Limits as BudgetLimits},
+    framing::{HeadVerdict, Inspect, Verdicts},
     normalize::{self, Scheme, Target},
     secrets::SecretStore,
     tls::AgentCa,
@@ -66,17 +69,36 @@ pub struct Decision {
     /// budget, audit, upstream, forwarded.
     pub step: &'static str,
     pub rule: String,
+    /// The stable refusal code (`forbidden_effect`, `budget_exceeded`…), empty when allowed.
+    pub code: &'static str,
+    /// Why, in words the gateway wrote (never the agent's or upstream's bytes).
+    pub reason: String,
     pub status: u16,
     pub method: String,
     pub url: String,
+    /// The request's cost: spend charged to budgets, request body bytes sent upstream and
+    /// response body bytes returned.
     pub spend: f64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
     pub upstream_status: Option<u16>,
     pub latency_ms: u64,
 }
 
+/// A boxed future, for the one async method of the object-safe [`DecisionSink`].
+pub type SinkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
 /// Where decisions go. An error refuses the request: no action without a record.
 pub trait DecisionSink: Send + Sync {
+    /// Accepts a decision for recording without blocking: an outcome (a refusal, a hold,
+    /// a forwarded request's result). `Err` when it cannot be recorded.
     fn record(&self, decision: &Decision) -> Result<(), String>;
+
+    /// Records a decision the gateway is about to act on (forwarding) and resolves once it
+    /// is durable. The default is [`record`](Self::record).
+    fn record_durable<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
+        Box::pin(std::future::ready(self.record(decision)))
+    }
 }
 
 /// Logs decisions with `tracing` only.
@@ -86,9 +108,10 @@ impl DecisionSink for TracingSink {
     fn record(&self, d: &Decision) -> Result<(), String> {
         tracing::info!(
             target: "enforcer::decision",
-            outcome = d.outcome, step = d.step, rule = %d.rule, status = d.status,
-            method = %d.method, url = %d.url, spend = d.spend, upstream = ?d.upstream_status,
-            latency_ms = d.latency_ms, "decision"
+            outcome = d.outcome, step = d.step, rule = %d.rule, code = d.code,
+            reason = %d.reason, status = d.status, method = %d.method, url = %d.url,
+            spend = d.spend, bytes_up = d.bytes_up, bytes_down = d.bytes_down,
+            upstream = ?d.upstream_status, latency_ms = d.latency_ms, "decision"
         );
         Ok(())
     }
@@ -138,7 +161,12 @@ pub struct Gateway {
     sink: Arc<dyn DecisionSink>,
     connections: Arc<Semaphore>,
     started: Instant,
+    /// Idle keep-alive connections to each capability's upstream, by capability name.
+    pool: Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
 }
+
+/// Idle upstream connections kept per capability; more are closed when returned.
+const MAX_IDLE_PER_CAPABILITY: usize = 256;
 
 const ENVELOPE_SCOPE: &str = "envelope";
 
@@ -209,6 +237,7 @@ impl Gateway {
             limits: setup.limits,
             sink: setup.sink,
             started: Instant::now(),
+            pool: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -253,28 +282,50 @@ impl Gateway {
                 tracing::warn!(%peer, limit = self.limits.max_connections, "connection limit reached; closing");
                 continue;
             };
+            let _ = stream.set_nodelay(true);
             let gateway = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                gateway.serve_connection(TokioIo::new(stream), None).await;
+                let (stream, verdicts) = Inspect::new(stream, gateway.head_limit());
+                gateway
+                    .serve_connection(TokioIo::new(stream), None, verdicts)
+                    .await;
             });
         }
     }
 
-    async fn serve_connection<I>(self: Arc<Self>, io: I, tunnel: Option<(String, u16)>)
-    where
+    /// hyper's read buffer, which bounds a request head.
+    fn head_limit(&self) -> usize {
+        self.limits.max_header_bytes.max(8192)
+    }
+
+    async fn serve_connection<I>(
+        self: Arc<Self>,
+        io: I,
+        tunnel: Option<(String, u16)>,
+        verdicts: Verdicts,
+    ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let gateway = self.clone();
+        let tunnel = tunnel.map(Arc::new);
         let service = hyper::service::service_fn(move |req| {
             let gateway = gateway.clone();
             let tunnel = tunnel.clone();
-            async move { Ok::<_, Infallible>(gateway.handle(req, tunnel).await) }
+            // Taken here, in request order, before anything else can run.
+            let framing = verdicts.next();
+            async move {
+                Ok::<_, Infallible>(
+                    gateway
+                        .handle(req, tunnel.as_deref().cloned(), framing)
+                        .await,
+                )
+            }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(hyper_util::rt::TokioTimer::new());
         builder
-            .max_buf_size(self.limits.max_header_bytes.max(8192))
+            .max_buf_size(self.head_limit())
             .header_read_timeout(self.limits.request_timeout);
         if let Err(e) = builder.serve_connection(io, service).with_upgrades().await {
             tracing::debug!(error = %e, "agent connection ended with an error");
@@ -285,6 +336,7 @@ impl Gateway {
         self: Arc<Self>,
         req: Request<Incoming>,
         tunnel: Option<(String, u16)>,
+        framing: Option<HeadVerdict>,
     ) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let mut decision = Decision {
@@ -293,22 +345,44 @@ impl Gateway {
             outcome: "denied",
             step: "malformed",
             rule: String::new(),
+            code: "",
+            reason: String::new(),
             status: 0,
             method: req.method().as_str().to_owned(),
             url: req.uri().to_string(),
             spend: 0.0,
+            bytes_up: 0,
+            bytes_down: 0,
             upstream_status: None,
             latency_ms: 0,
         };
-        let response = match self
-            .clone()
-            .decide_and_forward(req, tunnel, &mut decision)
-            .await
-        {
+        // A message whose framing is ambiguous is refused before anything reads it, and
+        // the connection is closed: what hyper takes for the next request may be what
+        // another parser takes for this one's body.
+        let outcome = match framing {
+            Some(HeadVerdict::Ok) => {
+                self.clone()
+                    .decide_and_forward(req, tunnel, &mut decision)
+                    .await
+            }
+            other => Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "ambiguous_framing",
+                other
+                    .map_or("the request's framing could not be checked", |v| v.reason())
+                    .to_owned(),
+            )
+            .closing()),
+        };
+        let response = match outcome {
             Ok(response) => response,
             Err(refusal) => {
                 decision.status = refusal.status.as_u16();
-                decision.rule = refusal.reason.clone();
+                decision.code = refusal.code;
+                decision.reason.clone_from(&refusal.reason);
+                if decision.rule.is_empty() {
+                    decision.rule = refusal.code.to_owned();
+                }
                 if decision.step != "breaker" && decision.step != "audit" {
                     self.breaker.record_denied();
                 }
@@ -321,6 +395,16 @@ impl Gateway {
         }
         if let Err(e) = self.sink.record(&decision) {
             tracing::error!(error = %e, "could not record a decision");
+            // A forwarded request's result is withheld without its record; a refusal
+            // stays the refusal it was.
+            if decision.outcome != "denied" {
+                return Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    "the decision could not be recorded".into(),
+                )
+                .into_response();
+            }
         }
         response
     }
@@ -433,6 +517,7 @@ impl Gateway {
             decision.step = "forbidden";
             let reason = effect.reason.clone();
             self.breaker.record_forbidden(&reason);
+            decision.rule = format!("forbidden:{reason}");
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "forbidden_effect",
@@ -583,8 +668,8 @@ impl Gateway {
         }
         let cost_refs: Vec<(&str, Cost)> =
             costs.iter().map(|(s, c)| (s.as_str(), c.clone())).collect();
-        match self.ledger.reserve(&cost_refs) {
-            Ok(Ok(())) => {}
+        let ticket = match self.ledger.reserve_deferred(&cost_refs) {
+            Ok(Ok(ticket)) => ticket,
             Ok(Err(exceeded)) => {
                 return Err(Refusal::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -600,8 +685,9 @@ impl Gateway {
                     "the budget ledger is unavailable".into(),
                 ));
             }
-        }
+        };
         decision.spend = spend_for_velocity;
+        decision.bytes_up = body.len() as u64;
         if spend_for_velocity > 0.0 {
             self.breaker.record_spend(spend_for_velocity);
         }
@@ -613,7 +699,21 @@ impl Gateway {
             status: 0,
             ..decision.clone()
         };
-        if let Err(e) = self.sink.record(&allowed) {
+        // The reservation and the record reach the disk together; both before anything
+        // leaves.
+        let (durable, recorded) = tokio::join!(
+            self.ledger.durable(ticket),
+            self.sink.record_durable(&allowed)
+        );
+        if let Err(e) = durable {
+            tracing::error!(error = %e, "budget ledger unavailable");
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                "the budget ledger is unavailable".into(),
+            ));
+        }
+        if let Err(e) = recorded {
             decision.step = "audit";
             tracing::error!(error = %e, "audit unavailable; refusing");
             return Err(Refusal::new(
@@ -632,7 +732,10 @@ impl Gateway {
         )
         .await;
         let response = match result {
-            Ok(Ok(response)) => response,
+            Ok(Ok((response, bytes_down))) => {
+                decision.bytes_down = bytes_down;
+                response
+            }
             Ok(Err(refusal)) => {
                 self.breaker.record_upstream(false);
                 return Err(refusal);
@@ -710,8 +813,10 @@ impl Gateway {
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
             match acceptor.accept(TokioIo::new(upgraded)).await {
                 Ok(tls) => {
+                    // Requests inside the tunnel get the same framing check.
+                    let (tls, verdicts) = Inspect::new(tls, gateway.head_limit());
                     gateway
-                        .serve_connection(TokioIo::new(tls), Some((host, port)))
+                        .serve_connection(TokioIo::new(tls), Some((host, port)), verdicts)
                         .await
                 }
                 Err(e) => tracing::debug!(error = %e, "agent TLS handshake failed"),
@@ -722,6 +827,8 @@ impl Gateway {
         Ok(Response::new(Full::new(Bytes::new())))
     }
 
+    /// Forwards the checked request; returns the scrubbed response and how many body
+    /// bytes it carried.
     async fn forward(
         &self,
         cap: &Capability,
@@ -730,21 +837,11 @@ impl Gateway {
         agent_headers: &HeaderMap,
         body: Bytes,
         scopes: &[&str],
-    ) -> Result<Response<Full<Bytes>>, Refusal> {
+    ) -> Result<(Response<Full<Bytes>>, u64), Refusal> {
         let upstream_refusal =
             |what: String| Refusal::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", what);
         let host = &cap.upstream.host;
         let port = cap.upstream.port();
-        // Resolve once and dial exactly the address that was resolved.
-        let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map_err(|e| upstream_refusal(format!("resolving {host}: {e}")))?
-            .next()
-            .ok_or_else(|| upstream_refusal(format!("{host} has no address")))?;
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| upstream_refusal(format!("connecting to {host}:{port}: {e}")))?;
-        let _ = tcp.set_nodelay(true);
 
         let mut request = Request::builder()
             .method(method.clone())
@@ -754,14 +851,13 @@ impl Gateway {
             .ok_or_else(|| upstream_refusal("building the request".into()))?;
         copy_request_headers(agent_headers, headers, cap);
         let host_value = if port == cap.upstream.scheme.default_port() {
-            host.clone()
+            HeaderValue::from_str(host)
         } else {
-            format!("{host}:{port}")
+            HeaderValue::from_str(&format!("{host}:{port}"))
         };
         headers.insert(
             header::HOST,
-            HeaderValue::from_str(&host_value)
-                .map_err(|_| upstream_refusal("bad upstream host".into()))?,
+            host_value.map_err(|_| upstream_refusal("bad upstream host".into()))?,
         );
         if let Some(cred) = &cap.credential {
             let secret = self.secrets.get(&cred.secret).map_err(|_| {
@@ -792,27 +888,43 @@ impl Gateway {
         if !body.is_empty() || agent_headers.contains_key(header::CONTENT_LENGTH) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        let request = request
+        let mut request = request
             .body(Full::new(body))
             .map_err(|_| upstream_refusal("building the request".into()))?;
 
-        let response = match cap.upstream.scheme.as_str() {
-            "https" => {
-                let server_name =
-                    rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
-                        upstream_refusal(format!("{host} is not a valid TLS server name"))
-                    })?;
-                let tls = tokio_rustls::TlsConnector::from(self.upstream_tls.clone())
-                    .connect(server_name, tcp)
-                    .await
-                    .map_err(|e| upstream_refusal(format!("TLS with {host}:{port}: {e}")))?;
-                send(TokioIo::new(tls), request).await?
+        // A pooled connection first; if the upstream closed it before the request went
+        // out, hyper hands the request back and it goes on a fresh connection. A request
+        // that may have reached the upstream is never sent twice.
+        let (response, mut sender) = loop {
+            let (mut sender, reused) = match self.pooled(&cap.name) {
+                Some(sender) => (sender, true),
+                None => (self.dial(cap).await?, false),
+            };
+            if sender.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err(upstream_refusal(format!(
+                    "the connection to {host}:{port} closed"
+                )));
             }
-            _ => send(TokioIo::new(tcp), request).await?,
+            match sender.try_send_request(request).await {
+                Ok(response) => break (response, sender),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => {
+                        return Err(upstream_refusal(format!(
+                            "sending the request: {}",
+                            e.into_error()
+                        )));
+                    }
+                },
+            }
         };
 
         let (mut parts, mut incoming) = response.into_parts();
         let mut collected: Vec<u8> = Vec::new();
+        let mut charged = None;
         while let Some(frame) = incoming.frame().await {
             let frame =
                 frame.map_err(|e| upstream_refusal(format!("reading the response: {e}")))?;
@@ -829,8 +941,11 @@ impl Gateway {
                     ),
                 ));
             }
-            match self.ledger.charge_download(scopes, data.len() as u64) {
-                Ok(Ok(())) => {}
+            match self
+                .ledger
+                .charge_download_deferred(scopes, data.len() as u64)
+            {
+                Ok(Ok(ticket)) => charged = Some(ticket),
                 Ok(Err(exceeded)) => {
                     return Err(Refusal::new(
                         StatusCode::TOO_MANY_REQUESTS,
@@ -846,73 +961,168 @@ impl Gateway {
                     ));
                 }
             }
-            collected.extend_from_slice(&data);
-        }
-        let scrubbed = self.scrub(collected);
-        strip_hop_by_hop(&mut parts.headers);
-        let names: Vec<HeaderName> = parts.headers.keys().cloned().collect();
-        for name in names {
-            let values: Vec<HeaderValue> = parts.headers.get_all(&name).iter().cloned().collect();
-            parts.headers.remove(&name);
-            for value in values {
-                let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
-                let clean = self.scrub(text.into_bytes());
-                if let Ok(v) = HeaderValue::from_bytes(&clean) {
-                    parts.headers.append(name.clone(), v);
-                }
+            if collected.is_empty() {
+                collected = Vec::from(data);
+            } else {
+                collected.extend_from_slice(&data);
             }
         }
+        // What the response used is on disk before the agent gets it.
+        if let Some(ticket) = charged
+            && self.ledger.durable(ticket).await.is_err()
+        {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                "the budget ledger is unavailable".into(),
+            ));
+        }
+        // The whole response was read, so the connection can carry the next request
+        // (unless the upstream asked to close it).
+        let closing = parts
+            .headers
+            .get(header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        if !closing && sender.ready().await.is_ok() {
+            self.return_to_pool(&cap.name, sender);
+        }
+        let bytes_down = collected.len() as u64;
+        let scrubbed = self.scrub(collected);
+        strip_hop_by_hop(&mut parts.headers);
+        self.scrub_headers(&mut parts.headers);
         parts
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(scrubbed.len()));
-        Ok(Response::from_parts(
-            parts,
-            Full::new(Bytes::from(scrubbed)),
+        Ok((
+            Response::from_parts(parts, Full::new(Bytes::from(scrubbed))),
+            bytes_down,
         ))
+    }
+
+    fn pooled(&self, capability: &str) -> Option<SendRequest<Full<Bytes>>> {
+        let mut pool = self.pool.lock().ok()?;
+        let idle = pool.get_mut(capability)?;
+        while let Some(sender) = idle.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn return_to_pool(&self, capability: &str, sender: SendRequest<Full<Bytes>>) {
+        let Ok(mut pool) = self.pool.lock() else {
+            return;
+        };
+        if let Some(idle) = pool.get_mut(capability) {
+            if idle.len() < MAX_IDLE_PER_CAPABILITY {
+                idle.push(sender);
+            }
+        } else {
+            pool.insert(capability.to_owned(), vec![sender]);
+        }
+    }
+
+    /// A new connection to the capability's upstream, over TLS for https.
+    async fn dial(&self, cap: &Capability) -> Result<SendRequest<Full<Bytes>>, Refusal> {
+        let upstream_refusal =
+            |what: String| Refusal::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", what);
+        let host = &cap.upstream.host;
+        let port = cap.upstream.port();
+        // Resolve once and dial exactly the address that was resolved.
+        let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| upstream_refusal(format!("resolving {host}: {e}")))?
+            .next()
+            .ok_or_else(|| upstream_refusal(format!("{host} has no address")))?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| upstream_refusal(format!("connecting to {host}:{port}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        match cap.upstream.scheme.as_str() {
+            "https" => {
+                let server_name =
+                    rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+                        upstream_refusal(format!("{host} is not a valid TLS server name"))
+                    })?;
+                let tls = tokio_rustls::TlsConnector::from(self.upstream_tls.clone())
+                    .connect(server_name, tcp)
+                    .await
+                    .map_err(|e| upstream_refusal(format!("TLS with {host}:{port}: {e}")))?;
+                handshake(TokioIo::new(tls)).await
+            }
+            _ => handshake(TokioIo::new(tcp)).await,
+        }
     }
 
     /// Replaces every secret value an upstream echoed with a placeholder.
     fn scrub(&self, mut bytes: Vec<u8>) -> Vec<u8> {
         for secret in self.secrets.values() {
             let needle = secret.expose().as_bytes();
-            if needle.is_empty() || bytes.len() < needle.len() {
+            if needle.is_empty() || memchr::memmem::find(&bytes, needle).is_none() {
                 continue;
             }
-            if bytes.windows(needle.len()).any(|w| w == needle) {
-                let mut out = Vec::with_capacity(bytes.len());
-                let mut i = 0;
-                while i < bytes.len() {
-                    if bytes[i..].starts_with(needle) {
-                        out.extend_from_slice(b"[REDACTED]");
-                        i += needle.len();
-                    } else {
-                        out.push(bytes[i]);
-                        i += 1;
-                    }
-                }
-                bytes = out;
+            let finder = memchr::memmem::Finder::new(needle);
+            let mut out = Vec::with_capacity(bytes.len());
+            let mut rest = &bytes[..];
+            while let Some(at) = finder.find(rest) {
+                out.extend_from_slice(&rest[..at]);
+                out.extend_from_slice(b"[REDACTED]");
+                rest = &rest[at + needle.len()..];
             }
+            out.extend_from_slice(rest);
+            bytes = out;
         }
         bytes
     }
+
+    /// Scrubs response header values; only headers that hold a secret are rebuilt.
+    fn scrub_headers(&self, headers: &mut HeaderMap) {
+        let secrets: Vec<&[u8]> = self
+            .secrets
+            .values()
+            .map(|s| s.expose().as_bytes())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let tainted: Vec<HeaderName> = headers
+            .iter()
+            .filter(|(_, v)| {
+                secrets
+                    .iter()
+                    .any(|s| memchr::memmem::find(v.as_bytes(), s).is_some())
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in tainted {
+            let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
+            headers.remove(&name);
+            for value in values {
+                let clean = self.scrub(value.as_bytes().to_vec());
+                if let Ok(v) = HeaderValue::from_bytes(&clean) {
+                    headers.append(name.clone(), v);
+                }
+            }
+        }
+    }
 }
 
-async fn send<I>(io: I, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, Refusal>
+async fn handshake<I>(io: I) -> Result<SendRequest<Full<Bytes>>, Refusal>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let refusal =
-        |what: String| Refusal::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", what);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+    let (sender, connection) = hyper::client::conn::http1::handshake(io)
         .await
-        .map_err(|e| refusal(format!("HTTP handshake: {e}")))?;
+        .map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                format!("HTTP handshake: {e}"),
+            )
+        })?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    sender
-        .send_request(request)
-        .await
-        .map_err(|e| refusal(format!("sending the request: {e}")))
+    Ok(sender)
 }
 
 /// Whether `cap` is the upstream `target` names. An `http://` request may name an https
@@ -983,6 +1193,7 @@ struct Refusal {
     status: StatusCode,
     code: &'static str,
     reason: String,
+    close: bool,
 }
 
 impl Refusal {
@@ -991,7 +1202,14 @@ impl Refusal {
             status,
             code,
             reason,
+            close: false,
         }
+    }
+
+    /// Asks hyper to close the connection after this response.
+    fn closing(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     fn malformed(m: normalize::Malformed) -> Self {
@@ -1010,6 +1228,11 @@ impl Refusal {
             HeaderName::from_static("x-enforcer-refused"),
             HeaderValue::from_static(self.code),
         );
+        if self.close {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
