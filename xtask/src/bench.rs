@@ -113,6 +113,12 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
 /// is never the bottleneck; for `throughput` it reads each connection to the end.
 fn start_sink(workload: Workload) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("bind sink")?;
+    // std listens with a backlog of 128; a burst of connects overflows it and the dropped
+    // SYNs come back a second later, which would measure the retransmission timer.
+    // SAFETY: listen(2) on a socket we own; calling it again only resizes the backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("resizing the sink's backlog");
+    }
     let addr = listener.local_addr()?;
     thread::spawn(move || {
         for stream in listener.incoming().flatten() {
