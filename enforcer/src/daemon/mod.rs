@@ -567,9 +567,19 @@ impl Daemon {
             envelope_id: verified.id().to_owned(),
             gateway: gateway_addr,
         };
-        write_json(&dir.join("agent.json"), &record)?;
-        std::fs::write(dir.join("envelope.json"), envelope_json)
-            .map_err(io_err("saving the Envelope"))?;
+        // The record only lets a restarted daemon resume the agent; until it is on disk a
+        // crash leaves the agent cut off (its gateway is gone), never open. So it is made
+        // durable off the activation path: the Envelope first, then the record that points
+        // to it, renamed into place.
+        let record_dir = dir.clone();
+        let envelope_bytes = envelope_json.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let saved = write_synced(&record_dir.join("envelope.json"), envelope_bytes.as_bytes())
+                .and_then(|()| write_json(&record_dir.join("agent.json"), &record));
+            if let Err(e) = saved {
+                tracing::error!(error = %e, "saving the agent record failed; a restart will not resume it");
+            }
+        });
         let stop = Arc::new(Notify::new());
         let stop2 = stop.clone();
         tokio::spawn(
@@ -1160,16 +1170,20 @@ async fn bind_retry(addr: SocketAddr) -> Result<tokio::net::TcpListener, DaemonE
     ))
 }
 
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
+    use std::io::Write;
+    let mut file =
+        std::fs::File::create(path).map_err(io_err(format!("writing {}", path.display())))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(format!("writing {}", path.display())))
+}
+
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), DaemonError> {
     let tmp = path.with_extension("tmp");
     let bytes = serde_json::to_vec_pretty(value)
         .map_err(|e| io_err("encoding")(std::io::Error::other(e)))?;
-    let file = std::fs::File::create(&tmp).map_err(io_err(format!("writing {}", tmp.display())))?;
-    use std::io::Write;
-    let mut file = file;
-    file.write_all(&bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(io_err(format!("writing {}", tmp.display())))?;
+    write_synced(&tmp, &bytes)?;
     std::fs::rename(&tmp, path).map_err(io_err(format!("renaming to {}", path.display())))
 }
 
