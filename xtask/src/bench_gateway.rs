@@ -271,7 +271,7 @@ pub fn run() -> anyhow::Result<()> {
         children: Vec::new(),
         dir: dir.clone(),
     };
-    let (up, nx, gw) = (free_port()?, free_port()?, free_port()?);
+    let (up, nx, gw, gw_mem) = (free_port()?, free_port()?, free_port()?, free_port()?);
 
     // The upstream: answers from memory, one worker, so it is never the bottleneck of one
     // path and not the other.
@@ -349,10 +349,26 @@ pub fn run() -> anyhow::Result<()> {
         .spawn()
         .context("starting the gateway")?;
     cleanup.children.push(gateway);
+    // The same gateway without a ledger file or an audit log: the decision path alone, so
+    // the figures show what durability (one fsync per group commit) costs on this disk.
+    let memory_only = Command::new(&bin)
+        .args(["gateway", "--envelope", &s(&signed), "--trust", &s(&trust)])
+        .args([
+            "--secrets",
+            &s(&secrets),
+            "--listen",
+            &format!("127.0.0.1:{gw_mem}"),
+        ])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the in-memory gateway")?;
+    cleanup.children.push(memory_only);
     for (port, what) in [
         (up, "the upstream nginx"),
         (nx, "the proxy nginx"),
         (gw, "the gateway"),
+        (gw_mem, "the in-memory gateway"),
     ] {
         wait_listening(port, what)?;
     }
@@ -360,22 +376,24 @@ pub fn run() -> anyhow::Result<()> {
     let direct_url = format!("http://127.0.0.1:{up}{PATH}");
     let nginx_url = format!("http://127.0.0.1:{nx}{PATH}");
     let gateway_url = format!("http://127.0.0.1:{gw}/");
+    let memory_url = format!("http://127.0.0.1:{gw_mem}/");
     let host = format!("127.0.0.1:{up}");
     let measure = |which: usize, secs: u32| -> anyhow::Result<Figures> {
         match which {
             0 => wrk(&dir, &direct_url, None, secs),
             1 => wrk(&dir, &nginx_url, None, secs),
-            _ => wrk(&dir, &gateway_url, Some((&direct_url, &host)), secs),
+            2 => wrk(&dir, &gateway_url, Some((&direct_url, &host)), secs),
+            _ => wrk(&dir, &memory_url, Some((&direct_url, &host)), secs),
         }
     };
     println!(
         "gateway benchmark: wrk, {CONNECTIONS} keep-alive connections, {ROUNDS} alternating \
          rounds of {ROUND_SECS} s, medians"
     );
-    for which in 0..3 {
+    for which in 0..4 {
         measure(which, 1)?; // warm-up: connections, caches, leaf pools
     }
-    let mut runs: [Vec<Figures>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let mut runs: [Vec<Figures>; 4] = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..ROUNDS {
         for (which, r) in runs.iter_mut().enumerate() {
             r.push(measure(which, ROUND_SECS)?);
@@ -391,10 +409,13 @@ pub fn run() -> anyhow::Result<()> {
             )
         })
         .collect();
-    for (name, (rps, p50, p99)) in ["direct", "nginx", "gateway"].iter().zip(&summary) {
-        println!("  {name:<8} {rps:>10.0} req/s   p50 {p50:>7.3} ms   p99 {p99:>7.3} ms");
+    for (name, (rps, p50, p99)) in ["direct", "nginx", "gateway", "gateway (no disk)"]
+        .iter()
+        .zip(&summary)
+    {
+        println!("  {name:<17} {rps:>10.0} req/s   p50 {p50:>7.3} ms   p99 {p99:>7.3} ms");
     }
-    let (d, n, g) = (summary[0], summary[1], summary[2]);
+    let (d, n, g, m) = (summary[0], summary[1], summary[2], summary[3]);
     println!(
         "  gateway vs nginx:  req/s {:.3}x (target >= 1.0) {}   p99 {:.3}x (target <= 1.0) {}",
         g.0 / n.0,
@@ -407,6 +428,11 @@ pub fn run() -> anyhow::Result<()> {
         g.0 / d.0,
         g.1 / d.1,
         g.2 / d.2
+    );
+    println!(
+        "  gateway without ledger file and audit log vs nginx: req/s {:.3}x   p99 {:.3}x",
+        m.0 / n.0,
+        m.2 / n.2
     );
     drop(cleanup);
     Ok(())
