@@ -26,6 +26,12 @@ const FAILURE: &str = "vm-test: failure";
 /// tests that hang.
 const INIT_STARTED: &str = "vm-init: started";
 
+/// How much the suites stretch their time windows under TCG, which runs the guest several
+/// times slower than the host (an agent's python needs seconds to import urllib). The
+/// kernel hands `NAME=value` words of its command line it does not know to `/init` as
+/// environment variables.
+const TCG_TIME_SCALE: u32 = 3;
+
 /// Where the guest finds what the host build produced.
 const GUEST_DIR: &str = "/vm-test";
 const GUEST_ENFORCER: &str = "/usr/bin/enforcer";
@@ -799,6 +805,8 @@ need mount -t securityfs securityfs /sys/kernel/security
 echo "{INIT_STARTED} on $(uname -r), lsm=$(cat /sys/kernel/security/lsm)"
 need ip link set lo up
 export CI=true RUST_BACKTRACE=1 ENFORCER_BIN={GUEST_ENFORCER} ENFORCER_PROBE={GUEST_DIR}/probe.py
+# From the kernel command line: larger under emulation than under KVM.
+export ENFORCER_TEST_TIME_SCALE="${{ENFORCER_TEST_TIME_SCALE:-1}}"
 failed=""
 for suite in {suites}; do
     echo "vm-init: running $suite"
@@ -911,10 +919,16 @@ fn run_qemu(
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initramfs)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 rdinit=/init",
-        ])
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 rdinit=/init \
+             ENFORCER_TEST_TIME_SCALE={}",
+            if accel == Accel::Kvm {
+                1
+            } else {
+                TCG_TIME_SCALE
+            }
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
