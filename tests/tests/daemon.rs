@@ -524,11 +524,15 @@ fn ephemerality_and_revocability() {
     let up = Upstream::start();
     let d = Daemon::start("ttl");
     let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
-    let env = d.envelope("ttl", up.addr, 4, "");
+    // The Envelope expires between the two requests; both the lifetime and the wait
+    // stretch on slow machines, so the first request still comes in time.
+    let lifetime = common::scaled_secs(4);
+    let wait = common::scaled_secs(5).to_string();
+    let env = d.envelope("ttl", up.addr, lifetime as i64, "");
     let (out, probes) = d.run(
         &env,
         &a(&[
-            "http", "GET", &url, "", "sleep", "5", "http", "GET", &url, "",
+            "http", "GET", &url, "", "sleep", &wait, "http", "GET", &url, "",
         ]),
     );
     assert!(

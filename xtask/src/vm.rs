@@ -26,12 +26,18 @@ const FAILURE: &str = "vm-test: failure";
 /// tests that hang.
 const INIT_STARTED: &str = "vm-init: started";
 
+/// How much the suites stretch their time windows under TCG, which runs the guest several
+/// times slower than the host (an agent's python needs seconds to import urllib). The
+/// kernel hands `NAME=value` words of its command line it does not know to `/init` as
+/// environment variables.
+const TCG_TIME_SCALE: u32 = 3;
+
 /// Where the guest finds what the host build produced.
 const GUEST_DIR: &str = "/vm-test";
 const GUEST_ENFORCER: &str = "/usr/bin/enforcer";
 
 /// The privileged suites run in the guest (integration test targets of `enforcer-tests`).
-const SUITES: &[&str] = &["escape", "pins"];
+const SUITES: &[&str] = &["escape", "pins", "daemon"];
 
 /// Commands the suites and the enforcer run in the guest, besides busybox's applets.
 const GUEST_COMMANDS: &[&str] = &[
@@ -456,27 +462,77 @@ fn which(command: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-/// The files of every module python loads to run the probe script, found by having the
-/// host's python import it and resolve an address the way `socket.create_connection` does
-/// (which pulls in the idna codec); plus the encodings package, which python picks from at
-/// start-up by locale.
+/// Has the host's python run the probe script's code paths and print the file of every
+/// module it loaded, plus OpenSSL's configuration. Running them, not just importing the
+/// script, matters: `probe_http` imports ssl and urllib only when called, and urllib pulls
+/// in http.client and the email parser only when a request is made and a response (or an
+/// HTTP error) comes back. The requests go through a one-shot proxy on loopback, as the
+/// agent's go through the gateway. Name resolution is done the way
+/// `socket.create_connection` does it, which loads the idna codec. The encodings package is
+/// added whole: python picks one at start-up by locale.
+const PYTHON_MODULES_SCRIPT: &str = r#"
+import encodings, os, runpy, socket, ssl, sys, sysconfig, threading
+
+probe = runpy.run_path(sys.argv[1], run_name="probe")
+socket.getaddrinfo("127.0.0.1", 1)
+# Without SSL_CERT_FILE the probe builds the context from the default verify paths.
+os.environ.pop("SSL_CERT_FILE", None)
+ssl.create_default_context()
+
+answers = [
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n",
+]
+proxy = socket.socket()
+proxy.bind(("127.0.0.1", 0))
+proxy.listen(len(answers))
+
+def serve():
+    for answer in answers:
+        conn, _ = proxy.accept()
+        conn.recv(65536)
+        conn.sendall(answer)
+        conn.close()
+
+server = threading.Thread(target=serve, daemon=True)
+server.start()
+url = "http://127.0.0.1:%d" % proxy.getsockname()[1]
+os.environ.update(HTTP_PROXY=url, HTTPS_PROXY=url, NO_PROXY="")
+probe["probe_http"]("ok", "GET", "http://upstream.test/api", "")
+probe["probe_http"]("http-error", "POST", "http://upstream.test/api", "{}")
+probe["probe_http"]("tunnel-refused", "GET", "https://upstream.test/api", "")
+server.join(10)
+proxy.close()
+probe["probe_http"]("refused", "GET", "http://upstream.test/api", "")
+
+files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
+enc = os.path.dirname(encodings.__file__)
+files.update(os.path.join(enc, f) for f in os.listdir(enc) if f.endswith(".py"))
+files.add(os.path.join(sysconfig.get_paths()["stdlib"], "os.py"))
+for f in sorted(f for f in files if f):
+    print("file:", f)
+# OpenSSL reads its configuration (security level, providers) from its own directory;
+# without it TLS in the guest would not behave as on the host.
+cnf = os.path.join(os.path.dirname(ssl.get_default_verify_paths().openssl_cafile), "openssl.cnf")
+if os.path.exists(cnf):
+    print("file:", cnf)
+"#;
+
+/// The files of every module python loads to run the probe script (see
+/// `PYTHON_MODULES_SCRIPT`). Extension modules among them are ELF files: the tree adds the
+/// shared libraries they load (libssl, libcrypto) as it does for executables.
 fn python_modules() -> anyhow::Result<Vec<PathBuf>> {
     let probe = workspace_root().join("tests/probe.py");
-    let script = format!(
-        "import runpy, sys, os, encodings, sysconfig\n\
-         runpy.run_path({probe:?}, run_name='probe')\n\
-         import socket\n\
-         socket.getaddrinfo('127.0.0.1', 1)\n\
-         files = {{m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)}}\n\
-         enc = os.path.dirname(encodings.__file__)\n\
-         files.update(os.path.join(enc, f) for f in os.listdir(enc) if f.endswith('.py'))\n\
-         stdlib = sysconfig.get_paths()['stdlib']\n\
-         files.add(os.path.join(stdlib, 'os.py'))\n\
-         for f in sorted(files):\n    print(f)\n",
-        probe = probe.display().to_string()
-    );
     let out = Command::new("/usr/bin/python3")
-        .args(["-c", &script])
+        .args(["-c", PYTHON_MODULES_SCRIPT])
+        .arg(&probe)
+        // Proxy settings of the host must not send the probe's requests elsewhere.
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("no_proxy")
+        .env_remove("all_proxy")
+        .env_remove("ALL_PROXY")
         .output()
         .context("running python3")?;
     if !out.status.success() {
@@ -485,9 +541,42 @@ fn python_modules() -> anyhow::Result<Vec<PathBuf>> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The requests must have gone as planned (a response, an HTTP error, two failures), or
+    // modules the guest needs would be missing from the list.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let results: Vec<(String, bool, String)> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            Some((
+                v["probe"].as_str()?.to_owned(),
+                v["ok"].as_bool()?,
+                v["detail"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    let expected = [
+        ("ok", true, Some("200")),
+        ("http-error", false, Some("403")),
+        ("tunnel-refused", false, None),
+        ("refused", false, None),
+    ];
+    let as_planned = results.len() == expected.len()
+        && results
+            .iter()
+            .zip(expected)
+            .all(|((name, ok, detail), want)| {
+                name == want.0 && *ok == want.1 && want.2.is_none_or(|d| d == detail)
+            });
+    if !as_planned {
+        bail!("the probe's HTTP requests on the host did not go as planned: {results:?}");
+    }
     let mut files = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let path = PathBuf::from(line);
+    for line in stdout.lines() {
+        let Some(path) = line.strip_prefix("file: ") else {
+            continue;
+        };
+        let path = PathBuf::from(path);
         if path == probe || !path.is_file() {
             continue;
         }
@@ -562,8 +651,16 @@ impl Tree {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)?;
         }
-        fs::copy(host, &dest)
-            .with_context(|| format!("copying {} to {}", host.display(), dest.display()))?;
+        let copying = || format!("copying {} to {}", host.display(), dest.display());
+        let mut source = fs::File::open(host).with_context(copying)?;
+        let mut copy = fs::File::create(&dest).with_context(copying)?;
+        std::io::copy(&mut source, &mut copy).with_context(copying)?;
+        // Python trusts a module's cached bytecode only while the source keeps the mtime
+        // recorded in it; a fresh mtime would make every guest python, which as `nobody`
+        // cannot write the cache back, recompile ssl, urllib and the rest at each start
+        // (seconds under TCG, enough to outlast a short-lived Envelope).
+        copy.set_modified(source.metadata()?.modified()?)
+            .with_context(|| format!("setting the mtime of {}", dest.display()))?;
         fs::set_permissions(&dest, fs::Permissions::from_mode(mode))?;
         Ok(())
     }
@@ -708,6 +805,8 @@ need mount -t securityfs securityfs /sys/kernel/security
 echo "{INIT_STARTED} on $(uname -r), lsm=$(cat /sys/kernel/security/lsm)"
 need ip link set lo up
 export CI=true RUST_BACKTRACE=1 ENFORCER_BIN={GUEST_ENFORCER} ENFORCER_PROBE={GUEST_DIR}/probe.py
+# From the kernel command line: larger under emulation than under KVM.
+export ENFORCER_TEST_TIME_SCALE="${{ENFORCER_TEST_TIME_SCALE:-1}}"
 failed=""
 for suite in {suites}; do
     echo "vm-init: running $suite"
@@ -820,10 +919,16 @@ fn run_qemu(
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initramfs)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 rdinit=/init",
-        ])
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 rdinit=/init \
+             ENFORCER_TEST_TIME_SCALE={}",
+            if accel == Accel::Kvm {
+                1
+            } else {
+                TCG_TIME_SCALE
+            }
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -52,6 +52,23 @@ pub fn probe_source() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("probe.py"))
 }
 
+/// How much longer than on a normal machine a test gives to work that must fit in a time
+/// window: `ENFORCER_TEST_TIME_SCALE` (a whole number, default 1). Under an emulated CPU,
+/// starting python and importing urllib alone takes seconds, so a short-lived Envelope could
+/// expire before the agent's first request; the test runner sets it there.
+pub fn time_scale() -> u64 {
+    std::env::var("ENFORCER_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// `secs` stretched by [`time_scale`].
+pub fn scaled_secs(secs: u64) -> u64 {
+    secs * time_scale()
+}
+
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
 /// One enforcer instance with its own pins and cgroup parent, so tests can run in parallel.
