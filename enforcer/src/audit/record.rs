@@ -30,26 +30,33 @@ impl Head<'_> {
     }
 }
 
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
-}
-
 /// Lower-case hex only: the writer never produces anything else, and accepting both would
 /// give one record two spellings.
 pub fn parse_hash(s: &[u8]) -> Option<Hash> {
-    if s.len() != 64 {
-        return None;
-    }
+    // Every line's `prev` goes through here during verification: a table lookup per digit
+    // and one check at the end instead of a branch per digit.
+    let s: &[u8; 64] = s.try_into().ok()?;
     let mut out = [0u8; 32];
-    for (i, pair) in s.chunks_exact(2).enumerate() {
-        out[i] = hex_val(pair[0])? << 4 | hex_val(pair[1])?;
+    let mut bad = 0u8;
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        let hi = HEX_DIGIT[usize::from(pair[0])];
+        let lo = HEX_DIGIT[usize::from(pair[1])];
+        bad |= hi | lo;
+        *o = (hi << 4) | lo;
     }
-    Some(out)
+    (bad < 16).then_some(out)
 }
+
+/// Value of each lower-case hex digit; 0xff for every other byte.
+const HEX_DIGIT: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 16 {
+        t[b"0123456789abcdef"[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Reads the fixed prefix of a line; the error says which part is wrong.
 pub fn parse_head(line: &[u8]) -> Result<Head<'_>, &'static str> {
@@ -488,6 +495,22 @@ mod tests {
 #[cfg(test)]
 mod json_tests {
     use super::*;
+
+    #[test]
+    fn parse_hash_takes_lower_case_hex_only() {
+        let hash: Hash = std::array::from_fn(|i| (i as u8).wrapping_mul(37));
+        let mut text = Vec::new();
+        push_hex(&mut text, &hash);
+        assert_eq!(parse_hash(&text), Some(hash));
+        for bad in [b'A', b'g', b'/', b':', b' ', 0xff] {
+            for i in [0, 1, 31, 63] {
+                let mut t = text.clone();
+                t[i] = bad;
+                assert_eq!(parse_hash(&t), None);
+            }
+        }
+        assert_eq!(parse_hash(&text[..63]), None);
+    }
 
     #[test]
     fn fast_json_matches_serde_json() {
