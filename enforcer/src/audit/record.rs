@@ -30,26 +30,33 @@ impl Head<'_> {
     }
 }
 
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
-}
-
 /// Lower-case hex only: the writer never produces anything else, and accepting both would
 /// give one record two spellings.
 pub fn parse_hash(s: &[u8]) -> Option<Hash> {
-    if s.len() != 64 {
-        return None;
-    }
+    // Every line's `prev` goes through here during verification: a table lookup per digit
+    // and one check at the end instead of a branch per digit.
+    let s: &[u8; 64] = s.try_into().ok()?;
     let mut out = [0u8; 32];
-    for (i, pair) in s.chunks_exact(2).enumerate() {
-        out[i] = hex_val(pair[0])? << 4 | hex_val(pair[1])?;
+    let mut bad = 0u8;
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        let hi = HEX_DIGIT[usize::from(pair[0])];
+        let lo = HEX_DIGIT[usize::from(pair[1])];
+        bad |= hi | lo;
+        *o = (hi << 4) | lo;
     }
-    Some(out)
+    (bad < 16).then_some(out)
 }
+
+/// Value of each lower-case hex digit; 0xff for every other byte.
+const HEX_DIGIT: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 16 {
+        t[b"0123456789abcdef"[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Reads the fixed prefix of a line; the error says which part is wrong.
 pub fn parse_head(line: &[u8]) -> Result<Head<'_>, &'static str> {
@@ -110,11 +117,65 @@ pub(crate) fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
 /// Appends `bytes` as lower-case hex.
 pub(crate) fn push_hex(buf: &mut Vec<u8>, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    buf.reserve(bytes.len() * 2);
-    for b in bytes {
-        buf.push(HEX[usize::from(b >> 4)]);
-        buf.push(HEX[usize::from(b & 0x0f)]);
+    let start = buf.len();
+    buf.resize(start + bytes.len() * 2, 0);
+    for (out, b) in buf[start..].chunks_exact_mut(2).zip(bytes) {
+        out[0] = HEX[usize::from(b >> 4)];
+        out[1] = HEX[usize::from(b & 0x0f)];
     }
+}
+
+/// Appends `s` as a JSON string, byte for byte as `serde_json` writes it. Almost every
+/// string in an event needs no escape: those are copied whole, the rest go to serde_json.
+fn push_json_str(buf: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.reserve(s.len() + 2);
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+        Ok(())
+    } else {
+        serde_json::to_writer(&mut *buf, s)
+    }
+}
+
+/// Appends `v` as compact JSON, byte for byte as `serde_json` writes it, taking the
+/// string fast path at any depth.
+fn push_json_value(buf: &mut Vec<u8>, v: &serde_json::Value) -> Result<(), serde_json::Error> {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => push_json_str(buf, s),
+        Value::Object(map) => push_json_map(buf, map),
+        Value::Array(items) => {
+            buf.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    buf.push(b',');
+                }
+                push_json_value(buf, item)?;
+            }
+            buf.push(b']');
+            Ok(())
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => serde_json::to_writer(&mut *buf, v),
+    }
+}
+
+fn push_json_map(
+    buf: &mut Vec<u8>,
+    map: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), serde_json::Error> {
+    buf.push(b'{');
+    for (i, (k, v)) in map.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        push_json_str(buf, k)?;
+        buf.push(b':');
+        push_json_value(buf, v)?;
+    }
+    buf.push(b'}');
+    Ok(())
 }
 
 fn push_head(buf: &mut Vec<u8>, seq: u64, prev: &Hash, kind: &str) {
@@ -137,7 +198,7 @@ pub fn render_event(
 ) -> Result<(), serde_json::Error> {
     push_head(buf, seq, prev, event.kind.as_str());
     buf.extend_from_slice(b",\"ts\":");
-    serde_json::to_writer(&mut *buf, ts)?;
+    push_json_str(buf, ts)?;
     for (name, value) in [
         (&b",\"envelope\":"[..], &event.envelope),
         (b",\"agent\":", &event.agent),
@@ -145,12 +206,12 @@ pub fn render_event(
     ] {
         if let Some(v) = value {
             buf.extend_from_slice(name);
-            serde_json::to_writer(&mut *buf, v)?;
+            push_json_str(buf, v)?;
         }
     }
     if !event.details.is_empty() {
         buf.extend_from_slice(b",\"details\":");
-        serde_json::to_writer(&mut *buf, &event.details)?;
+        push_json_map(buf, &event.details)?;
     }
     buf.push(b'}');
     Ok(())
@@ -428,5 +489,42 @@ mod tests {
         }
         let other = SigningKey::from_bytes(&[8; 32]);
         assert!(cp.verify_signature(Some(&other.verifying_key())).is_err());
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn parse_hash_takes_lower_case_hex_only() {
+        let hash: Hash = std::array::from_fn(|i| (i as u8).wrapping_mul(37));
+        let mut text = Vec::new();
+        push_hex(&mut text, &hash);
+        assert_eq!(parse_hash(&text), Some(hash));
+        for bad in [b'A', b'g', b'/', b':', b' ', 0xff] {
+            for i in [0, 1, 31, 63] {
+                let mut t = text.clone();
+                t[i] = bad;
+                assert_eq!(parse_hash(&t), None);
+            }
+        }
+        assert_eq!(parse_hash(&text[..63]), None);
+    }
+
+    #[test]
+    fn fast_json_matches_serde_json() {
+        let v = serde_json::json!({
+            "plain": "abc",
+            "quote": "a\"b",
+            "backslash": "a\\b",
+            "control": "a\nb\u{1}\u{7f}",
+            "unicode": "h\u{e9}llo \u{2028} \u{1f600}",
+            "n": [1, -2, 3.5, 1e300, null, true, false],
+            "nested": {"k\"ey": ["x", {"y": "z\t"}], "empty": {}, "none": []},
+        });
+        let mut fast = Vec::new();
+        push_json_value(&mut fast, &v).unwrap();
+        assert_eq!(fast, serde_json::to_vec(&v).unwrap());
     }
 }

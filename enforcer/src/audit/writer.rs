@@ -13,7 +13,7 @@ use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -384,6 +384,9 @@ struct Job {
     acks: Vec<Ack>,
     next_segment: Option<PathBuf>,
     shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
+    /// The events the batch was rendered from, freed by the sync thread (which mostly
+    /// waits on the disk) instead of the writer (which is on the path of every record).
+    events: Vec<Event>,
 }
 
 /// The files: owned by the writer until it starts, then by the sync thread.
@@ -461,7 +464,9 @@ impl Sink {
             let mut buf = std::mem::take(&mut job.buf);
             buf.clear();
             let _ = recycle.try_send(buf);
+            let events = std::mem::take(&mut job.events);
             ok = self.finish(job, written);
+            drop(events);
             if shutting_down && ok {
                 return;
             }
@@ -505,6 +510,10 @@ struct Writer {
     clock: Clock,
     buf: Vec<u8>,
     acks: Vec<Ack>,
+    /// Events rendered into `buf`, handed to the sync thread with it.
+    events: Vec<Event>,
+    /// A buffer taken for a job the sync thread was too busy to accept.
+    spare: Option<Vec<u8>>,
     shared: Arc<Shared>,
 }
 
@@ -708,6 +717,8 @@ impl Writer {
                 clock: Clock::new(),
                 buf: Vec::with_capacity(1 << 20),
                 acks: Vec::new(),
+                events: Vec::new(),
+                spare: None,
                 shared: Arc::new(Shared::default()),
             },
             recovered,
@@ -781,17 +792,7 @@ impl Writer {
         {
             return Ok(());
         }
-        let fresh = self
-            .recycled
-            .as_ref()
-            .and_then(|r| r.try_recv().ok())
-            .unwrap_or_else(|| Vec::with_capacity(self.buf.capacity()));
-        let job = Job {
-            buf: std::mem::replace(&mut self.buf, fresh),
-            acks: std::mem::take(&mut self.acks),
-            next_segment,
-            shutdown,
-        };
+        let job = self.take_job(next_segment, shutdown);
         self.seg_bytes += job.buf.len() as u64;
         if let Some(jobs) = &self.jobs {
             return jobs.send(job).map_err(|_| self.shared.gone());
@@ -807,6 +808,53 @@ impl Writer {
         }
         sink.finish(job, written);
         Ok(())
+    }
+
+    /// Moves the batch built so far into a job, leaving an empty buffer in its place.
+    fn take_job(
+        &mut self,
+        next_segment: Option<PathBuf>,
+        shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
+    ) -> Job {
+        let fresh = self
+            .spare
+            .take()
+            .or_else(|| self.recycled.as_ref().and_then(|r| r.try_recv().ok()))
+            .unwrap_or_else(|| Vec::with_capacity(self.buf.capacity()));
+        Job {
+            buf: std::mem::replace(&mut self.buf, fresh),
+            acks: std::mem::take(&mut self.acks),
+            next_segment,
+            shutdown,
+            events: std::mem::take(&mut self.events),
+        }
+    }
+
+    /// Hands the batch to the sync thread only if it is idle; otherwise the batch stays
+    /// here and keeps growing (group commit), and `false` says so.
+    fn try_dispatch(&mut self) -> Result<bool, AuditError> {
+        let Some(jobs) = self.jobs.clone() else {
+            self.dispatch(None, None)?;
+            return Ok(true);
+        };
+        if self.buf.is_empty() && self.acks.is_empty() {
+            return Ok(true);
+        }
+        let job = self.take_job(None, None);
+        let len = job.buf.len() as u64;
+        match jobs.try_send(job) {
+            Ok(()) => {
+                self.seg_bytes += len;
+                Ok(true)
+            }
+            Err(TrySendError::Full(job)) => {
+                self.spare = Some(std::mem::replace(&mut self.buf, job.buf));
+                self.acks = job.acks;
+                self.events = job.events;
+                Ok(false)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(self.shared.gone()),
+        }
     }
 
     /// Seals the current segment with a checkpoint and starts the next one, named for the
@@ -827,7 +875,10 @@ impl Writer {
     ) -> Result<(), AuditError> {
         match msg {
             Msg::Append(mut event, ack) => match self.add_event(&mut event) {
-                Ok(r) => self.acks.push(Ack::Record(r, ack)),
+                Ok(r) => {
+                    self.acks.push(Ack::Record(r, ack));
+                    self.events.push(event);
+                }
                 Err(e) => {
                     let _ = ack.send(Err(e.clone()));
                     return Err(e);
@@ -865,6 +916,7 @@ impl Writer {
                 acks: std::mem::take(&mut self.acks),
                 next_segment: None,
                 shutdown,
+                events: std::mem::take(&mut self.events),
             },
             &err,
         );
@@ -878,8 +930,10 @@ impl Writer {
             ));
             return;
         };
-        // One batch may wait while another is written: enough to keep both threads busy.
-        let (jobs, job_rx) = sync_channel::<Job>(1);
+        // A rendezvous: a batch is handed over only when the sync thread is idle, so while
+        // it writes and fsyncs one batch the next keeps growing here (group commit)
+        // instead of being frozen small in a queue slot.
+        let (jobs, job_rx) = sync_channel::<Job>(0);
         let (recycle, recycled) = sync_channel::<Vec<u8>>(2);
         match std::thread::Builder::new()
             .name("audit-sync".into())
@@ -895,7 +949,16 @@ impl Writer {
         self.jobs = Some(jobs);
         self.recycled = Some(recycled);
         loop {
-            let first = if self.since_checkpoint > 0 {
+            // A batch the sync thread was too busy to take: look for more records without
+            // waiting, and when none come, wait for the sync thread instead.
+            let holding = !self.buf.is_empty() || !self.acks.is_empty();
+            let first = if holding {
+                match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            } else if self.since_checkpoint > 0 {
                 let wait = self
                     .config
                     .checkpoint_interval
@@ -914,20 +977,22 @@ impl Writer {
             if self.shared.failed.load(Ordering::SeqCst) {
                 // The sync thread failed: what is still queued is dropped, and its
                 // callers learn why from the shared failure.
-                self.stop();
+                self.fail(self.shared.gone(), None);
                 return;
             }
             let mut shutdown = None;
             let mut result = Ok(());
+            let got = first.is_some();
             if let Some(m) = first {
                 result = self.handle(m, &mut shutdown);
-                let mut taken = 1;
-                while result.is_ok() && shutdown.is_none() && taken < self.config.max_batch {
+                while result.is_ok()
+                    && shutdown.is_none()
+                    && self.acks.len() < self.config.max_batch
+                {
                     match rx.try_recv() {
                         Ok(m) => result = self.handle(m, &mut shutdown),
                         Err(_) => break,
                     }
-                    taken += 1;
                 }
             }
             if let Err(err) = result {
@@ -941,7 +1006,14 @@ impl Writer {
                 self.add_checkpoint();
             }
             let closing = shutdown.is_some();
-            if let Err(err) = self.dispatch(None, shutdown) {
+            // Wait for the sync thread when the batch is full, when shutting down, or when
+            // nothing else arrived to add to it; otherwise hand it over only if idle.
+            let dispatched = if closing || !got || self.acks.len() >= self.config.max_batch {
+                self.dispatch(None, shutdown).map(|()| true)
+            } else {
+                self.try_dispatch()
+            };
+            if let Err(err) = dispatched {
                 self.fail(err, None);
                 return;
             }

@@ -81,7 +81,8 @@ impl PathPattern {
         };
         let mut segs = Vec::new();
         if !rest.is_empty() {
-            let last = rest.split('/').count() - 1;
+            let last = rest.bytes().filter(|&b| b == b'/').count();
+            segs.reserve_exact(last + 1);
             let mut offset = 1;
             for (i, part) in rest.split('/').enumerate() {
                 let start = offset;

@@ -170,7 +170,14 @@ pub fn from_json(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
             limit: MAX_ENVELOPE_BYTES,
         });
     }
-    let env: Envelope = match serde_json::from_slice(bytes) {
+    // One UTF-8 check over the whole payload (an ASCII fast path) lets serde_json skip
+    // validating each string again; invalid UTF-8 goes through the byte parser so the
+    // error reads exactly as before.
+    let parsed = match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(bytes),
+    };
+    let env: Envelope = match parsed {
         Ok(env) => env,
         Err(e) => {
             // Only on failure: a newer version may have fields this build does not know,
