@@ -92,6 +92,15 @@ pub fn parse_head(line: &[u8]) -> Result<Head<'_>, &'static str> {
         return Err("kind is not a lower-case name");
     }
     let kind = std::str::from_utf8(&rest[..len]).map_err(|_| "kind is not UTF-8")?;
+    // An unknown kind is an altered one: a checkpoint whose kind was changed would
+    // otherwise pass as an ordinary record and escape its signature check.
+    if kind != CHECKPOINT_KIND
+        && !crate::audit::EventKind::ALL
+            .iter()
+            .any(|k| k.as_str() == kind)
+    {
+        return Err("kind is not a known record kind");
+    }
     if line.last() != Some(&b'}') {
         return Err("does not end with }");
     }
