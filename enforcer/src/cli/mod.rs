@@ -37,7 +37,8 @@ pub struct KernelOpts {
 pub enum Command {
     /// Run a command confined by the kernel: it can reach the gateway address and nothing else.
     Confine(confine::ConfineArgs),
-    /// Cut an agent off in the kernel: everything it sends is dropped, its gateway included.
+    /// Cut an agent off: everything it sends is dropped, its gateway included (through the
+    /// daemon when the daemon runs the agent, so its gateway refuses too and the trip is audited).
     Trip(confine::TripArgs),
     /// Show the confined agents, their state and the kernel's allow/deny counters.
     Status(confine::StatusArgs),
