@@ -224,6 +224,8 @@ pub struct DenyEvent {
     pub _pad0: [u8; 6],
     /// Destination: IPv4 in `dst_addr[0]`, or all four words for IPv6; network order.
     pub dst_addr: [u32; 4],
+    /// When the hook denied, `CLOCK_MONOTONIC` nanoseconds (the kernel's `ktime`).
+    pub at_monotonic_ns: u64,
 }
 
 #[cfg(feature = "user")]
@@ -246,7 +248,7 @@ mod tests {
         assert_eq!(size_of::<AgentPolicy>(), 4 + 4 + 4 + 2 + 2 + 16 + 8);
         assert_eq!(align_of::<AgentPolicy>(), 8);
         assert_eq!(size_of::<AgentCounters>(), 2 * 8 * hook::COUNT);
-        assert_eq!(size_of::<DenyEvent>(), 8 + 4 + 4 + 2 + 6 + 16);
+        assert_eq!(size_of::<DenyEvent>(), 8 + 4 + 4 + 2 + 6 + 16 + 8);
     }
 
     fn policy(state: u32, deadline: u64) -> AgentPolicy {

@@ -12,7 +12,9 @@ use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_skb_cgroup_id},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_skb_cgroup_id,
+        },
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -115,6 +117,8 @@ fn finish(cgroup_id: u64, hook_id: u8, pid: u32, verdict: Verdict) -> i32 {
         dst_port: verdict.dst_port,
         _pad0: [0; 6],
         dst_addr: verdict.dst_addr,
+        // SAFETY: helper without arguments.
+        at_monotonic_ns: unsafe { bpf_ktime_get_ns() },
     };
     if EVENTS.output::<DenyEvent>(&event, 0).is_err() {
         if let Some(lost) = LOST_EVENTS.get_ptr_mut(0) {

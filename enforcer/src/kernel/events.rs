@@ -23,6 +23,8 @@ pub struct KernelDeny {
     /// IP protocol number, or the socket type for `sock_create`.
     pub protocol: u8,
     pub destination: Option<SocketAddr>,
+    /// When the kernel denied, `CLOCK_MONOTONIC` nanoseconds.
+    pub at_monotonic_ns: u64,
 }
 
 impl KernelDeny {
@@ -69,6 +71,7 @@ impl KernelDeny {
             family,
             protocol: raw.protocol,
             destination,
+            at_monotonic_ns: raw.at_monotonic_ns,
         })
     }
 }
@@ -168,6 +171,7 @@ mod tests {
             dst_port: 443,
             _pad0: [0; 6],
             dst_addr: [u32::from_ne_bytes([127, 0, 0, 2]), 0, 0, 0],
+            at_monotonic_ns: 5,
         };
         let decoded = KernelDeny::decode(&encode(&v4)).unwrap();
         assert_eq!(decoded.destination, Some("127.0.0.2:443".parse().unwrap()));
@@ -203,6 +207,7 @@ mod tests {
             dst_port: 0,
             _pad0: [0; 6],
             dst_addr: [0; 4],
+            at_monotonic_ns: 0,
         };
         let decoded = KernelDeny::decode(&encode(&odd)).unwrap();
         assert_eq!(
