@@ -8,7 +8,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, ChildStdout, Command, Output, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -286,6 +286,32 @@ reason = "withdrawals are irreversible"
         (out, probes)
     }
 
+    /// `enforcer run` of the probe with piped stdio, returned once the probe says "ready"
+    /// (it waits for "go" on stdin to go on), with what it printed so far.
+    fn run_until_ready(
+        &self,
+        envelope: &Path,
+        probe_args: &[String],
+    ) -> (Child, BufReader<ChildStdout>, String) {
+        let mut child = self
+            .enforcer()
+            .args(["run", "--envelope"])
+            .arg(envelope)
+            .arg("--")
+            .arg("/usr/bin/python3")
+            .arg(&self.probe)
+            .args(probe_args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("enforcer run");
+        let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut seen = String::new();
+        wait_for_line(&mut reader, "ready", &mut seen);
+        (child, reader, seen)
+    }
+
     fn ctl(&self, args: &[&str]) -> Output {
         self.enforcer().args(args).output().expect("enforcer")
     }
@@ -426,25 +452,13 @@ fn t2_t7_budget_and_breaker_cut_the_agent_off_until_an_operator_resets() {
     );
     let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
     // The agent waits for "go" after its requests so the operator can act while it lives.
-    let mut child = d
-        .enforcer()
-        .args(["run", "--json", "--envelope"])
-        .arg(&env)
-        .arg("--")
-        .arg("/usr/bin/python3")
-        .arg(&d.probe)
-        .args(a(&[
+    let (mut child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&[
             "http", "GET", &url, "", "http", "GET", &url, "", "http", "GET", &url, "", "http",
             "GET", &url, "", "wait", "http", "GET", &url, "",
-        ]))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run");
-    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut seen = String::new();
-    wait_for_line(&mut reader, "ready", &mut seen);
+        ]),
+    );
     // T2: two allowed, then 429s; two denials trip the breaker (T7 begins).
     let early = Probes::parse_text(&seen, "");
     let statuses: Vec<&str> = early.results.iter().map(|(_, _, d)| d.as_str()).collect();
@@ -545,24 +559,10 @@ fn ephemerality_and_revocability() {
     assert!(d.audit_text().contains("expired"));
 
     let env = d.envelope("revoke", up.addr, 600, "");
-    let mut child = d
-        .enforcer()
-        .args(["run", "--envelope"])
-        .arg(&env)
-        .arg("--")
-        .arg("/usr/bin/python3")
-        .arg(&d.probe)
-        .args(a(&[
-            "http", "GET", &url, "", "wait", "http", "GET", &url, "",
-        ]))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run");
-    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut seen = String::new();
-    wait_for_line(&mut reader, "ready", &mut seen);
+    let (mut child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
     let revoked = d.ctl(&["revoke", "agent-revoke"]);
     assert!(
         revoked.status.success(),
@@ -595,14 +595,9 @@ fn kill_9_of_the_daemon_keeps_agents_confined_and_budgets_spent() {
     let env = d.envelope("kill9", up.addr, 600, "[budget]\nrequests = 3\n");
     let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
     let port = up.addr.port().to_string();
-    let mut child = d
-        .enforcer()
-        .args(["run", "--envelope"])
-        .arg(&env)
-        .arg("--")
-        .arg("/usr/bin/python3")
-        .arg(&d.probe)
-        .args(a(&[
+    let (mut child, mut reader, mut seen) = d.run_until_ready(
+        &env,
+        &a(&[
             "http",
             "GET",
             &url,
@@ -628,16 +623,9 @@ fn kill_9_of_the_daemon_keeps_agents_confined_and_budgets_spent() {
             "GET",
             &url,
             "",
-        ]))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run");
-    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+        ]),
+    );
     let mut stdin = child.stdin.take().expect("stdin");
-    let mut seen = String::new();
-    wait_for_line(&mut reader, "ready", &mut seen);
     d.kill9();
     // Daemon dead: still no way around the gateway, and the gateway is gone.
     stdin.write_all(b"go\n").expect("go");
