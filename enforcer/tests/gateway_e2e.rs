@@ -942,3 +942,43 @@ fn decisions_go_to_the_audit_log_and_a_dead_log_refuses() {
     );
     assert_eq!(up.requests.load(Ordering::SeqCst), before);
 }
+
+#[test]
+fn a_retired_gateway_refuses_on_connections_already_open() {
+    let up = Upstream::start();
+    let s = start(up.addr, "", None);
+    let url = format!("http://127.0.0.1:{}/api/v3/ticker", up.addr.port());
+    let mut stream = TcpStream::connect(s.proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut ask = |stream: &mut TcpStream| -> String {
+        write!(stream, "GET {url} HTTP/1.1\r\n\r\n").unwrap();
+        let mut status = String::new();
+        reader.read_line(&mut status).unwrap();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body).unwrap();
+        format!("{}{}", status.trim(), String::from_utf8_lossy(&body))
+    };
+    assert!(ask(&mut stream).starts_with("HTTP/1.1 200"));
+    // A newer Envelope took over: the same keep-alive connection gets no more service.
+    s.gateway.retire();
+    let second = ask(&mut stream);
+    assert!(
+        second.starts_with("HTTP/1.1 403") && second.contains("envelope_replaced"),
+        "{second}"
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+}

@@ -452,6 +452,7 @@ impl Daemon {
         match result {
             Ok((agent, notes)) => {
                 if let Some(prev) = &previous {
+                    prev.gateway.retire();
                     prev.stop.notify_one();
                     tracing::info!(agent = %name, old = prev.envelope.id(), new = agent.envelope.id(), "Envelope replaced");
                 }
@@ -541,6 +542,7 @@ impl Daemon {
         undo.dir = Some(dir.clone());
         let listener = match previous {
             Some(prev) => {
+                prev.gateway.retire();
                 prev.stop.notify_one();
                 bind_retry(prev.gateway_addr).await?
             }
@@ -698,6 +700,7 @@ impl Daemon {
             .and_then(|mut a| a.remove(name))
             .ok_or_else(|| DaemonError::UnknownAgent(name.into()))?;
         let summary = self.describe(&agent);
+        agent.gateway.retire();
         agent.stop.notify_one();
         agent.cgroup.remove(Duration::from_secs(5))?;
         self.kernel

@@ -161,6 +161,9 @@ pub struct Gateway {
     sink: Arc<dyn DecisionSink>,
     connections: Arc<Semaphore>,
     started: Instant,
+    /// Set when a newer Envelope replaced this one: connections still open to this gateway
+    /// must not go on under the old grant.
+    retired: std::sync::atomic::AtomicBool,
     /// Idle keep-alive connections to each capability's upstream, by capability name.
     pool: Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
 }
@@ -237,6 +240,7 @@ impl Gateway {
             limits: setup.limits,
             sink: setup.sink,
             started: Instant::now(),
+            retired: std::sync::atomic::AtomicBool::new(false),
             pool: Mutex::new(HashMap::new()),
         }))
     }
@@ -248,6 +252,12 @@ impl Gateway {
 
     pub fn approvals(&self) -> &Approvals {
         &self.approvals
+    }
+
+    /// Ends this gateway's grant: every further request, on any connection, is refused.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn breaker(&self) -> &Breaker {
@@ -422,6 +432,14 @@ impl Gateway {
                 StatusCode::FORBIDDEN,
                 "circuit_open",
                 format!("the circuit is open: {reason}"),
+            ));
+        }
+        if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
+            decision.step = "retired";
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "envelope_replaced",
+                "this Envelope was replaced or ended; reconnect to use the current one".into(),
             ));
         }
         // Expiry is enforced here and, independently, by the kernel deadline.
