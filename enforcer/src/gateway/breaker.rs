@@ -46,12 +46,94 @@ impl OperatorReset {
     }
 }
 
-#[derive(Default)]
+/// Events in a sliding time window, kept as sums per slot so that memory and the cost of
+/// each event stay bounded however many requests arrive (at most about a thousand slots,
+/// never one entry per request). The window is exact to one slot: 10 ms, or a thousandth
+/// of the window if that is longer.
+struct Window {
+    span: Duration,
+    slot: Duration,
+    slots: VecDeque<Slot>,
+    count: u64,
+    bad: u64,
+    sum: f64,
+}
+
+struct Slot {
+    start: Instant,
+    count: u64,
+    bad: u64,
+    sum: f64,
+}
+
+impl Window {
+    fn new(window_secs: u64) -> Self {
+        let span = Duration::from_secs(window_secs);
+        Window {
+            span,
+            slot: (span / 1000).max(Duration::from_millis(10)),
+            slots: VecDeque::new(),
+            count: 0,
+            bad: 0,
+            sum: 0.0,
+        }
+    }
+
+    fn add(&mut self, now: Instant, bad: bool, amount: f64) {
+        while let Some(front) = self.slots.front()
+            && now.duration_since(front.start) > self.span
+        {
+            self.count -= front.count;
+            self.bad -= front.bad;
+            self.sum -= front.sum;
+            self.slots.pop_front();
+        }
+        if self.slots.is_empty() {
+            // No rounding left over from slots that are gone.
+            self.sum = 0.0;
+        }
+        let bad = u64::from(bad);
+        match self.slots.back_mut() {
+            Some(last) if now.duration_since(last.start) < self.slot => {
+                last.count += 1;
+                last.bad += bad;
+                last.sum += amount;
+            }
+            _ => self.slots.push_back(Slot {
+                start: now,
+                count: 1,
+                bad,
+                sum: amount,
+            }),
+        }
+        self.count += 1;
+        self.bad += bad;
+        self.sum += amount;
+    }
+}
+
 struct Windows {
     open: Option<String>,
-    denied: VecDeque<Instant>,
-    spend: VecDeque<(Instant, f64)>,
-    upstream: VecDeque<(Instant, bool)>,
+    denied: Option<Window>,
+    spend: Option<Window>,
+    upstream: Option<Window>,
+}
+
+impl Windows {
+    fn new(config: &Breakers) -> Self {
+        Windows {
+            open: None,
+            denied: config.denied.as_ref().map(|r| Window::new(r.window_secs)),
+            spend: config
+                .spend_velocity
+                .as_ref()
+                .map(|r| Window::new(r.window_secs)),
+            upstream: config
+                .upstream_errors
+                .as_ref()
+                .map(|r| Window::new(r.window_secs)),
+        }
+    }
 }
 
 pub struct Breaker {
@@ -64,7 +146,8 @@ pub struct Breaker {
 impl Breaker {
     /// A breaker that starts open when `path` records an earlier trip.
     pub fn open(config: Option<Breakers>, path: Option<&Path>, hook: Arc<dyn TripHook>) -> Self {
-        let mut windows = Windows::default();
+        let config = config.unwrap_or_default();
+        let mut windows = Windows::new(&config);
         if let Some(path) = path {
             match std::fs::read_to_string(path) {
                 Ok(reason) => {
@@ -80,7 +163,7 @@ impl Breaker {
             }
         }
         Breaker {
-            config: config.unwrap_or_default(),
+            config,
             state: Mutex::new(windows),
             path: path.map(Path::to_owned),
             hook,
@@ -105,24 +188,11 @@ impl Breaker {
         let Some(rule) = &self.config.denied else {
             return;
         };
-        let window = Duration::from_secs(rule.window_secs);
         let reason = self.with_state(|s| {
-            let now = Instant::now();
-            s.denied.push_back(now);
-            while s
-                .denied
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > window)
-            {
-                s.denied.pop_front();
-            }
-            (s.denied.len() >= rule.count as usize).then(|| {
-                format!(
-                    "{} denied requests within {}s",
-                    s.denied.len(),
-                    rule.window_secs
-                )
-            })
+            let w = s.denied.as_mut()?;
+            w.add(Instant::now(), true, 0.0);
+            (w.count >= u64::from(rule.count))
+                .then(|| format!("{} denied requests within {}s", w.count, rule.window_secs))
         });
         if let Some(reason) = reason {
             self.trip(reason);
@@ -133,18 +203,10 @@ impl Breaker {
         let Some(rule) = &self.config.spend_velocity else {
             return;
         };
-        let window = Duration::from_secs(rule.window_secs);
         let reason = self.with_state(|s| {
-            let now = Instant::now();
-            s.spend.push_back((now, amount));
-            while s
-                .spend
-                .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) > window)
-            {
-                s.spend.pop_front();
-            }
-            let total: f64 = s.spend.iter().map(|(_, a)| a).sum();
+            let w = s.spend.as_mut()?;
+            w.add(Instant::now(), false, amount);
+            let total = w.sum;
             (total > rule.max).then(|| {
                 format!(
                     "spend {total} {} within {}s exceeds {}",
@@ -161,27 +223,17 @@ impl Breaker {
         let Some(rule) = &self.config.upstream_errors else {
             return;
         };
-        let window = Duration::from_secs(rule.window_secs);
         let reason = self.with_state(|s| {
-            let now = Instant::now();
-            s.upstream.push_back((now, ok));
-            while s
-                .upstream
-                .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) > window)
-            {
-                s.upstream.pop_front();
-            }
-            let total = s.upstream.len();
-            let errors = s.upstream.iter().filter(|(_, ok)| !ok).count();
-            (total >= rule.min_requests as usize && errors as f64 / total as f64 >= rule.rate).then(
-                || {
+            let w = s.upstream.as_mut()?;
+            w.add(Instant::now(), !ok, 0.0);
+            let (total, errors) = (w.count, w.bad);
+            (total >= u64::from(rule.min_requests) && errors as f64 / total as f64 >= rule.rate)
+                .then(|| {
                     format!(
                         "{errors} of {total} upstream requests failed within {}s",
                         rule.window_secs
                     )
-                },
-            )
+                })
         });
         if let Some(reason) = reason {
             self.trip(reason);
@@ -225,7 +277,7 @@ impl Breaker {
             }
         }
         if let Ok(mut state) = self.state.lock() {
-            *state = Windows::default();
+            *state = Windows::new(&self.config);
         }
         tracing::warn!(operator = %by.operator, "circuit breaker reset by an operator");
         Ok(())
@@ -244,6 +296,29 @@ mod tests {
     use super::*;
     use crate::envelope::model::{DeniedBreaker, SpendVelocityBreaker, UpstreamErrorBreaker};
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn windows_stay_small_under_load_and_forget_what_left_them() {
+        let mut w = Window::new(60);
+        let t0 = Instant::now();
+        for i in 0..200_000u64 {
+            // 200k events over 20 s: one slot per 10 ms at most.
+            w.add(t0 + Duration::from_micros(i * 100), i % 4 == 0, 0.5);
+        }
+        assert_eq!((w.count, w.bad), (200_000, 50_000));
+        assert!((w.sum - 100_000.0).abs() < 1e-6);
+        assert!(w.slots.len() <= 2_001, "{} slots", w.slots.len());
+        // 61 s after the last event everything has left the window.
+        w.add(t0 + Duration::from_secs(81), false, 2.0);
+        assert_eq!((w.count, w.bad, w.sum), (1, 0, 2.0));
+        assert_eq!(w.slots.len(), 1);
+        // A day-long window still holds at most about a thousand slots.
+        let mut day = Window::new(86_400);
+        for i in 0..100_000u64 {
+            day.add(t0 + Duration::from_secs(i), false, 0.0);
+        }
+        assert!(day.slots.len() <= 1_001, "{} slots", day.slots.len());
+    }
 
     #[derive(Default)]
     struct Count(AtomicUsize);
