@@ -228,9 +228,9 @@ impl DecisionSink for AuditDecisions {
         self.sink.record(d)
     }
 
-    fn record_durable<'a>(&'a self, d: &'a Decision) -> SinkFuture<'a> {
+    fn record_before_acting<'a>(&'a self, d: &'a Decision) -> SinkFuture<'a> {
         self.count(d);
-        self.sink.record_durable(d)
+        self.sink.record_before_acting(d)
     }
 }
 

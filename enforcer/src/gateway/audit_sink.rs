@@ -1,7 +1,7 @@
 //! Gateway decisions into the tamper-evident audit log.
 //!
 //! A request is forwarded only after its `request_allowed` record is durable
-//! ([`DecisionSink::record_durable`] waits for the group commit); outcomes (refusals,
+//! ([`DecisionSink::record_before_acting`] waits for the group commit); outcomes (refusals,
 //! holds, a forwarded request's upstream status) are queued without waiting, in order,
 //! and become durable with the next batch. Any error — the queue full, a failed write,
 //! the log closed — is returned, and the gateway refuses.
@@ -70,7 +70,7 @@ impl DecisionSink for AuditSink {
             .map_err(|e| e.to_string())
     }
 
-    fn record_durable<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
+    fn record_before_acting<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
         let pending = self.log.submit(event(decision));
         Box::pin(async move {
             pending
@@ -126,11 +126,11 @@ mod tests {
         let (log, _) =
             AuditLog::open(crate::audit::AuditConfig::new(dir.path()), key.clone()).unwrap();
         let sink = AuditSink::new(log.clone());
-        sink.record_durable(&decision()).await.unwrap();
+        sink.record_before_acting(&decision()).await.unwrap();
         sink.record(&decision()).unwrap();
         log.close().await.unwrap();
         assert!(sink.record(&decision()).is_err());
-        assert!(sink.record_durable(&decision()).await.is_err());
+        assert!(sink.record_before_acting(&decision()).await.is_err());
         let report =
             crate::audit::verify(dir.path(), &crate::audit::VerifyOptions::default()).unwrap();
         assert!(report.ok());

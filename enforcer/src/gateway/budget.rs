@@ -4,15 +4,19 @@
 //! lock before it is forwarded, against every budget that applies (the Envelope's and its
 //! capability's); if any would be exceeded nothing is reserved and the request is refused.
 //! Download bytes are charged chunk by chunk as the response streams, and the response is
-//! cut when the budget runs out. Every reservation is appended to a ledger file and synced
-//! before the request leaves, so a restart can never refill a budget.
+//! cut when the budget runs out.
 //!
-//! The gateway uses the deferred forms ([`Ledger::reserve_deferred`],
-//! [`Ledger::charge_download_deferred`]): the usage changes and the line is written under
-//! the lock, and the caller then awaits [`Ledger::durable`] before acting on it. One
-//! fsync covers every line written before it started (group commit), so concurrent
-//! requests share fsyncs instead of queueing one each behind the lock, and the guarantee
-//! is the same: nothing leaves before its reservation is on disk.
+//! Write-ahead: every reservation and charge is appended to the ledger file (a `write(2)`
+//! into the kernel's page cache) under the lock, before the request leaves or the response
+//! returns. From then on it survives anything that can happen to this process — a crash,
+//! `kill -9`, a restart of the daemon — so no restart can refill a budget. The fsync that
+//! makes it survive a crash of the whole host is group-committed by a background task
+//! ([`Ledger::reserve_deferred`], [`Ledger::charge_download_deferred`]) instead of making
+//! every request wait for the disk: after a host crash nothing resumes an agent (its
+//! cgroup and processes are gone and its Envelope id is spent), so the page cache is the
+//! write-ahead that matters for the grant, and the disk copy follows within one fsync. A
+//! failed write or fsync poisons the ledger: every later request is refused.
+//! [`Ledger::durable`] waits for the disk where a caller needs that (tests, shutdown).
 use std::{
     collections::BTreeMap,
     fs::{File, OpenOptions},
@@ -20,9 +24,11 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
+
+use tokio::sync::Notify;
 
 use serde::{Deserialize, Serialize};
 
@@ -114,21 +120,97 @@ struct State {
     written: u64,
 }
 
-/// A ledger write; [`Ledger::durable`] waits until it is on disk.
+/// What the fsyncs share with the request path, outside the state lock.
+struct Syncer {
+    /// A second handle on the ledger file.
+    file: File,
+    path: PathBuf,
+    /// Writes made so far (mirrors `State::written`).
+    written: AtomicU64,
+    /// Writes known to be on disk.
+    synced: AtomicU64,
+    /// An fsync failed: the file's state on disk is unknown.
+    failed: AtomicBool,
+    /// The ledger is gone; the background task syncs once more and stops.
+    closed: AtomicBool,
+    /// Woken after every deferred write.
+    wanted: Notify,
+    /// One fsync at a time; whoever holds it syncs everything written so far.
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Syncer {
+    async fn sync_through(&self, ticket: u64) -> Result<(), LedgerError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(LedgerError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        if self.synced.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        let _turn = self.turn.lock().await;
+        // The fsync that ran while this one waited may have covered it.
+        if self.synced.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        let upto = self.written.load(Ordering::Acquire);
+        let file = match self.file.try_clone() {
+            Ok(file) => file,
+            Err(source) => return Err(self.fail(source)),
+        };
+        let result = tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        if let Err(source) = result {
+            return Err(self.fail(source));
+        }
+        self.synced.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn fail(&self, source: io::Error) -> LedgerError {
+        self.failed.store(true, Ordering::Release);
+        tracing::error!(path = %self.path.display(), error = %source, "budget ledger fsync failed; refusing every request");
+        LedgerError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The background half of the write-ahead: syncs whatever was written since the last
+    /// fsync, one fsync at a time, until the ledger is dropped or the disk fails.
+    async fn run(self: Arc<Self>) {
+        loop {
+            self.wanted.notified().await;
+            let upto = self.written.load(Ordering::Acquire);
+            if self.sync_through(upto).await.is_err() || self.closed.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+}
+
+/// A ledger write, already in the ledger file; [`Ledger::durable`] waits until it is on
+/// disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[must_use = "a reservation must be made durable before acting on it"]
 pub struct Ticket(u64);
 
 /// All budgets of one agent.
 pub struct Ledger {
     path: Option<PathBuf>,
     state: Mutex<State>,
-    /// A second handle on the ledger file, synced outside the state lock.
-    sync_file: Option<Arc<File>>,
-    /// Writes known to be on disk.
-    synced: AtomicU64,
-    /// One fsync at a time; whoever holds it syncs everything written so far.
-    syncing: tokio::sync::Mutex<()>,
+    /// `None` for a ledger kept in memory only.
+    syncer: Option<Arc<Syncer>>,
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        if let Some(syncer) = &self.syncer {
+            syncer.closed.store(true, Ordering::Release);
+            syncer.wanted.notify_one();
+        }
+    }
 }
 
 /// The cost reserved for one request.
@@ -193,15 +275,27 @@ impl Ledger {
                 .map_err(io_err)?;
             file = Some(handle);
         }
-        let sync_file = match (&file, path) {
-            (Some(f), Some(path)) => Some(Arc::new(f.try_clone().map_err(|source| {
-                LedgerError::Io {
+        let syncer = match (&file, path) {
+            (Some(f), Some(path)) => Some(Arc::new(Syncer {
+                file: f.try_clone().map_err(|source| LedgerError::Io {
                     path: path.to_owned(),
                     source,
-                }
-            })?)),
+                })?,
+                path: path.to_owned(),
+                written: AtomicU64::new(0),
+                synced: AtomicU64::new(0),
+                failed: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                wanted: Notify::new(),
+                turn: tokio::sync::Mutex::new(()),
+            })),
             _ => None,
         };
+        // Deferred writes are synced in the background by the runtime the ledger is opened
+        // in; outside one, only explicit `durable` calls sync them.
+        if let (Some(syncer), Ok(runtime)) = (&syncer, tokio::runtime::Handle::try_current()) {
+            runtime.spawn(syncer.clone().run());
+        }
         Ok(Ledger {
             path: path.map(Path::to_owned),
             state: Mutex::new(State {
@@ -211,9 +305,7 @@ impl Ledger {
                 poisoned: false,
                 written: 0,
             }),
-            sync_file,
-            synced: AtomicU64::new(0),
-            syncing: tokio::sync::Mutex::new(()),
+            syncer,
         })
     }
 
@@ -223,9 +315,10 @@ impl Ledger {
         self.reserve_with(costs, true).map(|r| r.map(drop))
     }
 
-    /// [`reserve`](Self::reserve) without the fsync: the reservation holds against
-    /// concurrent requests at once, and is durable once [`durable`](Self::durable) returns
-    /// for the ticket.
+    /// [`reserve`](Self::reserve) with the fsync left to the background task: the
+    /// reservation holds against concurrent requests at once and is in the ledger file
+    /// (surviving this process) when this returns; it is on disk once
+    /// [`durable`](Self::durable) returns for the ticket.
     pub fn reserve_deferred(
         &self,
         costs: &[(&str, Cost)],
@@ -363,31 +456,19 @@ impl Ledger {
     /// Returns once the write `ticket` names (and every one before it) is on disk. An
     /// fsync failure poisons the ledger: every later call refuses.
     pub async fn durable(&self, ticket: Ticket) -> Result<(), LedgerError> {
-        let Some(file) = &self.sync_file else {
-            return Ok(());
-        };
-        if self.synced.load(Ordering::Acquire) >= ticket.0 {
-            return Ok(());
+        match &self.syncer {
+            Some(syncer) => syncer.sync_through(ticket.0).await,
+            None => Ok(()),
         }
-        let _turn = self.syncing.lock().await;
-        // The fsync that ran while this one waited may have covered it.
-        if self.synced.load(Ordering::Acquire) >= ticket.0 {
-            return Ok(());
-        }
-        let upto = self.lock()?.written;
-        let file = file.clone();
-        let result = tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
-        let path = self.path.clone().unwrap_or_default();
-        if let Err(source) = result {
-            if let Ok(mut state) = self.state.lock() {
-                state.poisoned = true;
-            }
-            return Err(LedgerError::Io { path, source });
-        }
-        self.synced.fetch_max(upto, Ordering::AcqRel);
-        Ok(())
+    }
+
+    /// Writes in the ledger file that are not yet known to be on disk.
+    pub fn unsynced_writes(&self) -> u64 {
+        self.syncer.as_ref().map_or(0, |s| {
+            s.written
+                .load(Ordering::Acquire)
+                .saturating_sub(s.synced.load(Ordering::Acquire))
+        })
     }
 
     /// Usage and limits of every scope.
@@ -411,7 +492,12 @@ impl Ledger {
             .state
             .lock()
             .map_err(|_| LedgerError::Poisoned { path: path.clone() })?;
-        if state.poisoned {
+        if state.poisoned
+            || self
+                .syncer
+                .as_ref()
+                .is_some_and(|s| s.failed.load(Ordering::Acquire))
+        {
             return Err(LedgerError::Poisoned { path });
         }
         Ok(state)
@@ -450,8 +536,13 @@ impl Ledger {
             });
         }
         state.written += 1;
-        if sync {
-            self.synced.fetch_max(state.written, Ordering::AcqRel);
+        if let Some(syncer) = &self.syncer {
+            syncer.written.store(state.written, Ordering::Release);
+            if sync {
+                syncer.synced.fetch_max(state.written, Ordering::AcqRel);
+            } else {
+                syncer.wanted.notify_one();
+            }
         }
         Ok(Ticket(state.written))
     }

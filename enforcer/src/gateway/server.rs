@@ -94,9 +94,10 @@ pub trait DecisionSink: Send + Sync {
     /// a forwarded request's result). `Err` when it cannot be recorded.
     fn record(&self, decision: &Decision) -> Result<(), String>;
 
-    /// Records a decision the gateway is about to act on (forwarding) and resolves once it
-    /// is durable. The default is [`record`](Self::record).
-    fn record_durable<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
+    /// Records a decision the gateway is about to act on (forwarding) and resolves once the
+    /// record can no longer be lost with this process; its fsync may follow. The default
+    /// is [`record`](Self::record).
+    fn record_before_acting<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
         Box::pin(std::future::ready(self.record(decision)))
     }
 }
@@ -686,8 +687,10 @@ impl Gateway {
         }
         let cost_refs: Vec<(&str, Cost)> =
             costs.iter().map(|(s, c)| (s.as_str(), c.clone())).collect();
-        let ticket = match self.ledger.reserve_deferred(&cost_refs) {
-            Ok(Ok(ticket)) => ticket,
+        // The reservation is in the ledger file when this returns (the write-ahead); its
+        // fsync is group-committed in the background.
+        match self.ledger.reserve_deferred(&cost_refs) {
+            Ok(Ok(_written)) => {}
             Ok(Err(exceeded)) => {
                 return Err(Refusal::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -703,7 +706,7 @@ impl Gateway {
                     "the budget ledger is unavailable".into(),
                 ));
             }
-        };
+        }
         decision.spend = spend_for_velocity;
         decision.bytes_up = body.len() as u64;
         if spend_for_velocity > 0.0 {
@@ -717,21 +720,7 @@ impl Gateway {
             status: 0,
             ..decision.clone()
         };
-        // The reservation and the record reach the disk together; both before anything
-        // leaves.
-        let (durable, recorded) = tokio::join!(
-            self.ledger.durable(ticket),
-            self.sink.record_durable(&allowed)
-        );
-        if let Err(e) = durable {
-            tracing::error!(error = %e, "budget ledger unavailable");
-            return Err(Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ledger_unavailable",
-                "the budget ledger is unavailable".into(),
-            ));
-        }
-        if let Err(e) = recorded {
+        if let Err(e) = self.sink.record_before_acting(&allowed).await {
             decision.step = "audit";
             tracing::error!(error = %e, "audit unavailable; refusing");
             return Err(Refusal::new(
@@ -942,7 +931,6 @@ impl Gateway {
 
         let (mut parts, mut incoming) = response.into_parts();
         let mut collected: Vec<u8> = Vec::new();
-        let mut charged = None;
         while let Some(frame) = incoming.frame().await {
             let frame =
                 frame.map_err(|e| upstream_refusal(format!("reading the response: {e}")))?;
@@ -963,7 +951,7 @@ impl Gateway {
                 .ledger
                 .charge_download_deferred(scopes, data.len() as u64)
             {
-                Ok(Ok(ticket)) => charged = Some(ticket),
+                Ok(Ok(_written)) => {}
                 Ok(Err(exceeded)) => {
                     return Err(Refusal::new(
                         StatusCode::TOO_MANY_REQUESTS,
@@ -984,16 +972,6 @@ impl Gateway {
             } else {
                 collected.extend_from_slice(&data);
             }
-        }
-        // What the response used is on disk before the agent gets it.
-        if let Some(ticket) = charged
-            && self.ledger.durable(ticket).await.is_err()
-        {
-            return Err(Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ledger_unavailable",
-                "the budget ledger is unavailable".into(),
-            ));
         }
         // The whole response was read, so the connection can carry the next request
         // (unless the upstream asked to close it).
