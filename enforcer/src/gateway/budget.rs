@@ -643,6 +643,38 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_writes_are_in_the_file_at_once_and_synced_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let ledger = Ledger::open(limits(50, 1e9), Some(&path)).unwrap();
+        let cost = Cost {
+            requests: 1,
+            spend: 2.5,
+            bytes_up: 7,
+        };
+        for _ in 0..10 {
+            ledger
+                .reserve_deferred(&[("envelope", cost.clone())])
+                .unwrap()
+                .unwrap();
+        }
+        // Another process (a restarted daemon) sees every reservation without any fsync
+        // having been awaited: the write-ahead is in the file before the call returns.
+        let other = Ledger::open(limits(50, 1e9), Some(&path)).unwrap();
+        let (usage, _) = other.snapshot().unwrap()["envelope"].clone();
+        assert_eq!(
+            (usage.requests, usage.spend, usage.bytes_up),
+            (10, 25.0, 70)
+        );
+        // Nobody awaits `durable`; the background task syncs them anyway.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ledger.unsynced_writes() > 0 {
+            assert!(std::time::Instant::now() < deadline, "never synced");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
     async fn deferred_reservations_are_durable_once_awaited_and_never_overrun() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.jsonl");
