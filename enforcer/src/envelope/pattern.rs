@@ -32,10 +32,19 @@ pub fn is_normalized_path(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };
-    if path
-        .chars()
-        .any(|c| matches!(c, '?' | '#' | '%' | '\\') || c.is_whitespace() || c.is_control())
-    {
+    // Every request runs this once per pattern: ASCII paths (nearly all) are judged byte
+    // by byte, which for ASCII is exactly what the char tests below say.
+    let refused = if path.is_ascii() {
+        path.bytes().any(|b| {
+            matches!(b, b'?' | b'#' | b'%' | b'\\')
+                || b.is_ascii_whitespace()
+                || b.is_ascii_control()
+        })
+    } else {
+        path.chars()
+            .any(|c| matches!(c, '?' | '#' | '%' | '\\') || c.is_whitespace() || c.is_control())
+    };
+    if refused {
         return false;
     }
     if rest.is_empty() {
@@ -131,31 +140,31 @@ impl PathPattern {
 
     /// Whether a normalized path matches. Unnormalized paths never match.
     pub fn matches(&self, path: &str) -> bool {
-        if !is_normalized_path(path) {
-            return false;
-        }
-        let rest = &path[1..];
+        is_normalized_path(path) && self.matches_normalized(path)
+    }
+
+    /// [`matches`](Self::matches) for a path already known to be normalized.
+    fn matches_normalized(&self, path: &str) -> bool {
+        let rest = path.get(1..).unwrap_or_default();
         // A trailing slash leaves an empty last segment, so `/a` and `/a/` differ.
-        let parts: Vec<&str> = if rest.is_empty() {
-            Vec::new()
-        } else {
-            rest.split('/').collect()
-        };
-        let mut i = 0;
+        let mut parts = (!rest.is_empty())
+            .then(|| rest.split('/'))
+            .into_iter()
+            .flatten();
         for seg in &self.segs {
             match seg {
                 Seg::Rest => return true,
-                Seg::One => match parts.get(i) {
-                    Some(p) if !p.is_empty() => i += 1,
+                Seg::One => match parts.next() {
+                    Some(p) if !p.is_empty() => {}
                     _ => return false,
                 },
-                Seg::Literal(lit) => match parts.get(i) {
-                    Some(p) if self.source.get(lit.clone()) == Some(*p) => i += 1,
+                Seg::Literal(lit) => match parts.next() {
+                    Some(p) if self.source.get(lit.clone()) == Some(p) => {}
                     _ => return false,
                 },
             }
         }
-        i == parts.len()
+        parts.next().is_none()
     }
 }
 
@@ -570,7 +579,7 @@ fn pattern_matches(
     if let Some(p) = path {
         // A path we cannot judge counts as matching: forbidden effects must not be
         // dodged with an odd spelling.
-        if is_normalized_path(req.path) && !p.matches(req.path) {
+        if is_normalized_path(req.path) && !p.matches_normalized(req.path) {
             return false;
         }
     }
@@ -655,5 +664,25 @@ impl Spend {
             return Err("spend is not a finite number".into());
         }
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod ascii_fast_path {
+    use super::is_normalized_path;
+
+    /// The byte-wise test for ASCII paths must say what the char-wise test says.
+    #[test]
+    fn agrees_with_the_char_tests_for_every_ascii_byte() {
+        for b in 0u8..128 {
+            let c = char::from(b);
+            let path = format!("/a{c}b");
+            let by_chars =
+                !(matches!(c, '?' | '#' | '%' | '\\') || c.is_whitespace() || c.is_control())
+                    && c != '/';
+            // A `/` makes two segments, which is normalized too.
+            let expected = by_chars || c == '/';
+            assert_eq!(is_normalized_path(&path), expected, "byte {b:#04x}");
+        }
     }
 }

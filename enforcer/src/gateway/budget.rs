@@ -99,8 +99,8 @@ pub enum LedgerError {
 
 /// One ledger line: a change of usage in one scope.
 #[derive(Debug, Serialize, Deserialize)]
-struct Entry {
-    scope: String,
+struct Entry<S = String> {
+    scope: S,
     #[serde(default)]
     requests: u64,
     #[serde(default)]
@@ -189,6 +189,14 @@ impl Syncer {
             }
         }
     }
+}
+
+/// The usage of `scope`, allocating its name only the first time.
+fn used_mut<'a>(used: &'a mut BTreeMap<String, Usage>, scope: &str) -> Option<&'a mut Usage> {
+    if !used.contains_key(scope) {
+        used.insert(scope.to_owned(), Usage::default());
+    }
+    used.get_mut(scope)
 }
 
 /// A ledger write, already in the ledger file; [`Ledger::durable`] waits until it is on
@@ -375,11 +383,11 @@ impl Ledger {
                 }));
             }
         }
-        let entries: Vec<Entry> = costs
+        let entries: Vec<Entry<&str>> = costs
             .iter()
             .filter(|(s, _)| state.limits.contains_key(*s))
             .map(|(s, cost)| Entry {
-                scope: s.to_string(),
+                scope: *s,
                 requests: cost.requests,
                 spend: cost.spend,
                 bytes_up: cost.bytes_up,
@@ -388,10 +396,11 @@ impl Ledger {
             .collect();
         let ticket = self.persist(&mut state, &entries, sync)?;
         for entry in entries {
-            let usage = state.used.entry(entry.scope).or_default();
-            usage.requests += entry.requests;
-            usage.spend += entry.spend;
-            usage.bytes_up += entry.bytes_up;
+            if let Some(usage) = used_mut(&mut state.used, entry.scope) {
+                usage.requests += entry.requests;
+                usage.spend += entry.spend;
+                usage.bytes_up += entry.bytes_up;
+            }
         }
         Ok(Ok(ticket))
     }
@@ -435,11 +444,11 @@ impl Ledger {
                 }
             }
         }
-        let entries: Vec<Entry> = scopes
+        let entries: Vec<Entry<&str>> = scopes
             .iter()
             .filter(|s| state.limits.contains_key(**s))
             .map(|s| Entry {
-                scope: s.to_string(),
+                scope: *s,
                 requests: 0,
                 spend: 0.0,
                 bytes_up: 0,
@@ -448,7 +457,9 @@ impl Ledger {
             .collect();
         let ticket = self.persist(&mut state, &entries, sync)?;
         for entry in entries {
-            state.used.entry(entry.scope).or_default().bytes_down += entry.bytes_down;
+            if let Some(usage) = used_mut(&mut state.used, entry.scope) {
+                usage.bytes_down += entry.bytes_down;
+            }
         }
         Ok(Ok(ticket))
     }
@@ -506,7 +517,7 @@ impl Ledger {
     fn persist(
         &self,
         state: &mut State,
-        entries: &[Entry],
+        entries: &[Entry<&str>],
         sync: bool,
     ) -> Result<Ticket, LedgerError> {
         let (Some(file), Some(path)) = (state.file.as_mut(), self.path.as_ref()) else {
@@ -517,9 +528,8 @@ impl Ledger {
         }
         let mut buf = Vec::with_capacity(64 * entries.len());
         for entry in entries {
-            // Serializing plain numbers and strings cannot fail.
-            if let Ok(line) = serde_json::to_vec(entry) {
-                buf.extend_from_slice(&line);
+            // Serializing plain numbers and strings into memory cannot fail.
+            if serde_json::to_writer(&mut buf, entry).is_ok() {
                 buf.push(b'\n');
             }
         }

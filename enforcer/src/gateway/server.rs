@@ -141,6 +141,11 @@ pub enum GatewayError {
         "capability `{capability}` needs the secret `{secret}`, which the secret store does not hold"
     )]
     MissingSecret { capability: String, secret: String },
+    #[error("capability `{capability}`: {reason}")]
+    Credential {
+        capability: String,
+        reason: &'static str,
+    },
     #[error("creating the state directory {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -167,6 +172,58 @@ pub struct Gateway {
     retired: std::sync::atomic::AtomicBool,
     /// Idle keep-alive connections to each capability's upstream, by capability name.
     pool: Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
+    /// Per capability, in the Envelope's order.
+    prepared: Vec<Prepared>,
+}
+
+/// What forwarding through one capability needs, worked out once per Envelope instead of
+/// once per request.
+struct Prepared {
+    /// The ledger scope of the capability's own budget (also its audit rule).
+    scope: String,
+    host_header: HeaderValue,
+    /// The header carrying the credential, and its value (marked sensitive, so it never
+    /// shows in `Debug` output).
+    credential: Option<(HeaderName, HeaderValue)>,
+}
+
+impl Prepared {
+    fn new(cap: &Capability, secrets: &SecretStore) -> Result<Self, GatewayError> {
+        let fail = |reason| GatewayError::Credential {
+            capability: cap.name.clone(),
+            reason,
+        };
+        let (host, port) = (&cap.upstream.host, cap.upstream.port());
+        let host_header = if port == cap.upstream.scheme.default_port() {
+            HeaderValue::from_str(host)
+        } else {
+            HeaderValue::from_str(&format!("{host}:{port}"))
+        }
+        .map_err(|_| fail("the upstream host cannot be sent as a Host header"))?;
+        let credential = match &cap.credential {
+            None => None,
+            Some(cred) => {
+                let secret =
+                    secrets
+                        .get(&cred.secret)
+                        .map_err(|_| GatewayError::MissingSecret {
+                            capability: cap.name.clone(),
+                            secret: cred.secret.clone(),
+                        })?;
+                let name = HeaderName::from_bytes(cred.header.as_bytes())
+                    .map_err(|_| fail("the credential header name is invalid"))?;
+                let mut value = HeaderValue::from_str(&cred.header_value(secret.expose()))
+                    .map_err(|_| fail("the credential cannot be sent as a header value"))?;
+                value.set_sensitive(true);
+                Some((name, value))
+            }
+        };
+        Ok(Prepared {
+            scope: capability_scope(&cap.name),
+            host_header,
+            credential,
+        })
+    }
 }
 
 /// Idle upstream connections kept per capability; more are closed when returned.
@@ -227,6 +284,11 @@ impl Gateway {
             breaker_path.as_deref(),
             setup.trip_hook,
         );
+        let prepared = env
+            .capabilities
+            .iter()
+            .map(|cap| Prepared::new(cap, &setup.secrets))
+            .collect::<Result<Vec<_>, _>>()?;
         let ca = AgentCa::generate(&setup.agent, env.expires_at.0 + time::Duration::hours(1))?;
         Ok(Arc::new(Gateway {
             agent: setup.agent,
@@ -243,6 +305,7 @@ impl Gateway {
             started: Instant::now(),
             retired: std::sync::atomic::AtomicBool::new(false),
             pool: Mutex::new(HashMap::new()),
+            prepared,
         }))
     }
 
@@ -350,6 +413,7 @@ impl Gateway {
         framing: Option<HeadVerdict>,
     ) -> Response<Full<Bytes>> {
         let started = Instant::now();
+        let raw_target = req.uri().clone();
         let mut decision = Decision {
             envelope_id: self.envelope.id().to_owned(),
             agent: self.agent.clone(),
@@ -360,7 +424,8 @@ impl Gateway {
             reason: String::new(),
             status: 0,
             method: req.method().as_str().to_owned(),
-            url: req.uri().to_string(),
+            // Set to the normalized target once there is one; the raw target otherwise.
+            url: String::new(),
             spend: 0.0,
             bytes_up: 0,
             bytes_down: 0,
@@ -401,6 +466,9 @@ impl Gateway {
             }
         };
         decision.latency_ms = started.elapsed().as_millis() as u64;
+        if decision.url.is_empty() {
+            decision.url = raw_target.to_string();
+        }
         if decision.status == 0 {
             decision.status = response.status().as_u16();
         }
@@ -478,12 +546,16 @@ impl Gateway {
             None => normalize::absolute(req.uri(), host_header.as_deref()),
         }
         .map_err(Refusal::malformed)?;
-        decision.url = format!(
-            "{}://{}{}",
-            target.scheme,
-            target.authority(),
-            target.origin_form()
+        let origin_form = target.origin_form();
+        let authority = target.authority();
+        let mut url = String::with_capacity(
+            target.scheme.as_str().len() + 3 + authority.len() + origin_form.len(),
         );
+        url.push_str(target.scheme.as_str());
+        url.push_str("://");
+        url.push_str(&authority);
+        url.push_str(&origin_form);
+        decision.url = url;
         let method = req.method().clone();
         let (parts, body) = req.into_parts();
         let body = match Limited::new(body, self.limits.max_body_bytes)
@@ -547,10 +619,11 @@ impl Gateway {
         // 3 + 4. A capability for this upstream whose route and scope fit.
         decision.step = "capability";
         let env = self.envelope.envelope();
-        let serving: Vec<&Capability> = env
+        let serving: Vec<(usize, &Capability)> = env
             .capabilities
             .iter()
-            .filter(|c| serves(c, &target))
+            .enumerate()
+            .filter(|(_, c)| serves(c, &target))
             .collect();
         if serving.is_empty() {
             return Err(Refusal::new(
@@ -565,19 +638,19 @@ impl Gateway {
         }
         let mut reasons = Vec::new();
         let mut chosen = None;
-        for cap in &serving {
+        for &(index, cap) in &serving {
             match cap.check(&view) {
                 Ok(()) => {
-                    chosen = Some(*cap);
+                    chosen = Some((index, cap));
                     break;
                 }
                 Err(reason) => reasons.push(reason),
             }
         }
-        let Some(cap) = chosen else {
+        let Some((index, cap)) = chosen else {
             let route_fits = serving
                 .iter()
-                .any(|c| c.routes.iter().any(|r| r.matches(view.method, view.path)));
+                .any(|(_, c)| c.routes.iter().any(|r| r.matches(view.method, view.path)));
             decision.step = if route_fits { "scope" } else { "capability" };
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
@@ -589,7 +662,14 @@ impl Gateway {
                 reasons.join("; "),
             ));
         };
-        decision.rule = format!("capability:{}", cap.name);
+        let prepared = self.prepared.get(index).ok_or_else(|| {
+            Refusal::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the capability's forwarding setup is missing".into(),
+            )
+        })?;
+        decision.rule.clone_from(&prepared.scope);
 
         // 5. Approval.
         if let Some(approval) = env.approvals.iter().find(|a| a.matches(&view)) {
@@ -642,11 +722,11 @@ impl Gateway {
 
         // 6. Budgets: the whole cost is reserved before anything leaves.
         decision.step = "budget";
-        let mut costs: Vec<(String, Cost)> = Vec::new();
+        let mut costs: Vec<(&str, Cost)> = Vec::with_capacity(2);
         let mut spend_for_velocity = 0.0;
         for (scope, budget) in [
-            (ENVELOPE_SCOPE.to_owned(), env.budget.as_ref()),
-            (capability_scope(&cap.name), cap.budget.as_ref()),
+            (ENVELOPE_SCOPE, env.budget.as_ref()),
+            (prepared.scope.as_str(), cap.budget.as_ref()),
         ] {
             let Some(budget) = budget else { continue };
             if let Some(limit) = budget.wall_clock_secs
@@ -685,11 +765,9 @@ impl Gateway {
                 },
             ));
         }
-        let cost_refs: Vec<(&str, Cost)> =
-            costs.iter().map(|(s, c)| (s.as_str(), c.clone())).collect();
         // The reservation is in the ledger file when this returns (the write-ahead); its
         // fsync is group-committed in the background.
-        match self.ledger.reserve_deferred(&cost_refs) {
+        match self.ledger.reserve_deferred(&costs) {
             Ok(Ok(_written)) => {}
             Ok(Err(exceeded)) => {
                 return Err(Refusal::new(
@@ -714,13 +792,11 @@ impl Gateway {
         }
 
         // No action without a record.
-        let allowed = Decision {
-            outcome: "allowed",
-            step: "forwarded",
-            status: 0,
-            ..decision.clone()
-        };
-        if let Err(e) = self.sink.record_before_acting(&allowed).await {
+        let (outcome, step) = (decision.outcome, decision.step);
+        (decision.outcome, decision.step) = ("allowed", "forwarded");
+        let recorded = self.sink.record_before_acting(decision).await;
+        (decision.outcome, decision.step) = (outcome, step);
+        if let Err(e) = recorded {
             decision.step = "audit";
             tracing::error!(error = %e, "audit unavailable; refusing");
             return Err(Refusal::new(
@@ -732,10 +808,18 @@ impl Gateway {
 
         // 7. Inject the credential and forward.
         decision.step = "upstream";
-        let scopes: Vec<&str> = costs.iter().map(|(s, _)| s.as_str()).collect();
+        let scopes: Vec<&str> = costs.iter().map(|(s, _)| *s).collect();
         let result = tokio::time::timeout(
             self.limits.request_timeout,
-            self.forward(cap, &target, &method, &parts.headers, body, &scopes),
+            self.forward(
+                cap,
+                prepared,
+                origin_form,
+                &method,
+                &parts.headers,
+                body,
+                &scopes,
+            ),
         )
         .await;
         let response = match result {
@@ -836,10 +920,12 @@ impl Gateway {
 
     /// Forwards the checked request; returns the scrubbed response and how many body
     /// bytes it carried.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         cap: &Capability,
-        target: &Target,
+        prepared: &Prepared,
+        origin_form: String,
         method: &Method,
         agent_headers: &HeaderMap,
         body: Bytes,
@@ -850,47 +936,18 @@ impl Gateway {
         let host = &cap.upstream.host;
         let port = cap.upstream.port();
 
-        let mut request = Request::builder()
-            .method(method.clone())
-            .uri(target.origin_form());
+        let mut request = Request::builder().method(method.clone()).uri(origin_form);
         let headers = request
             .headers_mut()
             .ok_or_else(|| upstream_refusal("building the request".into()))?;
-        copy_request_headers(agent_headers, headers, cap);
-        let host_value = if port == cap.upstream.scheme.default_port() {
-            HeaderValue::from_str(host)
-        } else {
-            HeaderValue::from_str(&format!("{host}:{port}"))
-        };
-        headers.insert(
-            header::HOST,
-            host_value.map_err(|_| upstream_refusal("bad upstream host".into()))?,
+        copy_request_headers(
+            agent_headers,
+            headers,
+            prepared.credential.as_ref().map(|(name, _)| name),
         );
-        if let Some(cred) = &cap.credential {
-            let secret = self.secrets.get(&cred.secret).map_err(|_| {
-                Refusal::new(
-                    StatusCode::BAD_GATEWAY,
-                    "credential_missing",
-                    "the credential is not available".into(),
-                )
-            })?;
-            let name = HeaderName::from_bytes(cred.header.as_bytes()).map_err(|_| {
-                Refusal::new(
-                    StatusCode::BAD_GATEWAY,
-                    "credential_header",
-                    "the credential header name is invalid".into(),
-                )
-            })?;
-            let mut value =
-                HeaderValue::from_str(&cred.header_value(secret.expose())).map_err(|_| {
-                    Refusal::new(
-                        StatusCode::BAD_GATEWAY,
-                        "credential_value",
-                        "the credential cannot be sent as a header".into(),
-                    )
-                })?;
-            value.set_sensitive(true);
-            headers.insert(name, value);
+        headers.insert(header::HOST, prepared.host_header.clone());
+        if let Some((name, value)) = &prepared.credential {
+            headers.insert(name.clone(), value.clone());
         }
         if !body.is_empty() || agent_headers.contains_key(header::CONTENT_LENGTH) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -930,6 +987,9 @@ impl Gateway {
         };
 
         let (mut parts, mut incoming) = response.into_parts();
+        // Most responses arrive in one frame: kept as it came, copied only when there are
+        // more.
+        let mut first: Option<Bytes> = None;
         let mut collected: Vec<u8> = Vec::new();
         while let Some(frame) = incoming.frame().await {
             let frame =
@@ -937,7 +997,8 @@ impl Gateway {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if collected.len() + data.len() > self.limits.max_response_bytes {
+            let so_far = first.as_ref().map_or(0, Bytes::len) + collected.len();
+            if so_far + data.len() > self.limits.max_response_bytes {
                 return Err(Refusal::new(
                     StatusCode::BAD_GATEWAY,
                     "response_too_large",
@@ -967,12 +1028,20 @@ impl Gateway {
                     ));
                 }
             }
-            if collected.is_empty() {
-                collected = Vec::from(data);
-            } else {
-                collected.extend_from_slice(&data);
+            match &first {
+                None if collected.is_empty() => first = Some(data),
+                _ => {
+                    if let Some(earlier) = first.take() {
+                        collected.extend_from_slice(&earlier);
+                    }
+                    collected.extend_from_slice(&data);
+                }
             }
         }
+        let body = match first {
+            Some(only) => only,
+            None => Bytes::from(collected),
+        };
         // The whole response was read, so the connection can carry the next request
         // (unless the upstream asked to close it).
         let closing = parts
@@ -982,17 +1051,14 @@ impl Gateway {
         if !closing && sender.ready().await.is_ok() {
             self.return_to_pool(&cap.name, sender);
         }
-        let bytes_down = collected.len() as u64;
-        let scrubbed = self.scrub(collected);
+        let bytes_down = body.len() as u64;
+        let scrubbed = self.scrub(body);
         strip_hop_by_hop(&mut parts.headers);
         self.scrub_headers(&mut parts.headers);
         parts
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(scrubbed.len()));
-        Ok((
-            Response::from_parts(parts, Full::new(Bytes::from(scrubbed))),
-            bytes_down,
-        ))
+        Ok((Response::from_parts(parts, Full::new(scrubbed)), bytes_down))
     }
 
     fn pooled(&self, capability: &str) -> Option<SendRequest<Full<Bytes>>> {
@@ -1051,8 +1117,9 @@ impl Gateway {
         }
     }
 
-    /// Replaces every secret value an upstream echoed with a placeholder.
-    fn scrub(&self, mut bytes: Vec<u8>) -> Vec<u8> {
+    /// Replaces every secret value an upstream echoed with a placeholder; bytes without
+    /// one are returned as they are.
+    fn scrub(&self, mut bytes: Bytes) -> Bytes {
         for secret in self.secrets.values() {
             let needle = secret.expose().as_bytes();
             if needle.is_empty() || memchr::memmem::find(&bytes, needle).is_none() {
@@ -1067,33 +1134,29 @@ impl Gateway {
                 rest = &rest[at + needle.len()..];
             }
             out.extend_from_slice(rest);
-            bytes = out;
+            bytes = Bytes::from(out);
         }
         bytes
     }
 
     /// Scrubs response header values; only headers that hold a secret are rebuilt.
     fn scrub_headers(&self, headers: &mut HeaderMap) {
-        let secrets: Vec<&[u8]> = self
-            .secrets
-            .values()
-            .map(|s| s.expose().as_bytes())
-            .filter(|s| !s.is_empty())
-            .collect();
+        let holds_secret = |v: &HeaderValue| {
+            self.secrets.values().any(|s| {
+                let s = s.expose().as_bytes();
+                !s.is_empty() && memchr::memmem::find(v.as_bytes(), s).is_some()
+            })
+        };
         let tainted: Vec<HeaderName> = headers
             .iter()
-            .filter(|(_, v)| {
-                secrets
-                    .iter()
-                    .any(|s| memchr::memmem::find(v.as_bytes(), s).is_some())
-            })
+            .filter(|(_, v)| holds_secret(v))
             .map(|(n, _)| n.clone())
             .collect();
         for name in tainted {
             let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
             headers.remove(&name);
             for value in values {
-                let clean = self.scrub(value.as_bytes().to_vec());
+                let clean = self.scrub(Bytes::copy_from_slice(value.as_bytes()));
                 if let Ok(v) = HeaderValue::from_bytes(&clean) {
                     headers.append(name.clone(), v);
                 }
@@ -1134,48 +1197,42 @@ fn serves(cap: &Capability, target: &Target) -> bool {
         && cap.serves(&target.host, 443)
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            v.split(',')
-                .map(|s| s.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    for name in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(named) {
-        headers.remove(name.as_str());
+    // Headers the Connection header names are hop-by-hop too.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
+                named.push(name);
+            }
+        }
+    }
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
     }
 }
 
 /// The agent's headers minus hop-by-hop ones, anything that could carry a credential of
 /// its own, and the header the capability injects.
-fn copy_request_headers(from: &HeaderMap, to: &mut HeaderMap, cap: &Capability) {
-    let injected = cap
-        .credential
-        .as_ref()
-        .map(|c| c.header.to_ascii_lowercase());
+fn copy_request_headers(from: &HeaderMap, to: &mut HeaderMap, injected: Option<&HeaderName>) {
     for (name, value) in from {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n)
+        if HOP_BY_HOP.contains(name)
             || matches!(
-                n,
+                name.as_str(),
                 "authorization" | "proxy-authorization" | "cookie" | "host" | "content-length"
             )
-            || Some(n) == injected.as_deref()
+            || Some(name) == injected
         {
             continue;
         }
