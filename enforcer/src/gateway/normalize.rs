@@ -1,7 +1,7 @@
 //! Step 1 of every decision: parse the request strictly and reduce it to one unambiguous
 //! form. Policy is matched against this form and exactly this form is forwarded, so the
 //! upstream can never see a request other than the one that was checked.
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 use http::{HeaderMap, Method, header};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
@@ -323,7 +323,7 @@ pub fn normalize_path(raw: &str) -> Result<String, Malformed> {
     if !raw.starts_with('/') {
         return Err(Malformed::BadPath);
     }
-    let mut segments: Vec<String> = Vec::new();
+    let mut segments: Vec<Cow<'_, str>> = Vec::new();
     let raw_segments: Vec<&str> = raw.split('/').skip(1).collect();
     let mut trailing_slash = false;
     for (i, raw_segment) in raw_segments.iter().enumerate() {
@@ -332,7 +332,7 @@ pub fn normalize_path(raw: &str) -> Result<String, Malformed> {
             return Err(Malformed::EncodedSeparator);
         }
         let last = i + 1 == raw_segments.len();
-        match segment.as_str() {
+        match &*segment {
             "" => trailing_slash = last && !segments.is_empty(),
             "." => trailing_slash = last && !segments.is_empty(),
             ".." => {
@@ -356,7 +356,11 @@ pub fn normalize_path(raw: &str) -> Result<String, Malformed> {
     Ok(path)
 }
 
-fn decode(raw: &str) -> Result<String, Malformed> {
+fn decode(raw: &str) -> Result<Cow<'_, str>, Malformed> {
+    // Nothing to decode in most segments and parameters: no copy for them.
+    if !raw.contains('%') {
+        return Ok(Cow::Borrowed(raw));
+    }
     let bytes = raw.as_bytes();
     for (i, &b) in bytes.iter().enumerate() {
         if b == b'%' {
@@ -369,16 +373,24 @@ fn decode(raw: &str) -> Result<String, Malformed> {
     }
     percent_decode_str(raw)
         .decode_utf8()
-        .map(|s| s.into_owned())
         .map_err(|_| Malformed::NotUtf8)
+}
+
+/// A query key or value: `+` is a space, then percent-decoding.
+fn decode_form(raw: &str) -> Result<String, Malformed> {
+    if raw.contains('+') {
+        decode(&raw.replace('+', " ")).map(Cow::into_owned)
+    } else {
+        decode(raw).map(Cow::into_owned)
+    }
 }
 
 fn parse_query(raw: &str) -> Result<Vec<(String, String)>, Malformed> {
     let mut out: Vec<(String, String)> = Vec::new();
     for pair in raw.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = decode(&k.replace('+', " "))?;
-        let value = decode(&v.replace('+', " "))?;
+        let key = decode_form(k)?;
+        let value = decode_form(v)?;
         if key.contains('\0') || value.contains('\0') {
             return Err(Malformed::EncodedSeparator);
         }

@@ -1209,16 +1209,18 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers the Connection header names are hop-by-hop too.
-    let mut named: Vec<HeaderName> = Vec::new();
+    // Headers the Connection header names are hop-by-hop too. One pass over the names
+    // present instead of a lookup per hop-by-hop name: most messages have none or one.
+    let mut doomed: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         for token in value.as_bytes().split(|&b| b == b',') {
             if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
-                named.push(name);
+                doomed.push(name);
             }
         }
     }
-    for name in HOP_BY_HOP.iter().chain(&named) {
+    doomed.extend(headers.keys().filter(|n| HOP_BY_HOP.contains(n)).cloned());
+    for name in &doomed {
         headers.remove(name);
     }
 }
@@ -1287,5 +1289,28 @@ impl Refusal {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Trace"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-trace", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["content-type"]);
     }
 }
