@@ -9,6 +9,7 @@
 //!   replay store, revocations and the host policy floor.
 //!
 //! The format is documented field by field in `docs/envelope.md`.
+mod b64;
 pub mod dsse;
 pub mod keys;
 pub mod model;
