@@ -285,6 +285,29 @@ impl fmt::Display for Fp<'_> {
     }
 }
 
+/// For each of `items` in order, whether its key repeats an earlier one's. Lists in real
+/// Envelopes are short, and scanning a short list beats hashing into a freshly allocated
+/// table; long ones (their limits are reported, not enforced by stopping) still get a hash
+/// set, so a hostile Envelope cannot make the check quadratic.
+fn repeats<'a, T, K: Eq + std::hash::Hash>(
+    items: &'a [T],
+    key: impl Fn(&'a T) -> K,
+) -> impl Iterator<Item = bool> {
+    const SCAN: usize = 32;
+    let mut set = (items.len() > SCAN).then(|| HashSet::with_capacity(items.len()));
+    items.iter().enumerate().map(move |(i, item)| {
+        let k = key(item);
+        match &mut set {
+            Some(set) => !set.insert(k),
+            None => items
+                .get(..i)
+                .unwrap_or_default()
+                .iter()
+                .any(|e| key(e) == k),
+        }
+    })
+}
+
 #[derive(Default)]
 pub(crate) struct Checker {
     pub(crate) problems: Vec<Problem>,
@@ -422,10 +445,10 @@ impl Checker {
                 "split the task",
             );
         }
-        let mut names = HashSet::new();
-        for (i, cap) in env.capabilities.iter().enumerate() {
+        let dup_names = repeats(&env.capabilities, |c| c.name.as_str());
+        for ((i, cap), dup) in env.capabilities.iter().enumerate().zip(dup_names) {
             let p = Fp::TopIndex("capabilities", i);
-            if !names.insert(cap.name.as_str()) {
+            if dup {
                 self.err(
                     p.at("name"),
                     format!("duplicate capability name `{}`", cap.name),
@@ -550,13 +573,13 @@ impl Checker {
                 "use `*` and `**` patterns",
             );
         }
-        let mut seen = HashSet::with_capacity(cap.routes.len());
-        for (j, r) in cap.routes.iter().enumerate() {
+        // The set of methods as a bit mask: order-insensitive like sorting, without
+        // copying the list.
+        let dup_routes = repeats(&cap.routes, |r| (method_mask(&r.methods), r.path.as_str()));
+        for ((j, r), dup) in cap.routes.iter().enumerate().zip(dup_routes) {
             let rp = p.idx("routes", j);
             self.methods(&r.methods, &rp.at("methods"), false);
-            // The set of methods as a bit mask: order-insensitive like sorting, without
-            // copying the list.
-            if !seen.insert((method_mask(&r.methods), r.path.as_str())) {
+            if dup {
                 self.err(
                     rp,
                     "duplicate route",
