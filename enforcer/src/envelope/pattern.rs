@@ -230,8 +230,7 @@ impl<'de> Deserialize<'de> for PathPattern {
 /// True for a lowercase DNS name as [`check_host`] accepts it, checked byte by byte.
 fn is_dns_name(host: &str) -> bool {
     (1..=253).contains(&host.len())
-        && host.split('.').all(|label| {
-            let b = label.as_bytes();
+        && host.as_bytes().split(|&c| c == b'.').all(|b| {
             (1..=63).contains(&b.len())
                 && b.iter()
                     .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
