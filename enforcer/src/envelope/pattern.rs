@@ -14,7 +14,10 @@ use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use super::model::{Approval, Capability, Constraint, ForbiddenEffect, Method, Spend};
+use super::{
+    model::{Approval, Capability, Constraint, ForbiddenEffect, Method, Spend},
+    text::Text,
+};
 
 /// Longest regex source accepted, in bytes.
 pub const MAX_REGEX_LEN: usize = 512;
@@ -71,12 +74,12 @@ fn is_plain_path_byte(b: u8) -> bool {
 /// than walking a parsed list and saves an allocation per pattern in every Envelope.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PathPattern {
-    source: String,
+    source: Text,
 }
 
 impl PathPattern {
     pub fn parse(source: &str) -> Result<PathPattern, String> {
-        Self::parse_owned(source.to_owned())
+        Self::parse_owned(Text::new(source))
     }
 
     /// True if `source` is a valid pattern made of plain ASCII, decided in one pass over
@@ -103,7 +106,7 @@ impl PathPattern {
         true
     }
 
-    fn parse_owned(source: String) -> Result<PathPattern, String> {
+    fn parse_owned(source: Text) -> Result<PathPattern, String> {
         if source.len() > MAX_PATTERN_LEN {
             return Err(format!("path pattern longer than {MAX_PATTERN_LEN} bytes"));
         }
@@ -222,7 +225,7 @@ impl Serialize for PathPattern {
 
 impl<'de> Deserialize<'de> for PathPattern {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = Text::deserialize(d)?;
         PathPattern::parse_owned(s).map_err(serde::de::Error::custom)
     }
 }
@@ -281,7 +284,7 @@ fn check_dns_name(host: &str) -> Result<(), String> {
 /// dot on the request's host.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HostPattern {
-    source: String,
+    source: Text,
 }
 
 impl HostPattern {
@@ -289,7 +292,7 @@ impl HostPattern {
         let exact = source.strip_prefix("*.").unwrap_or(source);
         check_host(exact)?;
         Ok(HostPattern {
-            source: source.to_owned(),
+            source: Text::new(source),
         })
     }
     pub fn as_str(&self) -> &str {
@@ -320,7 +323,7 @@ impl Serialize for HostPattern {
 
 impl<'de> Deserialize<'de> for HostPattern {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = Text::deserialize(d)?;
         HostPattern::parse(&s).map_err(serde::de::Error::custom)
     }
 }
@@ -330,7 +333,7 @@ impl<'de> Deserialize<'de> for HostPattern {
 /// Compiled when parsed, with a bounded program size.
 #[derive(Clone)]
 pub struct RegexRule {
-    source: String,
+    source: Text,
     /// Shared with the cache: cloning a `Regex` builds a fresh matching-state pool, which
     /// cost more than the lookup it follows.
     regex: Arc<Regex>,
@@ -338,10 +341,10 @@ pub struct RegexRule {
 
 impl RegexRule {
     pub fn parse(source: &str) -> Result<RegexRule, String> {
-        Self::parse_owned(source.to_owned())
+        Self::parse_owned(Text::new(source))
     }
 
-    fn parse_owned(source: String) -> Result<RegexRule, String> {
+    fn parse_owned(source: Text) -> Result<RegexRule, String> {
         if source.len() > MAX_REGEX_LEN {
             return Err(format!(
                 "regex longer than {MAX_REGEX_LEN} bytes; simplify it or use one_of"
@@ -353,7 +356,11 @@ impl RegexRule {
         static CACHE: OnceLock<Mutex<HashMap<String, Arc<Regex>>>> = OnceLock::new();
         const CACHE_ENTRIES: usize = 4096;
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-        if let Some(regex) = cache.lock().ok().and_then(|c| c.get(&source).cloned()) {
+        if let Some(regex) = cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(source.as_str()).cloned())
+        {
             return Ok(RegexRule { source, regex });
         }
         let regex = RegexBuilder::new(&format!("^(?:{source})$"))
@@ -368,7 +375,7 @@ impl RegexRule {
             if c.len() >= CACHE_ENTRIES {
                 c.clear();
             }
-            c.insert(source.clone(), regex.clone());
+            c.insert(source.to_string(), regex.clone());
         }
         Ok(RegexRule { source, regex })
     }
@@ -400,7 +407,7 @@ impl Serialize for RegexRule {
 
 impl<'de> Deserialize<'de> for RegexRule {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = Text::deserialize(d)?;
         RegexRule::parse_owned(s).map_err(serde::de::Error::custom)
     }
 }

@@ -195,8 +195,8 @@ impl Gateway {
                 && setup.secrets.get(&cred.secret).is_err()
             {
                 return Err(GatewayError::MissingSecret {
-                    capability: cap.name.clone(),
-                    secret: cred.secret.clone(),
+                    capability: cap.name.to_string(),
+                    secret: cred.secret.to_string(),
                 });
             }
         }
@@ -1059,8 +1059,8 @@ impl Gateway {
         let _ = tcp.set_nodelay(true);
         match cap.upstream.scheme.as_str() {
             "https" => {
-                let server_name =
-                    rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+                let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|_| {
                         upstream_refusal(format!("{host} is not a valid TLS server name"))
                     })?;
                 let tls = tokio_rustls::TlsConnector::from(self.upstream_tls.clone())
