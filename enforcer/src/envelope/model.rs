@@ -3,6 +3,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
+use smallvec::SmallVec;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::{
@@ -231,11 +232,15 @@ impl Method {
     }
 }
 
+/// A list of HTTP methods. Held inline: there are only seven, and a heap allocation per
+/// route was a noticeable part of verifying an Envelope.
+pub type Methods = SmallVec<[Method; 7]>;
+
 /// Methods plus a path pattern (see [`PathPattern`] for the syntax).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
-    pub methods: Vec<Method>,
+    pub methods: Methods,
     pub path: PathPattern,
 }
 
@@ -313,8 +318,8 @@ pub struct Spend {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForbiddenEffect {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub methods: Vec<Method>,
+    #[serde(default, skip_serializing_if = "SmallVec::is_empty")]
+    pub methods: Methods,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<HostPattern>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -329,8 +334,8 @@ pub struct ForbiddenEffect {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Approval {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub methods: Vec<Method>,
+    #[serde(default, skip_serializing_if = "SmallVec::is_empty")]
+    pub methods: Methods,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<HostPattern>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
