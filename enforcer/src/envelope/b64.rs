@@ -45,7 +45,7 @@ pub(crate) fn decode_append(input: &[u8], out: &mut Vec<u8>) -> Result<(), Decod
 /// The common case: well-formed input, decoded in one pass. False when the input is not
 /// canonical standard base64; `out` may then hold garbage past its old length.
 fn fast(input: &[u8], out: &mut Vec<u8>) -> bool {
-    if input.len() % 4 != 0 {
+    if !input.len().is_multiple_of(4) {
         return false;
     }
     let Some(body_len) = input.len().checked_sub(4) else {
