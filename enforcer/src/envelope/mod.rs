@@ -9,10 +9,12 @@
 //!   replay store, revocations and the host policy floor.
 //!
 //! The format is documented field by field in `docs/envelope.md`.
+mod b64;
 pub mod dsse;
 pub mod keys;
 pub mod model;
 pub mod pattern;
+pub mod text;
 pub mod validate;
 pub mod verify;
 
@@ -23,6 +25,7 @@ pub use dsse::{SignedEnvelope, canonical_payload, pae, sign_envelope};
 pub use keys::{KeyError, Keyring, generate_keypair, key_id, load_signing_key, load_verifying_key};
 pub use model::{Envelope, PAYLOAD_TYPE, SUPPORTED_VERSIONS};
 pub use pattern::{Body, HostPattern, Outcome, PathPattern, RequestView, is_normalized_path};
+pub use text::Text;
 pub use validate::{EnvelopeError, Location, Problem, from_json, from_toml, validate};
 pub use verify::{
     Clock, FixedClock, Floor, Revocations, SystemClock, UsedIds, VerifiedEnvelope, Verifier,

@@ -3,9 +3,13 @@
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
+use smallvec::SmallVec;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use super::pattern::{HostPattern, PathPattern, RegexRule};
+use super::{
+    pattern::{HostPattern, PathPattern, RegexRule},
+    text::Text,
+};
 
 /// Envelope format versions this build understands. A payload naming any other version is
 /// refused with `unsupported_version`, never interpreted by guesswork.
@@ -109,7 +113,7 @@ impl Envelope {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Capability {
-    pub name: String,
+    pub name: Text,
     pub upstream: Upstream,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialRef>,
@@ -147,7 +151,7 @@ impl Scheme {
 pub struct Upstream {
     pub scheme: Scheme,
     /// Lowercase DNS name or IP literal (IPv6 without brackets). Exact, no wildcards.
-    pub host: String,
+    pub host: Text,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
 }
@@ -163,7 +167,7 @@ impl fmt::Display for Upstream {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
-            self.host.clone()
+            self.host.to_string()
         };
         write!(f, "{}://{}:{}", self.scheme.as_str(), host, self.port())
     }
@@ -173,14 +177,14 @@ impl fmt::Display for Upstream {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialRef {
-    pub secret: String,
-    pub header: String,
+    pub secret: Text,
+    pub header: Text,
     #[serde(default = "default_credential_format")]
-    pub format: String,
+    pub format: Text,
 }
 
-fn default_credential_format() -> String {
-    "{secret}".to_owned()
+fn default_credential_format() -> Text {
+    Text::new("{secret}")
 }
 
 impl CredentialRef {
@@ -228,11 +232,15 @@ impl Method {
     }
 }
 
+/// A list of HTTP methods. Held inline: there are only seven, and a heap allocation per
+/// route was a noticeable part of verifying an Envelope.
+pub type Methods = SmallVec<[Method; 7]>;
+
 /// Methods plus a path pattern (see [`PathPattern`] for the syntax).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
-    pub methods: Vec<Method>,
+    pub methods: Methods,
     pub path: PathPattern,
 }
 
@@ -250,10 +258,10 @@ impl Route {
 pub struct Constraint {
     /// Name of a query parameter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub query: Option<String>,
+    pub query: Option<Text>,
     /// RFC 6901 JSON pointer into the request body, e.g. `/order/qty`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<String>,
+    pub body: Option<Text>,
     /// If true, an absent field passes; a present one must satisfy the rules.
     #[serde(default, skip_serializing_if = "is_false")]
     pub optional: bool,
@@ -297,21 +305,21 @@ pub struct Budget {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Spend {
-    pub currency: String,
+    pub currency: Text,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub amount: Option<String>,
+    pub amount: Option<Text>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub multiplier: Option<String>,
+    pub multiplier: Option<Text>,
 }
 
 /// What no capability may ever do. Checked before capabilities; a match refuses the request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForbiddenEffect {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub methods: Vec<Method>,
+    #[serde(default, skip_serializing_if = "SmallVec::is_empty")]
+    pub methods: Methods,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<HostPattern>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -326,8 +334,8 @@ pub struct ForbiddenEffect {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Approval {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub methods: Vec<Method>,
+    #[serde(default, skip_serializing_if = "SmallVec::is_empty")]
+    pub methods: Methods,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<HostPattern>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -14,7 +14,10 @@ use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use super::model::{Approval, Capability, Constraint, ForbiddenEffect, Method, Spend};
+use super::{
+    model::{Approval, Capability, Constraint, ForbiddenEffect, Method, Spend},
+    text::Text,
+};
 
 /// Longest regex source accepted, in bytes.
 pub const MAX_REGEX_LEN: usize = 512;
@@ -55,48 +58,82 @@ pub fn is_normalized_path(path: &str) -> bool {
         .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Seg {
-    /// Byte range of the literal in the pattern's source: one allocation per pattern
-    /// rather than one per segment.
-    Literal(std::ops::Range<usize>),
+/// One segment of a parsed path pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seg<'a> {
+    Literal(&'a str),
     /// `*`: exactly one non-empty segment.
     One,
     /// `**`: zero or more segments, only last.
     Rest,
 }
 
+/// True for the bytes a literal segment may always contain; anything else goes through
+/// the character-by-character checks in [`PathPattern::parse_owned`].
+fn is_plain_path_byte(b: u8) -> bool {
+    b.is_ascii_graphic() && !matches!(b, b'*' | b'%' | b'?' | b'#' | b'\\' | b'/')
+}
+
 /// A path pattern: `/`-separated segments, each a literal, `*` (exactly one non-empty
 /// segment) or, as the last segment only, `**` (zero or more segments). Literals are
 /// case-sensitive and may not contain `*`, `%`, `?`, `#`, `\`, whitespace, or be `.`/`..`.
 /// A trailing `/` in a path is an empty segment that only `**` matches.
+///
+/// Only the source is kept: segments are read off it while matching, which costs no more
+/// than walking a parsed list and saves an allocation per pattern in every Envelope.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PathPattern {
-    source: String,
-    segs: Vec<Seg>,
+    source: Text,
 }
 
 impl PathPattern {
     pub fn parse(source: &str) -> Result<PathPattern, String> {
-        Self::parse_owned(source.to_owned())
+        Self::parse_owned(Text::new(source))
     }
 
-    fn parse_owned(source: String) -> Result<PathPattern, String> {
+    /// True if `source` is a valid pattern made of plain ASCII, decided in one pass over
+    /// its bytes. False says nothing: the full checks decide, and word the error.
+    fn plainly_valid(source: &str) -> bool {
+        let Some(rest) = source.as_bytes().strip_prefix(b"/") else {
+            return false;
+        };
+        if rest.is_empty() {
+            return true;
+        }
+        let mut parts = rest.split(|&b| b == b'/').peekable();
+        while let Some(part) = parts.next() {
+            let ok = match part {
+                b"*" => true,
+                b"**" => parts.peek().is_none(),
+                b"" | b"." | b".." => false,
+                lit => lit.iter().all(|&b| is_plain_path_byte(b)),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn parse_owned(source: Text) -> Result<PathPattern, String> {
         if source.len() > MAX_PATTERN_LEN {
             return Err(format!("path pattern longer than {MAX_PATTERN_LEN} bytes"));
         }
+        if !Self::plainly_valid(&source) {
+            Self::check(&source)?;
+        }
+        Ok(PathPattern { source })
+    }
+
+    /// Every rule a pattern must follow, with the first one broken as the error.
+    fn check(source: &str) -> Result<(), String> {
         let Some(rest) = source.strip_prefix('/') else {
             return Err(format!("path pattern `{source}` must start with `/`"));
         };
-        let mut segs = Vec::new();
         if !rest.is_empty() {
             let last = rest.bytes().filter(|&b| b == b'/').count();
-            segs.reserve_exact(last + 1);
-            let mut offset = 1;
             for (i, part) in rest.split('/').enumerate() {
-                let start = offset;
-                offset += part.len() + 1;
-                let seg = match part {
+                match part {
                     "" => {
                         return Err(format!(
                             "path pattern `{source}` has an empty segment (`//` or a trailing `/`); remove it or use `/**`"
@@ -107,8 +144,8 @@ impl PathPattern {
                             "path pattern `{source}` has a `{part}` segment; patterns match normalized paths, write the resolved path"
                         ));
                     }
-                    "*" => Seg::One,
-                    "**" if i == last => Seg::Rest,
+                    "*" => {}
+                    "**" if i == last => {}
                     "**" => {
                         return Err(format!(
                             "path pattern `{source}`: `**` is only allowed as the last segment"
@@ -125,17 +162,27 @@ impl PathPattern {
                                 bad.escape_default()
                             ));
                         }
-                        Seg::Literal(start..start + lit.len())
                     }
-                };
-                segs.push(seg);
+                }
             }
         }
-        Ok(PathPattern { source, segs })
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
         &self.source
+    }
+
+    /// The segments of a pattern that parsed; `/` alone has none.
+    fn segs(&self) -> impl Iterator<Item = Seg<'_>> {
+        let rest = self.source.get(1..).unwrap_or_default();
+        let parts = (!rest.is_empty()).then(|| rest.split('/'));
+        parts.into_iter().flatten().map(|part| match part {
+            "*" => Seg::One,
+            // Parsing only lets `**` through as the last segment.
+            "**" => Seg::Rest,
+            lit => Seg::Literal(lit),
+        })
     }
 
     /// Whether a normalized path matches. Unnormalized paths never match.
@@ -151,17 +198,18 @@ impl PathPattern {
             .then(|| rest.split('/'))
             .into_iter()
             .flatten();
-        for seg in &self.segs {
+        for seg in self.segs() {
             match seg {
                 Seg::Rest => return true,
                 Seg::One => match parts.next() {
                     Some(p) if !p.is_empty() => {}
                     _ => return false,
                 },
-                Seg::Literal(lit) => match parts.next() {
-                    Some(p) if self.source.get(lit.clone()) == Some(p) => {}
-                    _ => return false,
-                },
+                Seg::Literal(lit) => {
+                    if parts.next() != Some(lit) {
+                        return false;
+                    }
+                }
             }
         }
         parts.next().is_none()
@@ -188,16 +236,35 @@ impl Serialize for PathPattern {
 
 impl<'de> Deserialize<'de> for PathPattern {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = Text::deserialize(d)?;
         PathPattern::parse_owned(s).map_err(serde::de::Error::custom)
     }
 }
 
+/// True for a lowercase DNS name as [`check_host`] accepts it, checked byte by byte.
+fn is_dns_name(host: &str) -> bool {
+    (1..=253).contains(&host.len())
+        && host.as_bytes().split(|&c| c == b'.').all(|b| {
+            (1..=63).contains(&b.len())
+                && b.iter()
+                    .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+                && b.first() != Some(&b'-')
+                && b.last() != Some(&b'-')
+        })
+}
+
 /// Checks an exact host: a lowercase DNS name or an IP literal (IPv6 without brackets).
 pub fn check_host(host: &str) -> Result<(), String> {
-    if host.parse::<std::net::IpAddr>().is_ok() {
+    // Names are the common case and far cheaper to check than parsing an address, and
+    // either form passing is enough.
+    if is_dns_name(host) || host.parse::<std::net::IpAddr>().is_ok() {
         return Ok(());
     }
+    check_dns_name(host)
+}
+
+/// The DNS name rules of [`check_host`], with the first one broken as the error.
+fn check_dns_name(host: &str) -> Result<(), String> {
     if host.is_empty() || host.len() > 253 {
         return Err(format!(
             "host `{host}` must be 1 to 253 characters (a DNS name or IP address, no scheme, port or path)"
@@ -228,7 +295,7 @@ pub fn check_host(host: &str) -> Result<(), String> {
 /// dot on the request's host.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HostPattern {
-    source: String,
+    source: Text,
 }
 
 impl HostPattern {
@@ -236,7 +303,7 @@ impl HostPattern {
         let exact = source.strip_prefix("*.").unwrap_or(source);
         check_host(exact)?;
         Ok(HostPattern {
-            source: source.to_owned(),
+            source: Text::new(source),
         })
     }
     pub fn as_str(&self) -> &str {
@@ -267,7 +334,7 @@ impl Serialize for HostPattern {
 
 impl<'de> Deserialize<'de> for HostPattern {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = Text::deserialize(d)?;
         HostPattern::parse(&s).map_err(serde::de::Error::custom)
     }
 }
@@ -277,7 +344,7 @@ impl<'de> Deserialize<'de> for HostPattern {
 /// Compiled when parsed, with a bounded program size.
 #[derive(Clone)]
 pub struct RegexRule {
-    source: String,
+    source: Text,
     /// Shared with the cache: cloning a `Regex` builds a fresh matching-state pool, which
     /// cost more than the lookup it follows.
     regex: Arc<Regex>,
@@ -285,10 +352,10 @@ pub struct RegexRule {
 
 impl RegexRule {
     pub fn parse(source: &str) -> Result<RegexRule, String> {
-        Self::parse_owned(source.to_owned())
+        Self::parse_owned(Text::new(source))
     }
 
-    fn parse_owned(source: String) -> Result<RegexRule, String> {
+    fn parse_owned(source: Text) -> Result<RegexRule, String> {
         if source.len() > MAX_REGEX_LEN {
             return Err(format!(
                 "regex longer than {MAX_REGEX_LEN} bytes; simplify it or use one_of"
@@ -300,7 +367,11 @@ impl RegexRule {
         static CACHE: OnceLock<Mutex<HashMap<String, Arc<Regex>>>> = OnceLock::new();
         const CACHE_ENTRIES: usize = 4096;
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-        if let Some(regex) = cache.lock().ok().and_then(|c| c.get(&source).cloned()) {
+        if let Some(regex) = cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(source.as_str()).cloned())
+        {
             return Ok(RegexRule { source, regex });
         }
         let regex = RegexBuilder::new(&format!("^(?:{source})$"))
@@ -315,7 +386,7 @@ impl RegexRule {
             if c.len() >= CACHE_ENTRIES {
                 c.clear();
             }
-            c.insert(source.clone(), regex.clone());
+            c.insert(source.to_string(), regex.clone());
         }
         Ok(RegexRule { source, regex })
     }
@@ -347,7 +418,7 @@ impl Serialize for RegexRule {
 
 impl<'de> Deserialize<'de> for RegexRule {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = Text::deserialize(d)?;
         RegexRule::parse_owned(s).map_err(serde::de::Error::custom)
     }
 }
@@ -664,6 +735,68 @@ impl Spend {
             return Err("spend is not a finite number".into());
         }
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Matching as it was done over a parsed segment list, kept as the reference.
+    fn reference_matches(pattern: &str, path: &str) -> bool {
+        if !is_normalized_path(path) {
+            return false;
+        }
+        let split = |s: &str| -> Vec<String> {
+            if s.is_empty() {
+                Vec::new()
+            } else {
+                s.split('/').map(str::to_owned).collect()
+            }
+        };
+        let segs = split(&pattern[1..]);
+        let parts = split(&path[1..]);
+        let mut i = 0;
+        for seg in &segs {
+            match seg.as_str() {
+                "**" => return true,
+                "*" => match parts.get(i) {
+                    Some(p) if !p.is_empty() => i += 1,
+                    _ => return false,
+                },
+                lit => match parts.get(i) {
+                    Some(p) if p == lit => i += 1,
+                    _ => return false,
+                },
+            }
+        }
+        i == parts.len()
+    }
+
+    proptest! {
+        #[test]
+        fn plain_patterns_pass_the_full_checks(s in "/?([a-c.*%? ~\\\\\t\u{e9}\u{85}]{0,3}/?){0,4}") {
+            if PathPattern::plainly_valid(&s) {
+                prop_assert!(PathPattern::check(&s).is_ok(), "{s:?}");
+            }
+        }
+
+        #[test]
+        fn dns_names_agree_with_the_full_checks(s in "[a-cA.\\-0-9\u{e9}:]{0,12}") {
+            prop_assert_eq!(is_dns_name(&s), check_dns_name(&s).is_ok(), "{:?}", s);
+        }
+
+        #[test]
+        fn matching_agrees_with_the_reference(
+            pattern in "(/(a|b|\\*|\\*\\*)){0,4}",
+            path in "/((a|b|c|)(/|)){0,5}",
+        ) {
+            let pattern = if pattern.is_empty() { "/".to_owned() } else { pattern };
+            if let Ok(p) = PathPattern::parse(&pattern) {
+                prop_assert_eq!(p.matches(&path), reference_matches(&pattern, &path), "{} {}", pattern, path);
+            }
+        }
     }
 }
 

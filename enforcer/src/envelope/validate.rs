@@ -285,24 +285,59 @@ impl fmt::Display for Fp<'_> {
     }
 }
 
+/// For each of `items` in order, whether its key repeats an earlier one's. Lists in real
+/// Envelopes are short, and scanning a short list beats hashing into a freshly allocated
+/// table; long ones (their limits are reported, not enforced by stopping) still get a hash
+/// set, so a hostile Envelope cannot make the check quadratic.
+fn repeats<'a, T, K: Eq + std::hash::Hash>(
+    items: &'a [T],
+    key: impl Fn(&'a T) -> K,
+) -> impl Iterator<Item = bool> {
+    const SCAN: usize = 32;
+    let mut set = (items.len() > SCAN).then(|| HashSet::with_capacity(items.len()));
+    items.iter().enumerate().map(move |(i, item)| {
+        let k = key(item);
+        match &mut set {
+            Some(set) => !set.insert(k),
+            None => items
+                .get(..i)
+                .unwrap_or_default()
+                .iter()
+                .any(|e| key(e) == k),
+        }
+    })
+}
+
 #[derive(Default)]
 pub(crate) struct Checker {
     pub(crate) problems: Vec<Problem>,
 }
 
-fn is_text(s: &str, max: usize) -> bool {
-    !s.trim().is_empty() && s.len() <= max && !s.chars().any(char::is_control)
+/// Whether `s` holds a control character. The ASCII ones are found by a byte test without
+/// early exit, which the compiler vectorizes; only text with other characters, where C1
+/// controls may hide, is decoded.
+fn has_control(s: &str) -> bool {
+    let ascii_control = s
+        .bytes()
+        .fold(false, |found, b| found | (b < 0x20) | (b == 0x7f));
+    ascii_control || (!s.is_ascii() && s.chars().any(char::is_control))
 }
 
-fn is_word(s: &str, max: usize, extra: &[char]) -> bool {
+fn is_text(s: &str, max: usize) -> bool {
+    !s.trim().is_empty() && s.len() <= max && !has_control(s)
+}
+
+/// `extra` holds ASCII punctuation only, so the test can go byte by byte: a non-ASCII
+/// byte is neither alphanumeric nor in `extra`, just as its character would not be.
+fn is_word(s: &str, max: usize, extra: &[u8]) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.chars()
+        && s.bytes()
             .all(|c| c.is_ascii_alphanumeric() || extra.contains(&c))
 }
 
 pub(crate) fn is_json_pointer(p: &str) -> bool {
-    if p.len() > 256 || !p.starts_with('/') || p.chars().any(char::is_control) {
+    if p.len() > 256 || !p.starts_with('/') || has_control(p) {
         return false;
     }
     let b = p.as_bytes();
@@ -313,8 +348,19 @@ pub(crate) fn is_json_pointer(p: &str) -> bool {
 
 fn is_currency(c: &str) -> bool {
     (2..=10).contains(&c.len())
-        && c.chars()
+        && c.bytes()
             .all(|ch| ch.is_ascii_uppercase() || ch.is_ascii_digit())
+}
+
+/// Whether `format` holds `{secret}` exactly once. Occurrences cannot overlap (the
+/// placeholder has one `{`), so counting the `{` that start one is counting them.
+fn has_one_secret_slot(format: &str) -> bool {
+    let b = format.as_bytes();
+    let mut slots = b
+        .iter()
+        .enumerate()
+        .filter(|&(i, &c)| c == b'{' && b.get(i..).is_some_and(|t| t.starts_with(b"{secret}")));
+    slots.next().is_some() && slots.next().is_none()
 }
 
 fn method_bit(m: Method) -> u8 {
@@ -351,7 +397,7 @@ impl Checker {
     }
 
     fn envelope(&mut self, env: &Envelope) {
-        if !is_word(&env.id, 128, &['.', '_', '-', ':']) {
+        if !is_word(&env.id, 128, b"._-:") {
             self.err(
                 "id",
                 format!("`{}` is not a valid envelope id", env.id.escape_default()),
@@ -422,10 +468,10 @@ impl Checker {
                 "split the task",
             );
         }
-        let mut names = HashSet::new();
-        for (i, cap) in env.capabilities.iter().enumerate() {
+        let dup_names = repeats(&env.capabilities, |c| c.name.as_str());
+        for ((i, cap), dup) in env.capabilities.iter().enumerate().zip(dup_names) {
             let p = Fp::TopIndex("capabilities", i);
-            if !names.insert(cap.name.as_str()) {
+            if dup {
                 self.err(
                     p.at("name"),
                     format!("duplicate capability name `{}`", cap.name),
@@ -469,8 +515,7 @@ impl Checker {
         total: Option<&Budget>,
         total_currency: Option<&str>,
     ) {
-        if !is_word(&cap.name, 64, &['_', '-']) || cap.name.chars().any(|c| c.is_ascii_uppercase())
-        {
+        if !is_word(&cap.name, 64, b"_-") || cap.name.bytes().any(|c| c.is_ascii_uppercase()) {
             self.err(
                 p.at("name"),
                 format!(
@@ -496,15 +541,17 @@ impl Checker {
         }
         if let Some(c) = &cap.credential {
             let cp = p.at("credential");
-            if !is_word(&c.secret, 128, &['_', '-', '.']) {
+            if !is_word(&c.secret, 128, b"_-.") {
                 self.err(
                     cp.at("secret"),
                     "not a valid secret name",
                     "name the secret as the daemon's secret store knows it (A-Z a-z 0-9 _ - .); never put the secret itself here",
                 );
             }
-            if !is_word(&c.header, 64, &['-', '_'])
-                || RESERVED_HEADERS.contains(&c.header.to_ascii_lowercase().as_str())
+            if !is_word(&c.header, 64, b"-_")
+                || RESERVED_HEADERS
+                    .iter()
+                    .any(|h| h.eq_ignore_ascii_case(&c.header))
             {
                 self.err(
                     cp.at("header"),
@@ -512,22 +559,20 @@ impl Checker {
                     "use a header such as Authorization or X-Api-Key",
                 );
             }
-            if c.format.matches("{secret}").count() != 1
-                || c.format.len() > 256
-                || c.format.chars().any(char::is_control)
-            {
+            if !has_one_secret_slot(&c.format) || c.format.len() > 256 || has_control(&c.format) {
                 self.err(
                     cp.at("format"),
                     "must contain `{secret}` exactly once and no control characters",
                     "e.g. \"Bearer {secret}\"",
                 );
             }
-            let loopback = cap.upstream.host == "localhost"
-                || cap
-                    .upstream
-                    .host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback());
+            let host = &cap.upstream.host;
+            // Every address literal has a `:` or starts with a digit; names skip the parse.
+            let loopback = host == "localhost"
+                || ((host.contains(':') || host.starts_with(|c: char| c.is_ascii_digit()))
+                    && host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback()));
             if cap.upstream.scheme == Scheme::Http && !loopback {
                 self.err(
                     p.at("upstream.scheme"),
@@ -550,13 +595,13 @@ impl Checker {
                 "use `*` and `**` patterns",
             );
         }
-        let mut seen = HashSet::with_capacity(cap.routes.len());
-        for (j, r) in cap.routes.iter().enumerate() {
+        // The set of methods as a bit mask: order-insensitive like sorting, without
+        // copying the list.
+        let dup_routes = repeats(&cap.routes, |r| (method_mask(&r.methods), r.path.as_str()));
+        for ((j, r), dup) in cap.routes.iter().enumerate().zip(dup_routes) {
             let rp = p.idx("routes", j);
             self.methods(&r.methods, &rp.at("methods"), false);
-            // The set of methods as a bit mask: order-insensitive like sorting, without
-            // copying the list.
-            if !seen.insert((method_mask(&r.methods), r.path.as_str())) {
+            if dup {
                 self.err(
                     rp,
                     "duplicate route",

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 use super::{
+    b64,
     dsse::{SignedEnvelope, pae, pae_prefix},
     keys::Keyring,
     model::{Budget, Envelope, ForbiddenEffect, PAYLOAD_TYPE, ResourceLimits, Timestamp},
@@ -594,7 +595,7 @@ fn decode_into_pae(payload_type: &str, b64: &[u8]) -> Result<(Vec<u8>, usize), V
     let expected = (b64.len() / 4 * 3).saturating_sub(padding);
     let mut message = pae_prefix(payload_type, expected, expected);
     let start = message.len();
-    STANDARD.decode_vec(b64, &mut message).map_err(malformed)?;
+    b64::decode_append(b64, &mut message).map_err(malformed)?;
     if message.len() - start != expected {
         // Not reachable for input the decoder accepts; rebuild the honest way rather
         // than sign-check a message with a wrong length prefix.

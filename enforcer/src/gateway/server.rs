@@ -190,7 +190,7 @@ struct Prepared {
 impl Prepared {
     fn new(cap: &Capability, secrets: &SecretStore) -> Result<Self, GatewayError> {
         let fail = |reason| GatewayError::Credential {
-            capability: cap.name.clone(),
+            capability: cap.name.to_string(),
             reason,
         };
         let (host, port) = (&cap.upstream.host, cap.upstream.port());
@@ -207,8 +207,8 @@ impl Prepared {
                     secrets
                         .get(&cred.secret)
                         .map_err(|_| GatewayError::MissingSecret {
-                            capability: cap.name.clone(),
-                            secret: cred.secret.clone(),
+                            capability: cap.name.to_string(),
+                            secret: cred.secret.to_string(),
                         })?;
                 let name = HeaderName::from_bytes(cred.header.as_bytes())
                     .map_err(|_| fail("the credential header name is invalid"))?;
@@ -253,8 +253,8 @@ impl Gateway {
                 && setup.secrets.get(&cred.secret).is_err()
             {
                 return Err(GatewayError::MissingSecret {
-                    capability: cap.name.clone(),
-                    secret: cred.secret.clone(),
+                    capability: cap.name.to_string(),
+                    secret: cred.secret.to_string(),
                 });
             }
         }
@@ -1103,8 +1103,8 @@ impl Gateway {
         let _ = tcp.set_nodelay(true);
         match cap.upstream.scheme.as_str() {
             "https" => {
-                let server_name =
-                    rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+                let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|_| {
                         upstream_refusal(format!("{host} is not a valid TLS server name"))
                     })?;
                 let tls = tokio_rustls::TlsConnector::from(self.upstream_tls.clone())
