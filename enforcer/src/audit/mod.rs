@@ -39,6 +39,9 @@ pub enum AuditError {
     Failed(Arc<str>),
     #[error("the audit log is closed")]
     Closed,
+    /// The event cannot be written as JSON; this one record is refused, the log goes on.
+    #[error("cannot encode the audit event: {0}")]
+    Encode(Arc<str>),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    event::Event,
+    event::{Event, REDACTED, is_secret_key, looks_like_secret_value},
     merkle::{Frontier, Hash},
 };
 
@@ -125,19 +125,28 @@ pub(crate) fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
 
 /// Appends `bytes` as lower-case hex.
 pub(crate) fn push_hex(buf: &mut Vec<u8>, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let start = buf.len();
-    buf.resize(start + bytes.len() * 2, 0);
-    for (out, b) in buf[start..].chunks_exact_mut(2).zip(bytes) {
-        out[0] = HEX[usize::from(b >> 4)];
-        out[1] = HEX[usize::from(b & 0x0f)];
+    buf.reserve(bytes.len() * 2);
+    for &b in bytes {
+        buf.extend_from_slice(&HEX_PAIR[usize::from(b)]);
     }
 }
+
+/// The two hex digits of every byte: one lookup per byte of every `prev` written.
+const HEX_PAIR: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0x0f]];
+        i += 1;
+    }
+    t
+};
 
 /// Appends `s` as a JSON string, byte for byte as `serde_json` writes it. Almost every
 /// string in an event needs no escape: those are copied whole, the rest go to serde_json.
 fn push_json_str(buf: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if !s.bytes().any(|b| ESCAPED[usize::from(b)]) {
         buf.reserve(s.len() + 2);
         buf.push(b'"');
         buf.extend_from_slice(s.as_bytes());
@@ -148,11 +157,24 @@ fn push_json_str(buf: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
     }
 }
 
-/// Appends `v` as compact JSON, byte for byte as `serde_json` writes it, taking the
-/// string fast path at any depth.
+/// The bytes serde_json escapes in a string: controls, `"` and `\\`.
+const ESCAPED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = i < 0x20 || i == b'"' as usize || i == b'\\' as usize;
+        i += 1;
+    }
+    t
+};
+
+/// Appends a detail value as compact JSON, byte for byte as `serde_json` writes it after
+/// [`redact`](super::event::redact), taking the string fast path at any depth. Redacting
+/// while writing reads each event once and leaves it unchanged.
 fn push_json_value(buf: &mut Vec<u8>, v: &serde_json::Value) -> Result<(), serde_json::Error> {
     use serde_json::Value;
     match v {
+        Value::String(s) if looks_like_secret_value(s) => push_json_str(buf, REDACTED),
         Value::String(s) => push_json_str(buf, s),
         Value::Object(map) => push_json_map(buf, map),
         Value::Array(items) => {
@@ -166,7 +188,26 @@ fn push_json_value(buf: &mut Vec<u8>, v: &serde_json::Value) -> Result<(), serde
             buf.push(b']');
             Ok(())
         }
-        Value::Null | Value::Bool(_) | Value::Number(_) => serde_json::to_writer(&mut *buf, v),
+        Value::Null => {
+            buf.extend_from_slice(b"null");
+            Ok(())
+        }
+        Value::Bool(b) => {
+            buf.extend_from_slice(if *b { b"true" } else { b"false" });
+            Ok(())
+        }
+        // Integers, the usual detail, spelled as serde_json spells them; floats go to it.
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                push_decimal(buf, u);
+            } else if let Some(i) = n.as_i64() {
+                buf.push(b'-');
+                push_decimal(buf, i.unsigned_abs());
+            } else {
+                serde_json::to_writer(&mut *buf, v)?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -181,7 +222,11 @@ fn push_json_map(
         }
         push_json_str(buf, k)?;
         buf.push(b':');
-        push_json_value(buf, v)?;
+        if is_secret_key(k) {
+            push_json_str(buf, REDACTED)?;
+        } else {
+            push_json_value(buf, v)?;
+        }
     }
     buf.push(b'}');
     Ok(())
@@ -197,7 +242,7 @@ fn push_head(buf: &mut Vec<u8>, seq: u64, prev: &Hash, kind: &str) {
     buf.push(b'"');
 }
 
-/// Appends the line for `event` (without newline) to `buf`; the caller has redacted it.
+/// Appends the line for `event` (without newline) to `buf`, redacting as it goes.
 pub fn render_event(
     buf: &mut Vec<u8>,
     seq: u64,
@@ -205,9 +250,28 @@ pub fn render_event(
     ts: &str,
     event: &Event,
 ) -> Result<(), serde_json::Error> {
-    push_head(buf, seq, prev, event.kind.as_str());
+    push_event_head(buf, seq, prev, event.kind.as_str(), ts)?;
+    render_body(buf, event)
+}
+
+/// Appends the start of an event's line: seq, prev, kind and timestamp.
+pub(crate) fn push_event_head(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    prev: &Hash,
+    kind: &str,
+    ts: &str,
+) -> Result<(), serde_json::Error> {
+    push_head(buf, seq, prev, kind);
     buf.extend_from_slice(b",\"ts\":");
-    push_json_str(buf, ts)?;
+    push_json_str(buf, ts)
+}
+
+/// Appends the rest of an event's line after its timestamp, closing brace included. It
+/// depends on the event alone, not on its place in the log, so callers render it on their
+/// own thread before queueing and the writer only adds the head. Credentials in details
+/// are written as `"[redacted]"` (see [`redact`](super::event::redact)).
+pub(crate) fn render_body(buf: &mut Vec<u8>, event: &Event) -> Result<(), serde_json::Error> {
     for (name, value) in [
         (&b",\"envelope\":"[..], &event.envelope),
         (b",\"agent\":", &event.agent),
@@ -529,11 +593,28 @@ mod json_tests {
             "backslash": "a\\b",
             "control": "a\nb\u{1}\u{7f}",
             "unicode": "h\u{e9}llo \u{2028} \u{1f600}",
-            "n": [1, -2, 3.5, 1e300, null, true, false],
+            "n": [0, 1, -2, 3.5, 1e300, -0.0, u64::MAX, i64::MIN, i64::MAX, null, true, false],
             "nested": {"k\"ey": ["x", {"y": "z\t"}], "empty": {}, "none": []},
         });
         let mut fast = Vec::new();
         push_json_value(&mut fast, &v).unwrap();
         assert_eq!(fast, serde_json::to_vec(&v).unwrap());
+    }
+
+    #[test]
+    fn details_are_written_as_redaction_leaves_them() {
+        let v = serde_json::json!({
+            "Authorization": "Bearer abc",
+            "headers": {"X-Api-Key": "k", "accept": "json", "cookie": {"a": 1}},
+            "input_tokens": 12,
+            "list": [{"client_secret": ["s"]}, "Basic Zm9v", " bearer x", "bear"],
+            "access_token": null,
+        });
+        let mut redacted = v.clone();
+        crate::audit::event::redact(&mut redacted);
+        let mut fast = Vec::new();
+        push_json_value(&mut fast, &v).unwrap();
+        assert_eq!(fast, serde_json::to_vec(&redacted).unwrap());
+        assert!(!String::from_utf8(fast).unwrap().contains("abc"));
     }
 }

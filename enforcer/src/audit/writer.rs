@@ -1,19 +1,24 @@
 //! The writer: one thread owns the files; the request path enqueues into a bounded queue and
 //! either waits for its record to be durable or gets an error it must treat as "refuse".
 //! Records are batched (group commit): one write and one fsync per batch, then every
-//! record in it is acknowledged. Two threads pipeline the work: the writer renders,
+//! record in it is acknowledged. The work is spread so the one thread every record must
+//! pass through does only what depends on the record's place in the log: callers redact
+//! and render their events' bodies before queueing, the writer adds seq, prev and time,
 //! hashes and signs batch k+1 while the sync thread writes and fsyncs batch k, in order.
 use std::{
+    cell::RefCell,
+    collections::VecDeque,
     fs::{self, File, OpenOptions},
     future::Future,
     io::Write as _,
+    ops::Range,
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc, Condvar, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -25,9 +30,9 @@ use tokio::sync::oneshot;
 
 use super::{
     AuditError,
-    event::{Event, EventKind, redact_map},
+    event::{Event, EventKind},
     merkle::{Frontier, Hash, chain_hash},
-    record::{Checkpoint, parse_head, render_event},
+    record::{Checkpoint, parse_head, push_event_head, render_body},
     verify::{Chain, Failure, Problem, StepError, list_segments, segment_name},
 };
 
@@ -112,10 +117,70 @@ pub struct Stats {
     pub batches: u64,
 }
 
-enum Msg {
-    Append(Event, oneshot::Sender<Result<Receipt, AuditError>>),
+/// A record or control message waiting for the writer, in the order it was queued.
+enum Item {
+    /// A record whose body (see [`render_body`]) ends at `end` in its inbox's `bodies`.
+    Record {
+        kind: EventKind,
+        end: usize,
+        ack: oneshot::Sender<Result<Receipt, AuditError>>,
+    },
     Checkpoint(oneshot::Sender<Result<u64, AuditError>>),
     Shutdown(oneshot::Sender<Result<(), AuditError>>),
+}
+
+/// What callers queued and the writer has not taken yet. The writer takes all of it at
+/// once by swapping buffers: a record costs its caller one short lock, and the writer one
+/// lock per batch instead of one per record, and is woken only when it ran out of work.
+#[derive(Default)]
+struct Inbox {
+    /// Rendered record bodies, back to back.
+    bodies: Vec<u8>,
+    items: VecDeque<Item>,
+    /// Records in `items`: what the capacity limits.
+    records: usize,
+    /// The writer sleeps until an item comes; whoever queues one wakes it.
+    idle: bool,
+    /// Every handle is gone: the writer seals the log and stops.
+    hung_up: bool,
+    /// The writer stopped: nothing is taken any more.
+    stopped: bool,
+}
+
+#[derive(Default)]
+struct Queue {
+    inbox: Mutex<Inbox>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Inbox> {
+        // No code holding this lock leaves the inbox half-changed, so a panic elsewhere
+        // while holding it does not make its contents wrong.
+        self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a control message; these bypass the capacity: they come from the operator
+    /// or shutdown, not the request path, and are few.
+    fn push_control(&self, item: Item, shared: &Shared) -> Result<(), AuditError> {
+        let mut inbox = self.lock();
+        if inbox.stopped {
+            return Err(shared.gone());
+        }
+        inbox.items.push_back(item);
+        let wake = std::mem::take(&mut inbox.idle);
+        drop(inbox);
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// Where `submit` renders a record body before copying it into the queue, kept per
+    /// thread so rendering allocates nothing and happens outside the queue's lock.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 #[derive(Default)]
@@ -154,9 +219,22 @@ impl Shared {
 /// Handle to the audit log; cheap to clone, usable from async and blocking code.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: SyncSender<Msg>,
+    handle: Arc<Handle>,
+}
+
+/// Shared by every clone of an [`AuditLog`]; dropping the last one tells the writer that
+/// nothing more will come.
+struct Handle {
+    queue: Arc<Queue>,
     shared: Arc<Shared>,
     capacity: usize,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.queue.lock().hung_up = true;
+        self.queue.ready.notify_one();
+    }
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -207,28 +285,36 @@ impl AuditLog {
             if let Some(seq) = r.last_good_seq {
                 ev = ev.detail("last_good_seq", seq);
             }
-            writer.add_event(&mut ev)?;
+            writer.add_event(&ev)?;
             writer.dispatch(None, None)?;
         }
         let report = OpenReport {
             next_seq: writer.next_seq,
             recovered,
         };
-        let (tx, rx) = sync_channel(config.queue_capacity);
+        let queue = Arc::new(Queue::default());
         let shared = Arc::new(Shared::default());
         writer.shared = shared.clone();
         if let Some(sink) = writer.sink.as_mut() {
             sink.shared = shared.clone();
         }
+        let intake = Intake {
+            queue: queue.clone(),
+            bodies: Vec::new(),
+            items: VecDeque::new(),
+            body_start: 0,
+        };
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(intake))
             .map_err(|e| AuditError::io("starting the audit writer thread", e))?;
         Ok((
             Self {
-                tx,
-                shared,
-                capacity: config.queue_capacity,
+                handle: Arc::new(Handle {
+                    queue,
+                    shared,
+                    capacity: config.queue_capacity,
+                }),
             },
             report,
         ))
@@ -237,20 +323,42 @@ impl AuditLog {
     /// Queues a record without waiting. An error means it will not be recorded and the
     /// caller must refuse the action it describes.
     pub fn submit(&self, event: Event) -> Result<PendingRecord, AuditError> {
-        if self.shared.failed.load(Ordering::SeqCst) || self.shared.closed.load(Ordering::SeqCst) {
-            return Err(self.shared.gone());
+        let h = &*self.handle;
+        if h.shared.failed.load(Ordering::SeqCst) || h.shared.closed.load(Ordering::SeqCst) {
+            return Err(h.shared.gone());
         }
-        let (ack, rx) = oneshot::channel();
-        match self.tx.try_send(Msg::Append(event, ack)) {
-            Ok(()) => Ok(PendingRecord {
+        SCRATCH.with(|scratch| {
+            let mut body = scratch.borrow_mut();
+            body.clear();
+            render_body(&mut body, &event).map_err(|e| AuditError::Encode(e.to_string().into()))?;
+            let (ack, rx) = oneshot::channel();
+            let mut inbox = h.queue.lock();
+            if inbox.stopped {
+                return Err(h.shared.gone());
+            }
+            if inbox.records >= h.capacity {
+                return Err(AuditError::QueueFull {
+                    capacity: h.capacity,
+                });
+            }
+            inbox.bodies.extend_from_slice(&body);
+            let end = inbox.bodies.len();
+            inbox.items.push_back(Item::Record {
+                kind: event.kind,
+                end,
+                ack,
+            });
+            inbox.records += 1;
+            let wake = std::mem::take(&mut inbox.idle);
+            drop(inbox);
+            if wake {
+                h.queue.ready.notify_one();
+            }
+            Ok(PendingRecord {
                 rx,
-                shared: self.shared.clone(),
-            }),
-            Err(TrySendError::Full(_)) => Err(AuditError::QueueFull {
-                capacity: self.capacity,
-            }),
-            Err(TrySendError::Disconnected(_)) => Err(self.shared.gone()),
-        }
+                shared: h.shared.clone(),
+            })
+        })
     }
 
     /// Records `event` and returns once it is fsynced: the call to make before acting.
@@ -266,37 +374,34 @@ impl AuditLog {
     /// Signs a checkpoint now (if records came since the last) and returns the tree size
     /// it covers once durable.
     pub async fn checkpoint(&self) -> Result<u64, AuditError> {
+        let h = &*self.handle;
         let (ack, rx) = oneshot::channel();
-        self.send(Msg::Checkpoint(ack))?;
-        rx.await.unwrap_or_else(|_| Err(self.shared.gone()))
+        h.queue.push_control(Item::Checkpoint(ack), &h.shared)?;
+        rx.await.unwrap_or_else(|_| Err(h.shared.gone()))
     }
 
     /// Writes a final checkpoint, fsyncs and stops the writer; every clone then gets
     /// `Closed`.
     pub async fn close(&self) -> Result<(), AuditError> {
+        let h = &*self.handle;
         let (ack, rx) = oneshot::channel();
-        self.send(Msg::Shutdown(ack))?;
-        rx.await.unwrap_or_else(|_| Err(self.shared.gone()))
+        h.queue.push_control(Item::Shutdown(ack), &h.shared)?;
+        rx.await.unwrap_or_else(|_| Err(h.shared.gone()))
     }
 
     /// [`close`](Self::close) for blocking code.
     pub fn close_blocking(&self) -> Result<(), AuditError> {
+        let h = &*self.handle;
         let (ack, rx) = oneshot::channel();
-        self.send(Msg::Shutdown(ack))?;
-        rx.blocking_recv()
-            .unwrap_or_else(|_| Err(self.shared.gone()))
-    }
-
-    /// Control messages wait for room instead of failing: they come from the operator or
-    /// shutdown, not the request path.
-    fn send(&self, msg: Msg) -> Result<(), AuditError> {
-        self.tx.send(msg).map_err(|_| self.shared.gone())
+        h.queue.push_control(Item::Shutdown(ack), &h.shared)?;
+        rx.blocking_recv().unwrap_or_else(|_| Err(h.shared.gone()))
     }
 
     pub fn stats(&self) -> Stats {
+        let shared = &self.handle.shared;
         Stats {
-            records: self.shared.records.load(Ordering::Relaxed),
-            batches: self.shared.batches.load(Ordering::Relaxed),
+            records: shared.records.load(Ordering::Relaxed),
+            batches: shared.batches.load(Ordering::Relaxed),
         }
     }
 }
@@ -326,19 +431,32 @@ impl Clock {
     }
 
     fn now(&mut self) -> &str {
-        self.at(OffsetDateTime::now_utc())
+        // The system clock read directly: building an `OffsetDateTime` for every record
+        // would turn the time into a date each time, which is needed once a second.
+        match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => match i64::try_from(d.as_secs()) {
+                Ok(secs) => self.at_parts(secs, d.subsec_nanos()),
+                Err(_) => self.at(OffsetDateTime::now_utc()),
+            },
+            Err(_) => self.at(OffsetDateTime::now_utc()),
+        }
     }
 
     fn at(&mut self, t: OffsetDateTime) -> &str {
-        let second = t.unix_timestamp();
+        self.at_parts(t.unix_timestamp(), t.nanosecond())
+    }
+
+    fn at_parts(&mut self, second: i64, nanos: u32) -> &str {
         if second != self.second {
-            let whole = t.replace_nanosecond(0).unwrap_or(t);
-            match whole.format(&Rfc3339) {
+            let whole = OffsetDateTime::from_unix_timestamp(second)
+                .map_err(|_| ())
+                .and_then(|t| t.format(&Rfc3339).map_err(|_| ()));
+            match whole {
                 Ok(text) => {
                     self.prefix = text.trim_end_matches('Z').to_owned();
                     self.second = second;
                 }
-                Err(_) => {
+                Err(()) => {
                     self.second = i64::MIN;
                     self.text = now_rfc3339();
                     return &self.text;
@@ -347,19 +465,18 @@ impl Clock {
         }
         self.text.clear();
         self.text.push_str(&self.prefix);
-        let nanos = t.nanosecond();
         if nanos != 0 {
             // The fraction with trailing zeros dropped, as the RFC 3339 formatter writes it.
             let mut digits = [0u8; 9];
             let mut n = nanos;
             for d in digits.iter_mut().rev() {
-                *d = b'0' + (n % 10) as u8;
+                *d = (n % 10) as u8;
                 n /= 10;
             }
-            let len = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+            let len = 9 - digits.iter().rev().take_while(|&&d| d == 0).count();
             self.text.push('.');
             self.text
-                .push_str(std::str::from_utf8(&digits[..len]).unwrap_or_default());
+                .extend(digits[..len].iter().map(|&d| char::from(b'0' + d)));
         }
         self.text.push('Z');
         &self.text
@@ -384,9 +501,6 @@ struct Job {
     acks: Vec<Ack>,
     next_segment: Option<PathBuf>,
     shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
-    /// The events the batch was rendered from, freed by the sync thread (which mostly
-    /// waits on the disk) instead of the writer (which is on the path of every record).
-    events: Vec<Event>,
 }
 
 /// The files: owned by the writer until it starts, then by the sync thread.
@@ -464,9 +578,7 @@ impl Sink {
             let mut buf = std::mem::take(&mut job.buf);
             buf.clear();
             let _ = recycle.try_send(buf);
-            let events = std::mem::take(&mut job.events);
             ok = self.finish(job, written);
-            drop(events);
             if shutting_down && ok {
                 return;
             }
@@ -510,8 +622,6 @@ struct Writer {
     clock: Clock,
     buf: Vec<u8>,
     acks: Vec<Ack>,
-    /// Events rendered into `buf`, handed to the sync thread with it.
-    events: Vec<Event>,
     /// A buffer taken for a job the sync thread was too busy to accept.
     spare: Option<Vec<u8>>,
     shared: Arc<Shared>,
@@ -717,7 +827,6 @@ impl Writer {
                 clock: Clock::new(),
                 buf: Vec::with_capacity(1 << 20),
                 acks: Vec::new(),
-                events: Vec::new(),
                 spare: None,
                 shared: Arc::new(Shared::default()),
             },
@@ -740,17 +849,25 @@ impl Writer {
         receipt
     }
 
-    fn add_event(&mut self, event: &mut Event) -> Result<Receipt, AuditError> {
-        redact_map(&mut event.details);
+    /// Records an event the log writes itself, on the writer's thread.
+    fn add_event(&mut self, event: &Event) -> Result<Receipt, AuditError> {
+        let mut body = Vec::new();
+        render_body(&mut body, event).map_err(|e| AuditError::Encode(e.to_string().into()))?;
+        self.add_record(event.kind, &body)
+    }
+
+    /// Gives a record rendered by [`render_body`] its place in the log.
+    fn add_record(&mut self, kind: EventKind, body: &[u8]) -> Result<Receipt, AuditError> {
         let start = loop {
             let start = self.buf.len();
             let ts = self.clock.now();
-            if let Err(e) = render_event(&mut self.buf, self.next_seq, &self.prev, ts, event) {
+            if let Err(e) =
+                push_event_head(&mut self.buf, self.next_seq, &self.prev, kind.as_str(), ts)
+            {
                 self.buf.truncate(start);
-                return Err(AuditError::Failed(
-                    format!("cannot encode event: {e}").into(),
-                ));
+                return Err(AuditError::Encode(e.to_string().into()));
             }
+            self.buf.extend_from_slice(body);
             let line_len = (self.buf.len() - start) as u64;
             let used = self.seg_bytes + start as u64;
             if used > 0 && used + line_len + 1 > self.config.segment_max_bytes {
@@ -826,7 +943,6 @@ impl Writer {
             acks: std::mem::take(&mut self.acks),
             next_segment,
             shutdown,
-            events: std::mem::take(&mut self.events),
         }
     }
 
@@ -850,7 +966,6 @@ impl Writer {
             Err(TrySendError::Full(job)) => {
                 self.spare = Some(std::mem::replace(&mut self.buf, job.buf));
                 self.acks = job.acks;
-                self.events = job.events;
                 Ok(false)
             }
             Err(TrySendError::Disconnected(_)) => Err(self.shared.gone()),
@@ -870,21 +985,19 @@ impl Writer {
 
     fn handle(
         &mut self,
-        msg: Msg,
+        item: Item,
+        body: &[u8],
         shutdown: &mut Option<oneshot::Sender<Result<(), AuditError>>>,
     ) -> Result<(), AuditError> {
-        match msg {
-            Msg::Append(mut event, ack) => match self.add_event(&mut event) {
-                Ok(r) => {
-                    self.acks.push(Ack::Record(r, ack));
-                    self.events.push(event);
-                }
+        match item {
+            Item::Record { kind, ack, .. } => match self.add_record(kind, body) {
+                Ok(r) => self.acks.push(Ack::Record(r, ack)),
                 Err(e) => {
                     let _ = ack.send(Err(e.clone()));
                     return Err(e);
                 }
             },
-            Msg::Checkpoint(ack) => {
+            Item::Checkpoint(ack) => {
                 if self.since_checkpoint > 0 {
                     self.add_checkpoint();
                 }
@@ -893,7 +1006,7 @@ impl Writer {
                     ack,
                 ));
             }
-            Msg::Shutdown(ack) => *shutdown = Some(ack),
+            Item::Shutdown(ack) => *shutdown = Some(ack),
         }
         Ok(())
     }
@@ -916,14 +1029,13 @@ impl Writer {
                 acks: std::mem::take(&mut self.acks),
                 next_segment: None,
                 shutdown,
-                events: std::mem::take(&mut self.events),
             },
             &err,
         );
         self.stop();
     }
 
-    fn run(mut self, rx: Receiver<Msg>) {
+    fn run(mut self, mut intake: Intake) {
         let Some(sink) = self.sink.take() else {
             self.shared.fail(AuditError::Failed(
                 "the audit log has no open segment".into(),
@@ -952,27 +1064,17 @@ impl Writer {
             // A batch the sync thread was too busy to take: look for more records without
             // waiting, and when none come, wait for the sync thread instead.
             let holding = !self.buf.is_empty() || !self.acks.is_empty();
-            let first = if holding {
-                match rx.try_recv() {
-                    Ok(m) => Some(m),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => break,
-                }
+            let wait = if holding {
+                Wait::No
             } else if self.since_checkpoint > 0 {
-                let wait = self
-                    .config
-                    .checkpoint_interval
-                    .saturating_sub(self.last_checkpoint.elapsed());
-                match rx.recv_timeout(wait) {
-                    Ok(m) => Some(m),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
+                Wait::Until(self.last_checkpoint + self.config.checkpoint_interval)
             } else {
-                match rx.recv() {
-                    Ok(m) => Some(m),
-                    Err(_) => break,
-                }
+                Wait::Forever
+            };
+            let first = match intake.next(wait) {
+                Next::Item(item, body) => Some((item, body)),
+                Next::Empty => None,
+                Next::HungUp => break,
             };
             if self.shared.failed.load(Ordering::SeqCst) {
                 // The sync thread failed: what is still queued is dropped, and its
@@ -983,15 +1085,17 @@ impl Writer {
             let mut shutdown = None;
             let mut result = Ok(());
             let got = first.is_some();
-            if let Some(m) = first {
-                result = self.handle(m, &mut shutdown);
+            if let Some((item, body)) = first {
+                result = self.handle(item, &intake.bodies[body], &mut shutdown);
                 while result.is_ok()
                     && shutdown.is_none()
                     && self.acks.len() < self.config.max_batch
                 {
-                    match rx.try_recv() {
-                        Ok(m) => result = self.handle(m, &mut shutdown),
-                        Err(_) => break,
+                    match intake.next(Wait::No) {
+                        Next::Item(item, body) => {
+                            result = self.handle(item, &intake.bodies[body], &mut shutdown);
+                        }
+                        Next::Empty | Next::HungUp => break,
                     }
                 }
             }
@@ -1031,6 +1135,111 @@ impl Writer {
             tracing::error!(error = %err, "audit log: final checkpoint failed");
         }
         self.stop();
+    }
+}
+
+enum Wait {
+    No,
+    Until(Instant),
+    Forever,
+}
+
+enum Next {
+    /// An item, with its record body's place in [`Intake::bodies`] (empty for others).
+    Item(Item, Range<usize>),
+    /// Nothing came in time.
+    Empty,
+    /// Nothing is queued and nothing more will be.
+    HungUp,
+}
+
+/// The writer's end of the queue: what it took from the inbox, used up in order.
+struct Intake {
+    queue: Arc<Queue>,
+    bodies: Vec<u8>,
+    items: VecDeque<Item>,
+    /// Where the next record's body starts in `bodies`.
+    body_start: usize,
+}
+
+impl Intake {
+    fn next(&mut self, wait: Wait) -> Next {
+        if self.items.is_empty() && !self.refill(wait) {
+            return if self.queue.lock().hung_up {
+                Next::HungUp
+            } else {
+                Next::Empty
+            };
+        }
+        match self.items.pop_front() {
+            Some(item) => {
+                let body = match &item {
+                    Item::Record { end, .. } => {
+                        let body = self.body_start..*end;
+                        self.body_start = *end;
+                        body
+                    }
+                    Item::Checkpoint(_) | Item::Shutdown(_) => 0..0,
+                };
+                Next::Item(item, body)
+            }
+            None => Next::Empty,
+        }
+    }
+
+    /// Takes everything queued, waiting as `wait` says when nothing is; `false` if nothing
+    /// came (or nothing more will).
+    fn refill(&mut self, wait: Wait) -> bool {
+        self.bodies.clear();
+        self.body_start = 0;
+        let mut inbox = self.queue.lock();
+        while inbox.items.is_empty() {
+            if inbox.hung_up {
+                return false;
+            }
+            inbox = match wait {
+                Wait::No => return false,
+                Wait::Forever => {
+                    inbox.idle = true;
+                    self.queue
+                        .ready
+                        .wait(inbox)
+                        .unwrap_or_else(PoisonError::into_inner)
+                }
+                Wait::Until(deadline) => {
+                    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                        inbox.idle = false;
+                        return false;
+                    };
+                    inbox.idle = true;
+                    self.queue
+                        .ready
+                        .wait_timeout(inbox, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+        inbox.idle = false;
+        inbox.records = 0;
+        std::mem::swap(&mut inbox.items, &mut self.items);
+        std::mem::swap(&mut inbox.bodies, &mut self.bodies);
+        true
+    }
+}
+
+impl Drop for Intake {
+    /// Whatever way the writer stops, later callers are refused and queued ones learn
+    /// (from their dropped acknowledgement) that their records were not written.
+    fn drop(&mut self) {
+        let mut inbox = self.queue.lock();
+        inbox.stopped = true;
+        inbox.idle = false;
+        let items = std::mem::take(&mut inbox.items);
+        inbox.bodies = Vec::new();
+        inbox.records = 0;
+        drop(inbox);
+        drop(items);
     }
 }
 
