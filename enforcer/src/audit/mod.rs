@@ -27,7 +27,9 @@ pub use proof::{
 };
 pub use record::Checkpoint;
 pub use verify::{Failure, Problem, VerifyOptions, VerifyReport, verify};
-pub use writer::{AuditConfig, AuditLog, OpenReport, PendingRecord, Receipt, Recovery, Stats};
+pub use writer::{
+    AuditConfig, AuditLog, OpenReport, PendingRecord, Receipt, Recovery, Stats, Until,
+};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {

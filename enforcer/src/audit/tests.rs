@@ -490,3 +490,40 @@ proptest! {
         prop_assert!(r.failure.is_some(), "flip of byte {} in {} went unnoticed", i, seg.path.display());
     }
 }
+
+/// A record answered at `Until::Written` is in the segment file at that moment, even
+/// while a second process reads it; written and durable records keep one order.
+#[test]
+fn written_records_are_in_the_file_when_answered_and_keep_their_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = AuditLog::open(config(dir.path()), key(1)).unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..200 {
+        let until = if i % 3 == 0 {
+            Until::Durable
+        } else {
+            Until::Written
+        };
+        let receipt = log
+            .submit_until(event(i), until)
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+        let on_disk: String = list_segments(dir.path())
+            .unwrap()
+            .iter()
+            .map(|s| fs::read_to_string(&s.path).unwrap())
+            .collect();
+        let needle = format!("{{\"seq\":{},", receipt.seq);
+        assert!(
+            on_disk.contains(&needle),
+            "record {} not in the file",
+            receipt.seq
+        );
+        seqs.push(receipt.seq);
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    log.close_blocking().unwrap();
+    let report = verify(dir.path(), &VerifyOptions::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.failure);
+}

@@ -1,10 +1,12 @@
 //! The writer: one thread owns the files; the request path enqueues into a bounded queue and
-//! either waits for its record to be durable or gets an error it must treat as "refuse".
-//! Records are batched (group commit): one write and one fsync per batch, then every
-//! record in it is acknowledged. The work is spread so the one thread every record must
-//! pass through does only what depends on the record's place in the log: callers redact
-//! and render their events' bodies before queueing, the writer adds seq, prev and time,
-//! hashes and signs batch k+1 while the sync thread writes and fsyncs batch k, in order.
+//! either waits for its record or gets an error it must treat as "refuse".
+//! The work is spread so the one thread every record must pass through does only what
+//! depends on the record's place in the log: callers redact and render their events'
+//! bodies before queueing; the writer adds seq, prev and time, hashes, signs checkpoints
+//! and writes each batch into the segment file at once; the sync thread fsyncs, one fsync
+//! for every batch written while the previous one ran (group commit), and acknowledges in
+//! order. A caller waits for either point ([`Until`]): written (its record survives a
+//! crash of this process) or durable (fsynced: it survives a crash of the host).
 use std::{
     cell::RefCell,
     collections::VecDeque,
@@ -18,7 +20,7 @@ use std::{
     sync::{
         Arc, Condvar, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+        mpsc::{Receiver, Sender, channel},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -117,12 +119,24 @@ pub struct Stats {
     pub batches: u64,
 }
 
+/// How far a record must get before its [`PendingRecord`] resolves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// Written into the segment file (the kernel's page cache): it survives a crash or kill
+    /// of this process; the fsync that makes it survive a crash of the host follows with
+    /// the next group commit, without the caller waiting for the disk.
+    Written,
+    /// Written and fsynced.
+    Durable,
+}
+
 /// A record or control message waiting for the writer, in the order it was queued.
 enum Item {
     /// A record whose body (see [`render_body`]) ends at `end` in its inbox's `bodies`.
     Record {
         kind: EventKind,
         end: usize,
+        until: Until,
         ack: oneshot::Sender<Result<Receipt, AuditError>>,
     },
     Checkpoint(oneshot::Sender<Result<u64, AuditError>>),
@@ -245,8 +259,8 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
-/// A record accepted into the queue; resolves once it is durable. Dropping it does not
-/// drop the record.
+/// A record accepted into the queue; resolves once it got as far as [`Until`] asked.
+/// Dropping it does not drop the record.
 pub struct PendingRecord {
     rx: oneshot::Receiver<Result<Receipt, AuditError>>,
     shared: Arc<Shared>,
@@ -286,7 +300,7 @@ impl AuditLog {
                 ev = ev.detail("last_good_seq", seq);
             }
             writer.add_event(&ev)?;
-            writer.dispatch(None, None)?;
+            writer.dispatch(None)?;
         }
         let report = OpenReport {
             next_seq: writer.next_seq,
@@ -295,9 +309,6 @@ impl AuditLog {
         let queue = Arc::new(Queue::default());
         let shared = Arc::new(Shared::default());
         writer.shared = shared.clone();
-        if let Some(sink) = writer.sink.as_mut() {
-            sink.shared = shared.clone();
-        }
         let intake = Intake {
             queue: queue.clone(),
             bodies: Vec::new(),
@@ -320,9 +331,14 @@ impl AuditLog {
         ))
     }
 
-    /// Queues a record without waiting. An error means it will not be recorded and the
-    /// caller must refuse the action it describes.
+    /// Queues a record without waiting; the result resolves once it is durable. An error
+    /// means it will not be recorded and the caller must refuse the action it describes.
     pub fn submit(&self, event: Event) -> Result<PendingRecord, AuditError> {
+        self.submit_until(event, Until::Durable)
+    }
+
+    /// [`submit`](Self::submit), resolving once the record got as far as `until` says.
+    pub fn submit_until(&self, event: Event, until: Until) -> Result<PendingRecord, AuditError> {
         let h = &*self.handle;
         if h.shared.failed.load(Ordering::SeqCst) || h.shared.closed.load(Ordering::SeqCst) {
             return Err(h.shared.gone());
@@ -346,6 +362,7 @@ impl AuditLog {
             inbox.items.push_back(Item::Record {
                 kind: event.kind,
                 end,
+                until,
                 ack,
             });
             inbox.records += 1;
@@ -494,100 +511,105 @@ enum Ack {
     Checkpoint(u64, oneshot::Sender<Result<u64, AuditError>>),
 }
 
-/// A batch for the sync thread: bytes to append, then (optionally) the next segment to
-/// start, then the acknowledgements, which are sent only once all of it is durable.
+/// Acknowledgements the sync thread sends once `file`, the segment their records were
+/// written to, is fsynced.
 struct Job {
-    buf: Vec<u8>,
+    file: Arc<File>,
+    path: Arc<Path>,
     acks: Vec<Ack>,
-    next_segment: Option<PathBuf>,
     shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
 }
 
-/// The files: owned by the writer until it starts, then by the sync thread.
-struct Sink {
-    dir: PathBuf,
-    file: File,
-    seg_path: PathBuf,
-    shared: Arc<Shared>,
+/// Sends a group's acknowledgements after its fsyncs succeeded; `true` if it closed the log.
+fn acknowledge(jobs: Vec<Job>, shared: &Shared) -> bool {
+    let mut n = 0;
+    let mut closed = false;
+    for job in jobs {
+        for ack in job.acks {
+            match ack {
+                Ack::Record(r, tx) => {
+                    n += 1;
+                    let _ = tx.send(Ok(r));
+                }
+                Ack::Checkpoint(size, tx) => {
+                    let _ = tx.send(Ok(size));
+                }
+            }
+        }
+        if let Some(tx) = job.shutdown {
+            shared.closed.store(true, Ordering::SeqCst);
+            let _ = tx.send(Ok(()));
+            closed = true;
+        }
+    }
+    shared.records.fetch_add(n, Ordering::Relaxed);
+    closed
 }
 
-impl Sink {
-    fn write(&mut self, job: &Job) -> Result<(), AuditError> {
-        if !job.buf.is_empty() {
-            let path = &self.seg_path;
-            self.file
-                .write_all(&job.buf)
-                .and_then(|_| self.file.sync_data())
-                .map_err(|e| AuditError::io(format!("writing {}", path.display()), e))?;
-            self.shared.batches.fetch_add(1, Ordering::Relaxed);
+/// Fsyncs every segment a group of jobs wrote to (more than one only across a rotation),
+/// in order, then acknowledges them. On failure every acknowledgement gets the error and
+/// the log is marked failed: after a failed fsync the file's state is unknown.
+fn sync_group(jobs: Vec<Job>, shared: &Shared) -> Result<bool, AuditError> {
+    let mut synced: Option<*const File> = None;
+    let mut result = Ok(());
+    for job in &jobs {
+        if synced == Some(Arc::as_ptr(&job.file)) {
+            continue;
         }
-        if let Some(path) = &job.next_segment {
-            self.file = create_segment(path)?;
-            sync_dir(&self.dir)?;
-            self.seg_path = path.clone();
+        synced = Some(Arc::as_ptr(&job.file));
+        result = job
+            .file
+            .sync_data()
+            .map_err(|e| AuditError::io(format!("fsync of {}", job.path.display()), e));
+        if result.is_err() {
+            break;
         }
-        Ok(())
+        shared.batches.fetch_add(1, Ordering::Relaxed);
     }
-
-    /// Acknowledges a job once `written` says it is durable. On failure every
-    /// acknowledgement gets the error, the log is marked failed, and `false` says to stop.
-    fn finish(&self, job: Job, written: Result<(), AuditError>) -> bool {
-        match written {
-            Ok(()) => {
-                let mut n = 0;
-                for ack in job.acks {
-                    match ack {
-                        Ack::Record(r, tx) => {
-                            n += 1;
-                            let _ = tx.send(Ok(r));
-                        }
-                        Ack::Checkpoint(size, tx) => {
-                            let _ = tx.send(Ok(size));
-                        }
-                    }
-                }
-                self.shared.records.fetch_add(n, Ordering::Relaxed);
-                if let Some(tx) = job.shutdown {
-                    self.shared.closed.store(true, Ordering::SeqCst);
-                    let _ = tx.send(Ok(()));
-                }
-                true
-            }
-            Err(err) => {
-                // After a failed write or fsync the file's state is unknown: stop for
-                // good, and let every waiting and future caller see the error.
-                tracing::error!(error = %err, "audit log failed; refusing further records");
-                self.shared.fail(err.clone());
+    match result {
+        Ok(()) => Ok(acknowledge(jobs, shared)),
+        Err(err) => {
+            tracing::error!(error = %err, "audit log failed; refusing further records");
+            shared.fail(err.clone());
+            for job in jobs {
                 fail_job(job, &err);
-                false
             }
+            Err(err)
         }
     }
+}
 
-    /// The sync thread: completes jobs in order; after a failure, fails every job still
-    /// queued. Emptied buffers go back to the writer for reuse.
-    fn run(mut self, rx: Receiver<Job>, recycle: SyncSender<Vec<u8>>) {
-        let mut ok = true;
-        while let Ok(mut job) = rx.recv() {
-            if !ok {
-                fail_job(job, &self.shared.gone());
-                continue;
+/// The sync thread: whatever the writer handed over while the last fsync ran shares the
+/// next one. After a failure it fails every job still coming.
+fn sync_thread(rx: Receiver<Job>, shared: Arc<Shared>) {
+    let mut failed = false;
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        jobs.extend(rx.try_iter());
+        if failed {
+            let err = shared.gone();
+            for job in jobs {
+                fail_job(job, &err);
             }
-            let shutting_down = job.shutdown.is_some();
-            let written = self.write(&job);
-            let mut buf = std::mem::take(&mut job.buf);
-            buf.clear();
-            let _ = recycle.try_send(buf);
-            ok = self.finish(job, written);
-            if shutting_down && ok {
-                return;
-            }
+            continue;
+        }
+        match sync_group(jobs, &shared) {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(_) => failed = true,
         }
     }
 }
 
 fn fail_job(job: Job, err: &AuditError) {
-    for ack in job.acks {
+    fail_acks(job.acks, err);
+    if let Some(tx) = job.shutdown {
+        let _ = tx.send(Err(err.clone()));
+    }
+}
+
+fn fail_acks(acks: Vec<Ack>, err: &AuditError) {
+    for ack in acks {
         match ack {
             Ack::Record(_, tx) => {
                 let _ = tx.send(Err(err.clone()));
@@ -597,22 +619,23 @@ fn fail_job(job: Job, err: &AuditError) {
             }
         }
     }
-    if let Some(tx) = job.shutdown {
-        let _ = tx.send(Err(err.clone()));
-    }
+}
+
+/// The segment being appended to. The writer writes every batch into it as soon as the
+/// batch is rendered; the sync thread gets a handle to fsync.
+struct Segment {
+    file: Arc<File>,
+    path: Arc<Path>,
 }
 
 struct Writer {
     config: AuditConfig,
     key: SigningKey,
-    /// The files until the sync thread starts.
-    sink: Option<Sink>,
-    /// Jobs for the sync thread, once started.
-    jobs: Option<SyncSender<Job>>,
-    /// Buffers the sync thread has finished with.
-    recycled: Option<Receiver<Vec<u8>>>,
+    segment: Segment,
+    /// Jobs for the sync thread, once started; before that, batches are fsynced here.
+    jobs: Option<Sender<Job>>,
     sync_thread: Option<std::thread::JoinHandle<()>>,
-    /// Bytes in the current segment, counting those handed to the sync thread.
+    /// Bytes written to the current segment (not counting `buf`).
     seg_bytes: u64,
     next_seq: u64,
     prev: Hash,
@@ -620,10 +643,12 @@ struct Writer {
     since_checkpoint: u64,
     last_checkpoint: Instant,
     clock: Clock,
+    /// Lines rendered and not yet written.
     buf: Vec<u8>,
+    /// Owed once what is written is fsynced.
     acks: Vec<Ack>,
-    /// A buffer taken for a job the sync thread was too busy to accept.
-    spare: Option<Vec<u8>>,
+    /// Owed once `buf` is written.
+    written: Vec<(Receipt, oneshot::Sender<Result<Receipt, AuditError>>)>,
     shared: Arc<Shared>,
 }
 
@@ -809,14 +834,11 @@ impl Writer {
             Self {
                 config: config.clone(),
                 key,
-                sink: Some(Sink {
-                    dir: config.dir.clone(),
-                    file,
-                    seg_path: last.path,
-                    shared: Arc::new(Shared::default()),
-                }),
+                segment: Segment {
+                    file: Arc::new(file),
+                    path: last.path.into(),
+                },
                 jobs: None,
-                recycled: None,
                 sync_thread: None,
                 seg_bytes,
                 next_seq: chain.next_seq,
@@ -827,7 +849,7 @@ impl Writer {
                 clock: Clock::new(),
                 buf: Vec::with_capacity(1 << 20),
                 acks: Vec::new(),
-                spare: None,
+                written: Vec::new(),
                 shared: Arc::new(Shared::default()),
             },
             recovered,
@@ -895,90 +917,65 @@ impl Writer {
         self.last_checkpoint = Instant::now();
     }
 
-    /// Hands the batch built so far (and the acknowledgements it owes) to the sync thread,
-    /// or, before that thread runs, writes and fsyncs it here.
-    fn dispatch(
-        &mut self,
-        next_segment: Option<PathBuf>,
-        shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
-    ) -> Result<(), AuditError> {
-        if self.buf.is_empty()
-            && self.acks.is_empty()
-            && next_segment.is_none()
-            && shutdown.is_none()
-        {
-            return Ok(());
+    /// Writes what was rendered into the segment file and answers the records that
+    /// waited only for that.
+    fn write_out(&mut self) -> Result<(), AuditError> {
+        if !self.buf.is_empty() {
+            (&*self.segment.file).write_all(&self.buf).map_err(|e| {
+                AuditError::io(format!("writing {}", self.segment.path.display()), e)
+            })?;
+            self.seg_bytes += self.buf.len() as u64;
+            self.buf.clear();
         }
-        let job = self.take_job(next_segment, shutdown);
-        self.seg_bytes += job.buf.len() as u64;
-        if let Some(jobs) = &self.jobs {
-            return jobs.send(job).map_err(|_| self.shared.gone());
+        let n = self.written.len() as u64;
+        for (receipt, tx) in self.written.drain(..) {
+            let _ = tx.send(Ok(receipt));
         }
-        let Some(sink) = self.sink.as_mut() else {
-            return Err(self.shared.gone());
-        };
-        let written = sink.write(&job);
-        if let Err(e) = &written {
-            let e = e.clone();
-            sink.finish(job, written);
-            return Err(e);
-        }
-        sink.finish(job, written);
+        self.shared.records.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Moves the batch built so far into a job, leaving an empty buffer in its place.
-    fn take_job(
+    /// Writes the batch and hands the acknowledgements owed after the fsync to the sync
+    /// thread (or, before that thread runs, fsyncs and acknowledges here).
+    fn dispatch(
         &mut self,
-        next_segment: Option<PathBuf>,
         shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
-    ) -> Job {
-        let fresh = self
-            .spare
-            .take()
-            .or_else(|| self.recycled.as_ref().and_then(|r| r.try_recv().ok()))
-            .unwrap_or_else(|| Vec::with_capacity(self.buf.capacity()));
-        Job {
-            buf: std::mem::replace(&mut self.buf, fresh),
+    ) -> Result<(), AuditError> {
+        self.write_out()?;
+        if self.acks.is_empty() && shutdown.is_none() {
+            return Ok(());
+        }
+        let job = Job {
+            file: self.segment.file.clone(),
+            path: self.segment.path.clone(),
             acks: std::mem::take(&mut self.acks),
-            next_segment,
             shutdown,
-        }
-    }
-
-    /// Hands the batch to the sync thread only if it is idle; otherwise the batch stays
-    /// here and keeps growing (group commit), and `false` says so.
-    fn try_dispatch(&mut self) -> Result<bool, AuditError> {
-        let Some(jobs) = self.jobs.clone() else {
-            self.dispatch(None, None)?;
-            return Ok(true);
         };
-        if self.buf.is_empty() && self.acks.is_empty() {
-            return Ok(true);
-        }
-        let job = self.take_job(None, None);
-        let len = job.buf.len() as u64;
-        match jobs.try_send(job) {
-            Ok(()) => {
-                self.seg_bytes += len;
-                Ok(true)
-            }
-            Err(TrySendError::Full(job)) => {
-                self.spare = Some(std::mem::replace(&mut self.buf, job.buf));
-                self.acks = job.acks;
-                Ok(false)
-            }
-            Err(TrySendError::Disconnected(_)) => Err(self.shared.gone()),
+        match &self.jobs {
+            Some(jobs) => jobs.send(job).map_err(|_| self.shared.gone()),
+            None => sync_group(vec![job], &self.shared).map(drop),
         }
     }
 
     /// Seals the current segment with a checkpoint and starts the next one, named for the
-    /// seq it starts at; its first record links to that checkpoint. The sync thread
-    /// creates the file only after the sealed segment is durable.
+    /// seq it starts at; its first record links to that checkpoint. The new file is
+    /// created only once the sealed segment is durable, so a crash never leaves a segment
+    /// after one with a torn tail.
     fn rotate(&mut self) -> Result<(), AuditError> {
         self.add_checkpoint();
+        self.write_out()?;
+        let old = &self.segment.path;
+        self.segment
+            .file
+            .sync_data()
+            .map_err(|e| AuditError::io(format!("fsync of {}", old.display()), e))?;
         let path = self.config.dir.join(segment_name(self.next_seq));
-        self.dispatch(Some(path), None)?;
+        let file = create_segment(&path)?;
+        sync_dir(&self.config.dir)?;
+        self.segment = Segment {
+            file: Arc::new(file),
+            path: path.into(),
+        };
         self.seg_bytes = 0;
         Ok(())
     }
@@ -990,7 +987,10 @@ impl Writer {
         shutdown: &mut Option<oneshot::Sender<Result<(), AuditError>>>,
     ) -> Result<(), AuditError> {
         match item {
-            Item::Record { kind, ack, .. } => match self.add_record(kind, body) {
+            Item::Record {
+                kind, until, ack, ..
+            } => match self.add_record(kind, body) {
+                Ok(r) if until == Until::Written => self.written.push((r, ack)),
                 Ok(r) => self.acks.push(Ack::Record(r, ack)),
                 Err(e) => {
                     let _ = ack.send(Err(e.clone()));
@@ -1023,33 +1023,22 @@ impl Writer {
     fn fail(&mut self, err: AuditError, shutdown: Option<oneshot::Sender<Result<(), AuditError>>>) {
         tracing::error!(error = %err, "audit log failed; refusing further records");
         self.shared.fail(err.clone());
-        fail_job(
-            Job {
-                buf: Vec::new(),
-                acks: std::mem::take(&mut self.acks),
-                next_segment: None,
-                shutdown,
-            },
-            &err,
-        );
+        fail_acks(std::mem::take(&mut self.acks), &err);
+        for (_, tx) in self.written.drain(..) {
+            let _ = tx.send(Err(err.clone()));
+        }
+        if let Some(tx) = shutdown {
+            let _ = tx.send(Err(err.clone()));
+        }
         self.stop();
     }
 
     fn run(mut self, mut intake: Intake) {
-        let Some(sink) = self.sink.take() else {
-            self.shared.fail(AuditError::Failed(
-                "the audit log has no open segment".into(),
-            ));
-            return;
-        };
-        // A rendezvous: a batch is handed over only when the sync thread is idle, so while
-        // it writes and fsyncs one batch the next keeps growing here (group commit)
-        // instead of being frozen small in a queue slot.
-        let (jobs, job_rx) = sync_channel::<Job>(0);
-        let (recycle, recycled) = sync_channel::<Vec<u8>>(2);
+        let (jobs, job_rx) = channel::<Job>();
+        let shared = self.shared.clone();
         match std::thread::Builder::new()
             .name("audit-sync".into())
-            .spawn(move || sink.run(job_rx, recycle))
+            .spawn(move || sync_thread(job_rx, shared))
         {
             Ok(t) => self.sync_thread = Some(t),
             Err(e) => {
@@ -1059,14 +1048,8 @@ impl Writer {
             }
         }
         self.jobs = Some(jobs);
-        self.recycled = Some(recycled);
         loop {
-            // A batch the sync thread was too busy to take: look for more records without
-            // waiting, and when none come, wait for the sync thread instead.
-            let holding = !self.buf.is_empty() || !self.acks.is_empty();
-            let wait = if holding {
-                Wait::No
-            } else if self.since_checkpoint > 0 {
+            let wait = if self.since_checkpoint > 0 {
                 Wait::Until(self.last_checkpoint + self.config.checkpoint_interval)
             } else {
                 Wait::Forever
@@ -1084,12 +1067,11 @@ impl Writer {
             }
             let mut shutdown = None;
             let mut result = Ok(());
-            let got = first.is_some();
             if let Some((item, body)) = first {
                 result = self.handle(item, &intake.bodies[body], &mut shutdown);
                 while result.is_ok()
                     && shutdown.is_none()
-                    && self.acks.len() < self.config.max_batch
+                    && self.acks.len() + self.written.len() < self.config.max_batch
                 {
                     match intake.next(Wait::No) {
                         Next::Item(item, body) => {
@@ -1110,14 +1092,9 @@ impl Writer {
                 self.add_checkpoint();
             }
             let closing = shutdown.is_some();
-            // Wait for the sync thread when the batch is full, when shutting down, or when
-            // nothing else arrived to add to it; otherwise hand it over only if idle.
-            let dispatched = if closing || !got || self.acks.len() >= self.config.max_batch {
-                self.dispatch(None, shutdown).map(|()| true)
-            } else {
-                self.try_dispatch()
-            };
-            if let Err(err) = dispatched {
+            // Written at once; the fsync is the sync thread's, shared with whatever else
+            // is written while it runs.
+            if let Err(err) = self.dispatch(shutdown) {
                 self.fail(err, None);
                 return;
             }
@@ -1131,7 +1108,7 @@ impl Writer {
         if self.since_checkpoint > 0 {
             self.add_checkpoint();
         }
-        if let Err(err) = self.dispatch(None, None) {
+        if let Err(err) = self.dispatch(None) {
             tracing::error!(error = %err, "audit log: final checkpoint failed");
         }
         self.stop();

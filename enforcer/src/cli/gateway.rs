@@ -52,7 +52,7 @@ pub struct GatewayArgs {
     #[arg(long, default_value_t = 30)]
     request_timeout: u64,
     /// Record every decision in the tamper-evident audit log in this directory; a request
-    /// is forwarded only once its record is durable.
+    /// is forwarded only once its record is in the log file.
     #[arg(long, requires = "audit_key")]
     audit_dir: Option<PathBuf>,
     /// The key that signs the audit log's checkpoints (PEM PKCS#8, mode 0600).

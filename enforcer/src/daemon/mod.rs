@@ -199,7 +199,7 @@ impl TripHook for KernelTrip {
 }
 
 /// Gateway decisions into the audit log (the gateway's own audit sink: forwarding waits
-/// for its record to be durable, any failure refuses), counted per agent for `status`.
+/// for its record to be in the log file, any failure refuses), counted per agent for `status`.
 struct AuditDecisions {
     sink: AuditSink,
     counts: Arc<DecisionCounts>,

@@ -1,14 +1,15 @@
 //! Gateway decisions into the tamper-evident audit log.
 //!
-//! A request is forwarded only after its `request_allowed` record is durable
-//! ([`DecisionSink::record_before_acting`] waits for the group commit); outcomes (refusals,
-//! holds, a forwarded request's upstream status) are queued without waiting, in order,
-//! and become durable with the next batch. Any error — the queue full, a failed write,
-//! the log closed — is returned, and the gateway refuses.
+//! A request is forwarded only after its `request_allowed` record is in the log file
+//! ([`DecisionSink::record_before_acting`] waits for the writer's `write`, not for the
+//! disk): from then on no crash of this process can lose it, and the group commit's fsync
+//! follows without holding the request. Outcomes (refusals, holds, a forwarded request's
+//! upstream status) are queued without waiting, in order. Any error — the queue full, a
+//! failed write or fsync, the log closed — is returned, and the gateway refuses.
 use serde_json::Value;
 
 use super::server::{Decision, DecisionSink, SinkFuture};
-use crate::audit::{AuditLog, Event, EventKind};
+use crate::audit::{AuditLog, Event, EventKind, Until};
 
 pub struct AuditSink {
     log: AuditLog,
@@ -71,7 +72,7 @@ impl DecisionSink for AuditSink {
     }
 
     fn record_before_acting<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
-        let pending = self.log.submit(event(decision));
+        let pending = self.log.submit_until(event(decision), Until::Written);
         Box::pin(async move {
             pending
                 .map_err(|e| e.to_string())?
