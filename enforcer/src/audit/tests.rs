@@ -527,3 +527,24 @@ fn written_records_are_in_the_file_when_answered_and_keep_their_order() {
     let report = verify(dir.path(), &VerifyOptions::default()).unwrap();
     assert!(report.ok(), "{:?}", report.failure);
 }
+
+/// Records nobody waits to see durable are fsynced all the same, without a later record
+/// or a checkpoint to carry them.
+#[test]
+fn written_records_are_fsynced_without_anyone_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = AuditLog::open(config(dir.path()), key(1)).unwrap();
+    let before = log.stats().batches;
+    for i in 0..5 {
+        log.submit_until(event(i), Until::Written)
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while log.stats().batches == before {
+        assert!(std::time::Instant::now() < deadline, "never fsynced");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    log.close_blocking().unwrap();
+}

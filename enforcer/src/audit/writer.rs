@@ -520,6 +520,9 @@ struct Job {
     shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
 }
 
+/// How long a group commit may wait for company when nobody is waiting on it.
+const RELAXED_SYNC_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Sends a group's acknowledgements after its fsyncs succeeded; `true` if it closed the log.
 fn acknowledge(jobs: Vec<Job>, shared: &Shared) -> bool {
     let mut n = 0;
@@ -583,9 +586,28 @@ fn sync_group(jobs: Vec<Job>, shared: &Shared) -> Result<bool, AuditError> {
 /// next one. After a failure it fails every job still coming.
 fn sync_thread(rx: Receiver<Job>, shared: Arc<Shared>) {
     let mut failed = false;
+    let mut last_sync = Instant::now();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
+        // When nobody waits for this fsync (every record in it was answered once written),
+        // it waits for more to share it, up to RELAXED_SYNC_INTERVAL after the last one:
+        // fsyncs cost the host dearly, and the records are already safe from a crash of
+        // this process.
+        let deadline = last_sync + RELAXED_SYNC_INTERVAL;
+        while jobs
+            .iter()
+            .all(|j| j.acks.is_empty() && j.shutdown.is_none())
+        {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match rx.recv_timeout(left) {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        last_sync = Instant::now();
         if failed {
             let err = shared.gone();
             for job in jobs {
@@ -649,6 +671,8 @@ struct Writer {
     acks: Vec<Ack>,
     /// Owed once `buf` is written.
     written: Vec<(Receipt, oneshot::Sender<Result<Receipt, AuditError>>)>,
+    /// Bytes were written since the last job went to the sync thread.
+    unsynced: bool,
     shared: Arc<Shared>,
 }
 
@@ -850,6 +874,7 @@ impl Writer {
                 buf: Vec::with_capacity(1 << 20),
                 acks: Vec::new(),
                 written: Vec::new(),
+                unsynced: false,
                 shared: Arc::new(Shared::default()),
             },
             recovered,
@@ -926,6 +951,7 @@ impl Writer {
             })?;
             self.seg_bytes += self.buf.len() as u64;
             self.buf.clear();
+            self.unsynced = true;
         }
         let n = self.written.len() as u64;
         for (receipt, tx) in self.written.drain(..) {
@@ -942,9 +968,11 @@ impl Writer {
         shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
     ) -> Result<(), AuditError> {
         self.write_out()?;
-        if self.acks.is_empty() && shutdown.is_none() {
+        // Records nobody waits on are fsynced too, only with less hurry.
+        if self.acks.is_empty() && shutdown.is_none() && !self.unsynced {
             return Ok(());
         }
+        self.unsynced = false;
         let job = Job {
             file: self.segment.file.clone(),
             path: self.segment.path.clone(),
@@ -977,6 +1005,7 @@ impl Writer {
             path: path.into(),
         };
         self.seg_bytes = 0;
+        self.unsynced = false;
         Ok(())
     }
 
