@@ -520,12 +520,6 @@ struct Job {
     shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
 }
 
-/// While records keep arriving the writer looks for more this often instead of being
-/// woken for each: the longest a record then waits to be taken.
-const BUSY_POLL_INTERVAL: Duration = Duration::from_micros(200);
-/// How long after the last record the writer keeps polling before it sleeps until woken.
-const BUSY_SPELL: Duration = Duration::from_millis(5);
-
 /// How long a group commit may wait for company when nobody is waiting on it.
 const RELAXED_SYNC_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -1083,11 +1077,8 @@ impl Writer {
             }
         }
         self.jobs = Some(jobs);
-        let mut busy_until = Instant::now();
         loop {
-            let wait = if Instant::now() < busy_until {
-                Wait::Poll(BUSY_POLL_INTERVAL)
-            } else if self.since_checkpoint > 0 {
+            let wait = if self.since_checkpoint > 0 {
                 Wait::Until(self.last_checkpoint + self.config.checkpoint_interval)
             } else {
                 Wait::Forever
@@ -1105,9 +1096,6 @@ impl Writer {
             }
             let mut shutdown = None;
             let mut result = Ok(());
-            if first.is_some() {
-                busy_until = Instant::now() + BUSY_SPELL;
-            }
             if let Some((item, body)) = first {
                 result = self.handle(item, &intake.bodies[body], &mut shutdown);
                 while result.is_ok()
@@ -1158,9 +1146,6 @@ impl Writer {
 
 enum Wait {
     No,
-    /// Look again after this long without asking callers to wake the writer: while
-    /// records keep coming, one timed wake per interval costs less than one per record.
-    Poll(Duration),
     Until(Instant),
     Forever,
 }
@@ -1220,17 +1205,6 @@ impl Intake {
             }
             inbox = match wait {
                 Wait::No => return false,
-                Wait::Poll(interval) => {
-                    let (inbox, timeout) = self
-                        .queue
-                        .ready
-                        .wait_timeout(inbox, interval)
-                        .unwrap_or_else(PoisonError::into_inner);
-                    if timeout.timed_out() && inbox.items.is_empty() {
-                        return false;
-                    }
-                    inbox
-                }
                 Wait::Forever => {
                     inbox.idle = true;
                     self.queue
