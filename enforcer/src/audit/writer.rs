@@ -115,7 +115,9 @@ pub struct Recovery {
 /// Counters, for benchmarks and status output.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Records acknowledged (written or durable, as each caller asked).
     pub records: u64,
+    /// Group commits: fsyncs of a segment.
     pub batches: u64,
 }
 
