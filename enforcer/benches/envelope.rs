@@ -16,6 +16,10 @@ use enforcer::envelope::{
 };
 use time::macros::datetime;
 
+// The allocator the `enforcer` binary runs with, so the figures are those of the daemon.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EXAMPLE: &str = include_str!("../../examples/exchange-trading.toml");
 const FLOOR: &str = include_str!("../../examples/floor.toml");
 const RUN: Duration = Duration::from_secs(4);
