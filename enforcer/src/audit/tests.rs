@@ -2,6 +2,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ed25519_dalek::SigningKey;
@@ -364,6 +365,91 @@ fn credentials_never_reach_the_disk() {
     assert!(text.contains("[redacted]"));
 }
 
+/// Callers writing their own records (the queue was empty) and callers queueing behind
+/// them, on many threads at once, with durable records and checkpoints among them: every
+/// record lands exactly once, in one unbroken chain.
+#[test]
+fn callers_writing_in_the_writers_place_keep_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AuditConfig {
+        checkpoint_every: 37,
+        ..config(dir.path())
+    };
+    let (log, _) = AuditLog::open(cfg, key(1)).unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut seqs = Vec::new();
+                for i in 0..300 {
+                    let until = if i % 50 == 0 {
+                        Until::Durable
+                    } else {
+                        Until::Written
+                    };
+                    let p = loop {
+                        match log.submit_until(event(t * 1000 + i), until) {
+                            Ok(p) => break p,
+                            Err(AuditError::QueueFull { .. }) => std::thread::yield_now(),
+                            Err(err) => panic!("{err}"),
+                        }
+                    };
+                    seqs.push(p.wait_blocking().unwrap().seq);
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut seqs: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    log.close_blocking().unwrap();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 8 * 300, "every receipt names its own record");
+    let report = verify_with_key(dir.path(), &key(1));
+    assert!(report.ok(), "{:?}", report.failure);
+    let events = all_lines(dir.path())
+        .iter()
+        .filter(|l| !l.2.windows(12).any(|w| w == b"\"checkpoint\""))
+        .count();
+    assert_eq!(events, 8 * 300);
+}
+
+/// Records a round took beyond a full batch are written next, not left until a timer
+/// (here an hour away) wakes the writer; likewise for callers writing in its place.
+#[test]
+fn records_beyond_a_full_batch_are_written_at_once() {
+    for until in [Until::Durable, Until::Written] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AuditConfig {
+            max_batch: 1,
+            checkpoint_every: 1_000_000,
+            checkpoint_interval: Duration::from_secs(3600),
+            ..config(dir.path())
+        };
+        let (log, _) = AuditLog::open(cfg, key(1)).unwrap();
+        let paused = log.pause_writing();
+        let pending: Vec<_> = (0..5)
+            .map(|i| log.submit_until(event(i), until).unwrap())
+            .collect();
+        drop(paused);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for p in pending {
+                p.wait_blocking().unwrap();
+            }
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                panic!("{until:?} records beyond the first batch were not written")
+            });
+        log.close_blocking().unwrap();
+    }
+}
+
 #[test]
 fn a_full_queue_refuses_instead_of_dropping() {
     let dir = tempfile::tempdir().unwrap();
@@ -374,7 +460,16 @@ fn a_full_queue_refuses_instead_of_dropping() {
     };
     let (log, _) = AuditLog::open(cfg, key(1)).unwrap();
     let (mut accepted, mut refused) = (Vec::new(), 0);
-    for i in 0..2000 {
+    // While the writer is busy, a second record does not fit in a queue of one.
+    let paused = log.pause_writing();
+    accepted.push(log.submit(event(0)).unwrap());
+    assert!(matches!(
+        log.submit(event(1)),
+        Err(AuditError::QueueFull { capacity: 1 })
+    ));
+    refused += 1;
+    drop(paused);
+    for i in 2..2000 {
         match log.submit(event(i)) {
             Ok(p) => accepted.push(p),
             Err(AuditError::QueueFull { capacity: 1 }) => refused += 1,

@@ -20,7 +20,6 @@ use std::{
     sync::{
         Arc, Condvar, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc::{Receiver, Sender, channel},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -161,6 +160,9 @@ struct Inbox {
     hung_up: bool,
     /// The writer stopped: nothing is taken any more.
     stopped: bool,
+    /// The writer thread must look at the log now although nothing new is queued: a
+    /// caller writing in its place left it a control message or a failure.
+    nudged: bool,
 }
 
 #[derive(Default)]
@@ -174,6 +176,49 @@ impl Queue {
         // No code holding this lock leaves the inbox half-changed, so a panic elsewhere
         // while holding it does not make its contents wrong.
         self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wakes the writer thread if it sleeps; awake, it looks at the queue before sleeping.
+    fn nudge(&self) {
+        let mut inbox = self.lock();
+        inbox.nudged = true;
+        let wake = std::mem::take(&mut inbox.idle);
+        drop(inbox);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().items.is_empty()
+    }
+
+    /// Sleeps until something is queued, the writer is nudged, every handle is gone, or
+    /// `wait` runs out; takes nothing.
+    fn wait_ready(&self, wait: Wait) {
+        let mut inbox = self.lock();
+        while inbox.items.is_empty() && !inbox.nudged && !inbox.hung_up {
+            inbox = match wait {
+                Wait::Forever => {
+                    inbox.idle = true;
+                    self.ready
+                        .wait(inbox)
+                        .unwrap_or_else(PoisonError::into_inner)
+                }
+                Wait::Until(deadline) => {
+                    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                        break;
+                    };
+                    inbox.idle = true;
+                    self.ready
+                        .wait_timeout(inbox, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+        inbox.idle = false;
+        inbox.nudged = false;
     }
 
     /// Queues a control message; these bypass the capacity: they come from the operator
@@ -242,6 +287,7 @@ pub struct AuditLog {
 /// nothing more will come.
 struct Handle {
     queue: Arc<Queue>,
+    core: Arc<Mutex<Core>>,
     shared: Arc<Shared>,
     capacity: usize,
 }
@@ -317,14 +363,22 @@ impl AuditLog {
             items: VecDeque::new(),
             body_start: 0,
         };
+        let core = Arc::new(Mutex::new(Core {
+            writer,
+            intake,
+            finished: false,
+        }));
+        let (for_thread, queue_for_thread, shared_for_thread) =
+            (core.clone(), queue.clone(), shared.clone());
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(intake))
+            .spawn(move || writer_thread(&for_thread, &queue_for_thread, &shared_for_thread))
             .map_err(|e| AuditError::io("starting the audit writer thread", e))?;
         Ok((
             Self {
                 handle: Arc::new(Handle {
                     queue,
+                    core,
                     shared,
                     capacity: config.queue_capacity,
                 }),
@@ -359,6 +413,12 @@ impl AuditLog {
                     capacity: h.capacity,
                 });
             }
+            // A caller that waits only for the write, with nothing queued ahead (nobody is
+            // writing a backlog), writes its record itself instead of waking the writer
+            // thread for it. A caller waiting for the fsync hands over as before: it waits
+            // milliseconds for the disk anyway, and the writer thread's batches keep group
+            // commits large.
+            let inline = until == Until::Written && inbox.items.is_empty();
             inbox.bodies.extend_from_slice(&body);
             let end = inbox.bodies.len();
             inbox.items.push_back(Item::Record {
@@ -368,16 +428,70 @@ impl AuditLog {
                 ack,
             });
             inbox.records += 1;
-            let wake = std::mem::take(&mut inbox.idle);
+            let wake = !inline && std::mem::take(&mut inbox.idle);
             drop(inbox);
             if wake {
                 h.queue.ready.notify_one();
+            }
+            if inline {
+                self.write_queued();
             }
             Ok(PendingRecord {
                 rx,
                 shared: h.shared.clone(),
             })
         })
+    }
+
+    /// Holds the writer still, as a writer busy with a long batch would; records queue up.
+    #[cfg(test)]
+    pub(crate) fn pause_writing(&self) -> PausedWriter<'_> {
+        PausedWriter {
+            core: Some(lock_core(&self.handle.core, &self.handle.shared)),
+            queue: &self.handle.queue,
+        }
+    }
+
+    /// Writes what is queued on the caller's thread, when no other thread is writing.
+    /// Under load the queue is rarely empty, callers only queue, and the writer thread
+    /// writes in batches; at a steady pace this saves two thread hand-offs per record (to
+    /// the writer and back), which cost more than the writing. It blocks only on the
+    /// write into the page cache (and, once per segment, the fsync of a rotation).
+    fn write_queued(&self) {
+        /// Rounds a caller writes for others before it leaves the rest to the writer thread.
+        const ROUNDS: usize = 2;
+        let h = &*self.handle;
+        for _ in 0..ROUNDS {
+            let mut core = match h.core.try_lock() {
+                Ok(core) => core,
+                // Whoever holds it looks at the queue again once done.
+                Err(std::sync::TryLockError::WouldBlock) => return,
+                Err(std::sync::TryLockError::Poisoned(_)) => {
+                    h.shared.fail(AuditError::Failed(
+                        "a thread panicked while writing the audit log".into(),
+                    ));
+                    h.queue.nudge();
+                    return;
+                }
+            };
+            if core.finished {
+                return;
+            }
+            match core.write_inline() {
+                Inline::WriterNeeded => {
+                    drop(core);
+                    h.queue.nudge();
+                    return;
+                }
+                Inline::BatchFull => continue,
+                Inline::Done => {}
+            }
+            drop(core);
+            if h.queue.is_empty() {
+                return;
+            }
+        }
+        h.queue.nudge();
     }
 
     /// Records `event` and returns once it is fsynced: the call to make before acting.
@@ -522,8 +636,117 @@ struct Job {
     shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
 }
 
+impl Job {
+    /// Someone waits for this fsync (a durable record, a checkpoint, the close).
+    fn awaited(&self) -> bool {
+        !self.acks.is_empty() || self.shutdown.is_some()
+    }
+}
+
 /// How long a group commit may wait for company when nobody is waiting on it.
 const RELAXED_SYNC_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The hand-over from the writer to the sync thread. Not a channel: a channel wakes the
+/// receiver on every send, and under load the writer sends a job per batch, thousands a
+/// second, nearly all of them for records nobody waits on. Here the writer wakes the sync
+/// thread only when someone waits for the fsync or when the thread sleeps with nothing
+/// to do; other jobs are picked up on its own RELAXED_SYNC_INTERVAL schedule.
+#[derive(Default)]
+struct SyncJobs {
+    state: Mutex<SyncState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    jobs: Vec<Job>,
+    /// The sync thread waits without a deadline: any job must wake it.
+    idle: bool,
+    /// The writer is done: finish what is queued, then stop.
+    closed: bool,
+    /// The sync thread has stopped; nothing handed over now would be fsynced.
+    stopped: bool,
+}
+
+impl SyncJobs {
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Gives back a job the thread will not take, so its waiters learn of it.
+    fn send(&self, job: Job) -> Result<(), Job> {
+        let mut state = self.lock();
+        if state.stopped {
+            return Err(job);
+        }
+        let wake = state.idle || job.awaited();
+        state.jobs.push(job);
+        drop(state);
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The next group to fsync: everything handed over by the time it is due. `None` once
+    /// the writer is done and nothing is left.
+    fn next_group(&self, last_sync: Instant) -> Option<Vec<Job>> {
+        let mut state = self.lock();
+        while state.jobs.is_empty() {
+            if state.closed {
+                state.stopped = true;
+                return None;
+            }
+            state.idle = true;
+            state = self
+                .ready
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state.idle = false;
+        // When nobody waits for this fsync (every record in it was answered once written),
+        // it waits for more to share it, up to RELAXED_SYNC_INTERVAL after the last one:
+        // fsyncs cost the host dearly, and the records are already safe from a crash of
+        // this process.
+        let deadline = last_sync + RELAXED_SYNC_INTERVAL;
+        while !state.closed && !state.jobs.iter().any(Job::awaited) {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            state = self
+                .ready
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        Some(std::mem::take(&mut state.jobs))
+    }
+}
+
+/// Marks the hand-over stopped however the sync thread ends (a panic included), and drops
+/// what is still queued so those waiting learn their records were not fsynced.
+struct StopOnExit(Arc<SyncJobs>);
+
+impl Drop for StopOnExit {
+    fn drop(&mut self) {
+        let left = {
+            let mut state = self.0.lock();
+            state.stopped = true;
+            std::mem::take(&mut state.jobs)
+        };
+        drop(left);
+    }
+}
+
+/// The writer's end of [`SyncJobs`]; dropping it tells the sync thread to finish.
+struct SyncSender(Arc<SyncJobs>);
+
+impl Drop for SyncSender {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.ready.notify_one();
+    }
+}
 
 /// Sends a group's acknowledgements after its fsyncs succeeded; `true` if it closed the log.
 fn acknowledge(jobs: Vec<Job>, shared: &Shared) -> bool {
@@ -586,38 +809,20 @@ fn sync_group(jobs: Vec<Job>, shared: &Shared) -> Result<bool, AuditError> {
 
 /// The sync thread: whatever the writer handed over while the last fsync ran shares the
 /// next one. After a failure it fails every job still coming.
-fn sync_thread(rx: Receiver<Job>, shared: Arc<Shared>) {
+fn sync_thread(jobs: Arc<SyncJobs>, shared: Arc<Shared>) {
+    let _stop = StopOnExit(jobs.clone());
     let mut failed = false;
     let mut last_sync = Instant::now();
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        jobs.extend(rx.try_iter());
-        // When nobody waits for this fsync (every record in it was answered once written),
-        // it waits for more to share it, up to RELAXED_SYNC_INTERVAL after the last one:
-        // fsyncs cost the host dearly, and the records are already safe from a crash of
-        // this process.
-        let deadline = last_sync + RELAXED_SYNC_INTERVAL;
-        while jobs
-            .iter()
-            .all(|j| j.acks.is_empty() && j.shutdown.is_none())
-        {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            match rx.recv_timeout(left) {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(group) = jobs.next_group(last_sync) {
         last_sync = Instant::now();
         if failed {
             let err = shared.gone();
-            for job in jobs {
+            for job in group {
                 fail_job(job, &err);
             }
             continue;
         }
-        match sync_group(jobs, &shared) {
+        match sync_group(group, &shared) {
             Ok(true) => return,
             Ok(false) => {}
             Err(_) => failed = true,
@@ -657,7 +862,7 @@ struct Writer {
     key: SigningKey,
     segment: Segment,
     /// Jobs for the sync thread, once started; before that, batches are fsynced here.
-    jobs: Option<Sender<Job>>,
+    jobs: Option<SyncSender>,
     sync_thread: Option<std::thread::JoinHandle<()>>,
     /// Bytes written to the current segment (not counting `buf`).
     seg_bytes: u64,
@@ -982,7 +1187,7 @@ impl Writer {
             shutdown,
         };
         match &self.jobs {
-            Some(jobs) => jobs.send(job).map_err(|_| self.shared.gone()),
+            Some(jobs) => jobs.0.send(job).map_err(|_| self.shared.gone()),
             None => sync_group(vec![job], &self.shared).map(drop),
         }
     }
@@ -1052,6 +1257,16 @@ impl Writer {
 
     /// Stops for good after `err`: the batch being built is refused, later calls fail.
     fn fail(&mut self, err: AuditError, shutdown: Option<oneshot::Sender<Result<(), AuditError>>>) {
+        self.refuse(err, shutdown);
+        self.stop();
+    }
+
+    /// Marks the log failed and refuses the batch being built; the writer thread stops.
+    fn refuse(
+        &mut self,
+        err: AuditError,
+        shutdown: Option<oneshot::Sender<Result<(), AuditError>>>,
+    ) {
         tracing::error!(error = %err, "audit log failed; refusing further records");
         self.shared.fail(err.clone());
         fail_acks(std::mem::take(&mut self.acks), &err);
@@ -1061,93 +1276,221 @@ impl Writer {
         if let Some(tx) = shutdown {
             let _ = tx.send(Err(err.clone()));
         }
-        self.stop();
     }
 
-    fn run(mut self, mut intake: Intake) {
-        let (jobs, job_rx) = channel::<Job>();
-        let shared = self.shared.clone();
+    fn start_sync_thread(&mut self) -> bool {
+        let jobs = Arc::new(SyncJobs::default());
+        let (shared, for_thread) = (self.shared.clone(), jobs.clone());
         match std::thread::Builder::new()
             .name("audit-sync".into())
-            .spawn(move || sync_thread(job_rx, shared))
+            .spawn(move || sync_thread(for_thread, shared))
         {
-            Ok(t) => self.sync_thread = Some(t),
+            Ok(t) => {
+                self.sync_thread = Some(t);
+                self.jobs = Some(SyncSender(jobs));
+                true
+            }
             Err(e) => {
                 self.shared
                     .fail(AuditError::io("starting the audit sync thread", e));
-                return;
+                false
             }
         }
-        self.jobs = Some(jobs);
-        loop {
-            let wait = if self.since_checkpoint > 0 {
-                Wait::Until(self.last_checkpoint + self.config.checkpoint_interval)
-            } else {
-                Wait::Forever
-            };
-            let first = match intake.next(wait) {
-                Next::Item(item, body) => Some((item, body)),
-                Next::Empty => None,
-                Next::HungUp => break,
-            };
-            if self.shared.failed.load(Ordering::SeqCst) {
-                // The sync thread failed: what is still queued is dropped, and its
-                // callers learn why from the shared failure.
-                self.fail(self.shared.gone(), None);
-                return;
-            }
-            let mut shutdown = None;
-            let mut result = Ok(());
-            if let Some((item, body)) = first {
-                result = self.handle(item, &intake.bodies[body], &mut shutdown);
-                while result.is_ok()
-                    && shutdown.is_none()
-                    && self.acks.len() + self.written.len() < self.config.max_batch
-                {
-                    match intake.next(Wait::No) {
-                        Next::Item(item, body) => {
-                            result = self.handle(item, &intake.bodies[body], &mut shutdown);
-                        }
-                        Next::Empty | Next::HungUp => break,
+    }
+
+    /// How long the writer thread may sleep: until the next checkpoint is due.
+    fn wait(&self) -> Wait {
+        if self.since_checkpoint > 0 {
+            Wait::Until(self.last_checkpoint + self.config.checkpoint_interval)
+        } else {
+            Wait::Forever
+        }
+    }
+}
+
+/// The writer's state, held by whichever thread writes: the writer thread, or a caller
+/// that found the queue empty and writes in its place (see `AuditLog::write_queued`).
+struct Core {
+    writer: Writer,
+    intake: Intake,
+    /// The writer thread has stopped; nothing is written any more.
+    finished: bool,
+}
+
+/// What writing in the writer's place ended with.
+enum Inline {
+    /// Everything taken is written.
+    Done,
+    /// A batch is written and more was taken.
+    BatchFull,
+    /// A control message or a failure is the writer thread's to handle.
+    WriterNeeded,
+}
+
+/// What a round of the writer thread ended with.
+enum Round {
+    Continue,
+    Stopped,
+}
+
+impl Core {
+    /// Writes queued records for a caller, up to a batch, and stops at anything else
+    /// (checkpoint requests, shutdown, a failure), which is the writer thread's to handle.
+    fn write_inline(&mut self) -> Inline {
+        let Core { writer, intake, .. } = self;
+        if writer.shared.failed.load(Ordering::SeqCst) {
+            return Inline::WriterNeeded;
+        }
+        let mut result = Ok(());
+        let mut handed_on = false;
+        while writer.acks.len() + writer.written.len() < writer.config.max_batch {
+            match intake.next() {
+                Next::Item(item @ Item::Record { .. }, body) => {
+                    result = writer.handle(item, &intake.bodies[body], &mut None);
+                    if result.is_err() {
+                        break;
                     }
                 }
+                Next::Item(item, _) => {
+                    intake.items.push_front(item);
+                    handed_on = true;
+                    break;
+                }
+                Next::Empty | Next::HungUp => break,
             }
-            if let Err(err) = result {
-                self.fail(err, shutdown);
-                return;
+        }
+        if let Err(err) = result.and_then(|()| writer.dispatch(None)) {
+            writer.refuse(err, None);
+            return Inline::WriterNeeded;
+        }
+        if handed_on {
+            Inline::WriterNeeded
+        } else if intake.items.is_empty() {
+            Inline::Done
+        } else {
+            Inline::BatchFull
+        }
+    }
+
+    /// One round of the writer thread: everything queued, the checkpoint if due, the
+    /// write; or, once every handle is gone, the seal.
+    fn writer_round(&mut self) -> Round {
+        let Core { writer, intake, .. } = self;
+        if writer.shared.failed.load(Ordering::SeqCst) {
+            // The sync thread (or a caller writing in the writer's place) failed: nothing
+            // more is written, not even a seal, and callers learn why from the failure.
+            writer.fail(writer.shared.gone(), None);
+            return Round::Stopped;
+        }
+        let first = match intake.next() {
+            Next::Item(item, body) => Some((item, body)),
+            Next::Empty => None,
+            Next::HungUp => {
+                // Every handle is gone: seal what was written.
+                writer.shared.closed.store(true, Ordering::SeqCst);
+                if writer.since_checkpoint > 0 {
+                    writer.add_checkpoint();
+                }
+                if let Err(err) = writer.dispatch(None) {
+                    tracing::error!(error = %err, "audit log: final checkpoint failed");
+                }
+                writer.stop();
+                return Round::Stopped;
             }
-            if self.since_checkpoint > 0
-                && (shutdown.is_some()
-                    || self.last_checkpoint.elapsed() >= self.config.checkpoint_interval)
+        };
+        let mut shutdown = None;
+        let mut result = Ok(());
+        if let Some((item, body)) = first {
+            result = writer.handle(item, &intake.bodies[body], &mut shutdown);
+            while result.is_ok()
+                && shutdown.is_none()
+                && writer.acks.len() + writer.written.len() < writer.config.max_batch
             {
-                self.add_checkpoint();
-            }
-            let closing = shutdown.is_some();
-            // Written at once; the fsync is the sync thread's, shared with whatever else
-            // is written while it runs.
-            if let Err(err) = self.dispatch(shutdown) {
-                self.fail(err, None);
-                return;
-            }
-            if closing {
-                self.stop();
-                return;
+                match intake.next() {
+                    Next::Item(item, body) => {
+                        result = writer.handle(item, &intake.bodies[body], &mut shutdown);
+                    }
+                    Next::Empty | Next::HungUp => break,
+                }
             }
         }
-        // Every handle is gone: seal what was written.
-        self.shared.closed.store(true, Ordering::SeqCst);
-        if self.since_checkpoint > 0 {
-            self.add_checkpoint();
+        if let Err(err) = result {
+            writer.fail(err, shutdown);
+            return Round::Stopped;
         }
-        if let Err(err) = self.dispatch(None) {
-            tracing::error!(error = %err, "audit log: final checkpoint failed");
+        if writer.since_checkpoint > 0
+            && (shutdown.is_some()
+                || writer.last_checkpoint.elapsed() >= writer.config.checkpoint_interval)
+        {
+            writer.add_checkpoint();
         }
-        self.stop();
+        let closing = shutdown.is_some();
+        // Written at once; the fsync is the sync thread's, shared with whatever else is
+        // written while it runs.
+        if let Err(err) = writer.dispatch(shutdown) {
+            writer.fail(err, None);
+            return Round::Stopped;
+        }
+        if closing {
+            writer.stop();
+            return Round::Stopped;
+        }
+        Round::Continue
+    }
+}
+
+#[cfg(test)]
+pub(crate) struct PausedWriter<'a> {
+    core: Option<MutexGuard<'a, Core>>,
+    queue: &'a Queue,
+}
+
+#[cfg(test)]
+impl Drop for PausedWriter<'_> {
+    fn drop(&mut self) {
+        drop(self.core.take());
+        self.queue.nudge();
+    }
+}
+
+fn lock_core<'a>(core: &'a Mutex<Core>, shared: &Shared) -> MutexGuard<'a, Core> {
+    core.lock().unwrap_or_else(|poisoned| {
+        // A panic mid-write leaves the chain's state unknown: nothing more is written.
+        shared.fail(AuditError::Failed(
+            "a thread panicked while writing the audit log".into(),
+        ));
+        poisoned.into_inner()
+    })
+}
+
+/// The writer thread: writes what callers queue behind one another, signs checkpoints
+/// when due, takes control messages, and seals the log when every handle is gone.
+fn writer_thread(core: &Mutex<Core>, queue: &Queue, shared: &Shared) {
+    if !lock_core(core, shared).writer.start_sync_thread() {
+        let mut core = lock_core(core, shared);
+        core.finished = true;
+        core.intake.close();
+        return;
+    }
+    loop {
+        let (wait, leftovers) = {
+            let core = lock_core(core, shared);
+            (core.writer.wait(), !core.intake.items.is_empty())
+        };
+        // A round stops at a full batch; what it took beyond that is written next, at once.
+        if !leftovers {
+            queue.wait_ready(wait);
+        }
+        let mut core = lock_core(core, shared);
+        if let Round::Stopped = core.writer_round() {
+            core.finished = true;
+            core.intake.close();
+            return;
+        }
     }
 }
 
 enum Wait {
-    No,
     Until(Instant),
     Forever,
 }
@@ -1171,8 +1514,9 @@ struct Intake {
 }
 
 impl Intake {
-    fn next(&mut self, wait: Wait) -> Next {
-        if self.items.is_empty() && !self.refill(wait) {
+    /// The next item queued, without waiting.
+    fn next(&mut self) -> Next {
+        if self.items.is_empty() && !self.refill() {
             return if self.queue.lock().hung_up {
                 Next::HungUp
             } else {
@@ -1195,40 +1539,14 @@ impl Intake {
         }
     }
 
-    /// Takes everything queued, waiting as `wait` says when nothing is; `false` if nothing
-    /// came (or nothing more will).
-    fn refill(&mut self, wait: Wait) -> bool {
+    /// Takes everything queued; `false` if nothing is.
+    fn refill(&mut self) -> bool {
         self.bodies.clear();
         self.body_start = 0;
         let mut inbox = self.queue.lock();
-        while inbox.items.is_empty() {
-            if inbox.hung_up {
-                return false;
-            }
-            inbox = match wait {
-                Wait::No => return false,
-                Wait::Forever => {
-                    inbox.idle = true;
-                    self.queue
-                        .ready
-                        .wait(inbox)
-                        .unwrap_or_else(PoisonError::into_inner)
-                }
-                Wait::Until(deadline) => {
-                    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                        inbox.idle = false;
-                        return false;
-                    };
-                    inbox.idle = true;
-                    self.queue
-                        .ready
-                        .wait_timeout(inbox, left)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
-                }
-            };
+        if inbox.items.is_empty() {
+            return false;
         }
-        inbox.idle = false;
         inbox.records = 0;
         std::mem::swap(&mut inbox.items, &mut self.items);
         std::mem::swap(&mut inbox.bodies, &mut self.bodies);
@@ -1237,9 +1555,15 @@ impl Intake {
 }
 
 impl Drop for Intake {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Intake {
     /// Whatever way the writer stops, later callers are refused and queued ones learn
     /// (from their dropped acknowledgement) that their records were not written.
-    fn drop(&mut self) {
+    fn close(&mut self) {
         let mut inbox = self.queue.lock();
         inbox.stopped = true;
         inbox.idle = false;
@@ -1248,6 +1572,7 @@ impl Drop for Intake {
         inbox.records = 0;
         drop(inbox);
         drop(items);
+        self.items.clear();
     }
 }
 
