@@ -504,18 +504,17 @@ impl Ledger {
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, LedgerError> {
-        let path = self.path.clone().unwrap_or_default();
-        let state = self
-            .state
-            .lock()
-            .map_err(|_| LedgerError::Poisoned { path: path.clone() })?;
+        let poisoned = || LedgerError::Poisoned {
+            path: self.path.clone().unwrap_or_default(),
+        };
+        let state = self.state.lock().map_err(|_| poisoned())?;
         if state.poisoned
             || self
                 .syncer
                 .as_ref()
                 .is_some_and(|s| s.failed.load(Ordering::Acquire))
         {
-            return Err(LedgerError::Poisoned { path });
+            return Err(poisoned());
         }
         Ok(state)
     }
