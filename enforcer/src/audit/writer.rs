@@ -413,12 +413,12 @@ impl AuditLog {
                     capacity: h.capacity,
                 });
             }
-            // A caller that waits only for the write, with nothing queued ahead (nobody is
-            // writing a backlog), writes its record itself instead of waking the writer
-            // thread for it. A caller waiting for the fsync hands over as before: it waits
-            // milliseconds for the disk anyway, and the writer thread's batches keep group
-            // commits large.
-            let inline = until == Until::Written && inbox.items.is_empty();
+            // A caller that waits only for the write writes its record itself (or leaves
+            // it to the thread writing now, which looks at the queue again before leaving)
+            // instead of waking the writer thread for it. A caller waiting for the fsync
+            // hands over as before: it waits milliseconds for the disk anyway, and the
+            // writer thread's batches keep group commits large.
+            let inline = until == Until::Written;
             inbox.bodies.extend_from_slice(&body);
             let end = inbox.bodies.len();
             inbox.items.push_back(Item::Record {
@@ -452,10 +452,10 @@ impl AuditLog {
         }
     }
 
-    /// Writes what is queued on the caller's thread, when no other thread is writing.
-    /// Under load the queue is rarely empty, callers only queue, and the writer thread
-    /// writes in batches; at a steady pace this saves two thread hand-offs per record (to
-    /// the writer and back), which cost more than the writing. It blocks only on the
+    /// Writes what is queued on the caller's thread, when no other thread is writing; when
+    /// one is, that thread looks at the queue again before it lets go. This saves two
+    /// thread hand-offs per record (to the writer and back), which cost more than the
+    /// writing; a backlog beyond two rounds goes to the writer thread. It blocks only on the
     /// write into the page cache (and, once per segment, the fsync of a rotation).
     fn write_queued(&self) {
         /// Rounds a caller writes for others before it leaves the rest to the writer thread.
@@ -1317,6 +1317,10 @@ struct Core {
     finished: bool,
 }
 
+/// The most records a caller writes in one round in the writer's place: a caller is a
+/// request being served, and a backlog larger than this is the writer thread's.
+const INLINE_BATCH: usize = 256;
+
 /// What writing in the writer's place ended with.
 enum Inline {
     /// Everything taken is written.
@@ -1343,7 +1347,8 @@ impl Core {
         }
         let mut result = Ok(());
         let mut handed_on = false;
-        while writer.acks.len() + writer.written.len() < writer.config.max_batch {
+        let batch = writer.config.max_batch.min(INLINE_BATCH);
+        while writer.acks.len() + writer.written.len() < batch {
             match intake.next() {
                 Next::Item(item @ Item::Record { .. }, body) => {
                     result = writer.handle(item, &intake.bodies[body], &mut None);
