@@ -417,6 +417,45 @@ fn callers_writing_in_the_writers_place_keep_one_chain() {
     assert_eq!(events, 8 * 300);
 }
 
+/// A failed write fails the records in it and every later one, whichever thread wrote:
+/// the caller itself (records waiting for the write) or the writer thread (records
+/// waiting for the fsync). What was written before stays a valid log.
+#[test]
+fn a_failed_write_refuses_this_record_and_all_later_ones() {
+    for until in [Until::Written, Until::Durable] {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(config(dir.path()), key(1)).unwrap();
+        for i in 0..5 {
+            log.submit_until(event(i), until)
+                .unwrap()
+                .wait_blocking()
+                .unwrap();
+        }
+        log.fail_next_write();
+        let failed = log
+            .submit_until(event(5), until)
+            .and_then(PendingRecord::wait_blocking);
+        assert!(
+            matches!(failed, Err(AuditError::Io { .. })),
+            "{until:?}: {failed:?}"
+        );
+        for i in 6..8 {
+            let later = log
+                .submit_until(event(i), until)
+                .and_then(PendingRecord::wait_blocking);
+            assert!(
+                matches!(later, Err(AuditError::Failed(_))),
+                "{until:?}: {later:?}"
+            );
+        }
+        assert!(log.close_blocking().is_err());
+        drop(log);
+        let report = verify_with_key(dir.path(), &key(1));
+        assert!(report.ok(), "{until:?}: {:?}", report.failure);
+        assert_eq!(report.records, 5, "{until:?}");
+    }
+}
+
 /// Records a round took beyond a full batch are written next, not left until a timer
 /// (here an hour away) wakes the writer; likewise for callers writing in its place.
 #[test]

@@ -251,6 +251,9 @@ struct Shared {
     closed: AtomicBool,
     records: AtomicU64,
     batches: AtomicU64,
+    /// Tests: the next write into a segment fails, as on a full or broken disk.
+    #[cfg(test)]
+    fail_next_write: AtomicBool,
 }
 
 impl Shared {
@@ -441,6 +444,15 @@ impl AuditLog {
                 shared: h.shared.clone(),
             })
         })
+    }
+
+    /// Makes the next write into a segment fail.
+    #[cfg(test)]
+    pub(crate) fn fail_next_write(&self) {
+        self.handle
+            .shared
+            .fail_next_write
+            .store(true, Ordering::SeqCst);
     }
 
     /// Holds the writer still, as a writer busy with a long batch would; records queue up.
@@ -1153,6 +1165,13 @@ impl Writer {
     /// waited only for that.
     fn write_out(&mut self) -> Result<(), AuditError> {
         if !self.buf.is_empty() {
+            #[cfg(test)]
+            if self.shared.fail_next_write.swap(false, Ordering::SeqCst) {
+                return Err(AuditError::io(
+                    format!("writing {}", self.segment.path.display()),
+                    std::io::Error::from_raw_os_error(28),
+                ));
+            }
             (&*self.segment.file).write_all(&self.buf).map_err(|e| {
                 AuditError::io(format!("writing {}", self.segment.path.display()), e)
             })?;
