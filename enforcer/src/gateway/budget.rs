@@ -21,6 +21,7 @@ use std::{
     collections::BTreeMap,
     fs::{File, OpenOptions},
     io::{self, Write},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -118,6 +119,47 @@ struct State {
     poisoned: bool,
     /// Writes made so far (each a batch of lines); a [`Ticket`] names one.
     written: u64,
+}
+
+/// A ledger longer than this is rewritten with one line per scope when it is opened, so
+/// a restart replays a few lines instead of two per request ever made.
+const COMPACT_AFTER_LINES: usize = 10_000;
+
+/// Rewrites the ledger as one line per scope holding its totals: the same usage, read back
+/// in one step. The new file is written beside the old one, fsynced and renamed over it,
+/// so a crash leaves the old ledger or the new one, never a mix or neither.
+fn compact(path: &Path, used: &BTreeMap<String, Usage>) -> io::Result<()> {
+    let mut buf = Vec::new();
+    for (scope, usage) in used {
+        if *usage == Usage::default() {
+            continue;
+        }
+        let entry = Entry {
+            scope: scope.as_str(),
+            requests: usage.requests,
+            spend: usage.spend,
+            bytes_up: usage.bytes_up,
+            bytes_down: usage.bytes_down,
+        };
+        serde_json::to_writer(&mut buf, &entry)?;
+        buf.push(b'\n');
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".compacting");
+    let tmp = PathBuf::from(tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&buf)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The most often the background task fsyncs the ledger.
@@ -256,10 +298,12 @@ impl Ledger {
                     // Complete lines end with '\n'; anything after the last one is a write
                     // that never completed, so the request it reserved for never left.
                     let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                    let mut lines = 0;
                     for (i, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
                         if line.is_empty() {
                             continue;
                         }
+                        lines += 1;
                         let entry: Entry =
                             serde_json::from_slice(line).map_err(|e| LedgerError::Corrupt {
                                 path: path.to_owned(),
@@ -277,6 +321,9 @@ impl Ledger {
                         let handle = OpenOptions::new().write(true).open(path).map_err(io_err)?;
                         handle.set_len(complete as u64).map_err(io_err)?;
                         handle.sync_data().map_err(io_err)?;
+                    }
+                    if lines > COMPACT_AFTER_LINES {
+                        compact(path, &used).map_err(io_err)?;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -727,6 +774,75 @@ mod tests {
         let again = Ledger::open(limits(50, 1e9), Some(&path)).unwrap();
         let (usage, _) = again.snapshot().unwrap()["envelope"].clone();
         assert_eq!((usage.requests, usage.bytes_down), (50, 40));
+    }
+
+    #[test]
+    fn a_long_ledger_is_compacted_on_open_without_changing_usage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let mut limits = limits(1_000_000, 1e12);
+        if let Some(l) = limits.get_mut("envelope") {
+            l.bytes_up = None;
+            l.bytes_down = None;
+        }
+        limits.insert("capability:orders".into(), Limits::default());
+        let n = COMPACT_AFTER_LINES as u64 + 500;
+        {
+            let ledger = Ledger::open(limits.clone(), Some(&path)).unwrap();
+            for i in 0..n {
+                let cost = Cost {
+                    requests: 1,
+                    spend: 0.1 * (i % 7) as f64,
+                    bytes_up: i % 13,
+                };
+                ledger
+                    .reserve_deferred(&[("envelope", cost.clone()), ("capability:orders", cost)])
+                    .unwrap()
+                    .unwrap();
+                ledger
+                    .charge_download_deferred(&["envelope", "capability:orders"], i % 5)
+                    .unwrap()
+                    .unwrap();
+            }
+        }
+        let expected = {
+            // The usage a full replay gives, computed without touching the file.
+            let bytes = std::fs::read(&path).unwrap();
+            let mut used: BTreeMap<String, Usage> = BTreeMap::new();
+            for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let e: Entry = serde_json::from_slice(line).unwrap();
+                let u = used.entry(e.scope).or_default();
+                u.requests += e.requests;
+                u.spend += e.spend;
+                u.bytes_up += e.bytes_up;
+                u.bytes_down += e.bytes_down;
+            }
+            used
+        };
+        assert_eq!(expected["envelope"].requests, n);
+
+        let ledger = Ledger::open(limits.clone(), Some(&path)).unwrap();
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert_eq!(lines, 2, "one line per scope after compaction");
+        assert!(!dir.path().join("ledger.jsonl.compacting").exists());
+        for (scope, (usage, _)) in ledger.snapshot().unwrap() {
+            assert_eq!(usage, expected[&scope], "{scope}");
+        }
+        // Appends continue after the compacted lines, and a second restart reads both.
+        ledger
+            .reserve(&[(
+                "envelope",
+                Cost {
+                    requests: 1,
+                    spend: 0.0,
+                    bytes_up: 0,
+                },
+            )])
+            .unwrap()
+            .unwrap();
+        drop(ledger);
+        let again = Ledger::open(limits, Some(&path)).unwrap();
+        assert_eq!(again.snapshot().unwrap()["envelope"].0.requests, n + 1);
     }
 
     #[test]
