@@ -408,6 +408,10 @@ fn callers_writing_in_the_writers_place_keep_one_chain() {
     seqs.sort_unstable();
     seqs.dedup();
     assert_eq!(seqs.len(), 8 * 300, "every receipt names its own record");
+    assert!(
+        list_segments(dir.path()).unwrap().len() > 10,
+        "the log rotated while callers wrote"
+    );
     let report = verify_with_key(dir.path(), &key(1));
     assert!(report.ok(), "{:?}", report.failure);
     let events = all_lines(dir.path())

@@ -468,7 +468,7 @@ impl AuditLog {
     /// one is, that thread looks at the queue again before it lets go. This saves two
     /// thread hand-offs per record (to the writer and back), which cost more than the
     /// writing; a backlog beyond two rounds goes to the writer thread. It blocks only on the
-    /// write into the page cache (and, once per segment, the fsync of a rotation).
+    /// write into the page cache; rotations are the writer thread's.
     fn write_queued(&self) {
         /// Rounds a caller writes for others before it leaves the rest to the writer thread.
         const ROUNDS: usize = 2;
@@ -1317,6 +1317,15 @@ impl Writer {
         }
     }
 
+    /// Whether a record with a body of `body_len` bytes might not fit in the current
+    /// segment. Errs towards yes: the head's length is only bounded here.
+    fn may_rotate(&self, body_len: usize) -> bool {
+        /// More than `seq`, `prev`, `kind` and `ts` with their keys take.
+        const HEAD_BOUND: u64 = 512;
+        self.seg_bytes + self.buf.len() as u64 + body_len as u64 + HEAD_BOUND
+            > self.config.segment_max_bytes
+    }
+
     /// How long the writer thread may sleep: until the next checkpoint is due.
     fn wait(&self) -> Wait {
         if self.since_checkpoint > 0 {
@@ -1369,14 +1378,16 @@ impl Core {
         let batch = writer.config.max_batch.min(INLINE_BATCH);
         while writer.acks.len() + writer.written.len() < batch {
             match intake.next() {
-                Next::Item(item @ Item::Record { .. }, body) => {
+                // A record that may start a new segment is the writer thread's too: the
+                // rotation fsyncs, and a request must not wait for the disk.
+                Next::Item(item @ Item::Record { .. }, body) if !writer.may_rotate(body.len()) => {
                     result = writer.handle(item, &intake.bodies[body], &mut None);
                     if result.is_err() {
                         break;
                     }
                 }
-                Next::Item(item, _) => {
-                    intake.items.push_front(item);
+                Next::Item(item, body) => {
+                    intake.unread(item, body);
                     handed_on = true;
                     break;
                 }
@@ -1561,6 +1572,14 @@ impl Intake {
             }
             None => Next::Empty,
         }
+    }
+
+    /// Puts back the item [`next`](Self::next) just gave, to be given again.
+    fn unread(&mut self, item: Item, body: Range<usize>) {
+        if let Item::Record { .. } = item {
+            self.body_start = body.start;
+        }
+        self.items.push_front(item);
     }
 
     /// Takes everything queued; `false` if nothing is.
