@@ -54,8 +54,9 @@ pub fn is_normalized_path(path: &str) -> bool {
         return true;
     }
     let rest = rest.strip_suffix('/').unwrap_or(rest);
-    rest.split('/')
-        .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+    rest.as_bytes()
+        .split(|&b| b == b'/')
+        .all(|seg| !seg.is_empty() && seg != b"." && seg != b"..")
 }
 
 /// One segment of a parsed path pattern.
@@ -192,27 +193,26 @@ impl PathPattern {
 
     /// [`matches`](Self::matches) for a path already known to be normalized.
     fn matches_normalized(&self, path: &str) -> bool {
-        let rest = path.get(1..).unwrap_or_default();
-        // A trailing slash leaves an empty last segment, so `/a` and `/a/` differ.
-        let mut parts = (!rest.is_empty())
-            .then(|| rest.split('/'))
-            .into_iter()
-            .flatten();
+        let rest = path.as_bytes().get(1..).unwrap_or_default();
+        // A trailing slash leaves an empty last segment, so `/a` and `/a/` differ. Split
+        // on the byte: `/` never occurs inside a multi-byte UTF-8 sequence.
+        let mut parts = (!rest.is_empty()).then(|| rest.split(|&b| b == b'/'));
+        let mut next = || parts.as_mut().and_then(Iterator::next);
         for seg in self.segs() {
             match seg {
                 Seg::Rest => return true,
-                Seg::One => match parts.next() {
+                Seg::One => match next() {
                     Some(p) if !p.is_empty() => {}
                     _ => return false,
                 },
                 Seg::Literal(lit) => {
-                    if parts.next() != Some(lit) {
+                    if next() != Some(lit.as_bytes()) {
                         return false;
                     }
                 }
             }
         }
-        parts.next().is_none()
+        next().is_none()
     }
 }
 
@@ -634,12 +634,15 @@ impl Constraint {
     }
 }
 
+/// `path_normalized` is [`is_normalized_path`] of `req.path`, judged once by callers that
+/// try many rules against one request.
 fn pattern_matches(
     methods: &[Method],
     host: Option<&HostPattern>,
     path: Option<&PathPattern>,
     when: &[Constraint],
     req: &RequestView<'_>,
+    path_normalized: bool,
 ) -> bool {
     if !methods.is_empty() && !Method::parse(req.method).is_some_and(|m| methods.contains(&m)) {
         return false;
@@ -650,7 +653,7 @@ fn pattern_matches(
     if let Some(p) = path {
         // A path we cannot judge counts as matching: forbidden effects must not be
         // dodged with an odd spelling.
-        if is_normalized_path(req.path) && !p.matches_normalized(req.path) {
+        if path_normalized && !p.matches_normalized(req.path) {
             return false;
         }
     }
@@ -660,12 +663,18 @@ fn pattern_matches(
 impl ForbiddenEffect {
     /// True if the request is (or may be) this forbidden effect.
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.matches_judged(req, is_normalized_path(req.path))
+    }
+
+    /// [`matches`](Self::matches), given [`is_normalized_path`] of `req.path`.
+    pub fn matches_judged(&self, req: &RequestView<'_>, path_normalized: bool) -> bool {
         pattern_matches(
             &self.methods,
             self.host.as_ref(),
             self.path.as_ref(),
             &self.when,
             req,
+            path_normalized,
         )
     }
 }
@@ -673,12 +682,18 @@ impl ForbiddenEffect {
 impl Approval {
     /// True if the request must wait for a human.
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.matches_judged(req, is_normalized_path(req.path))
+    }
+
+    /// [`matches`](Self::matches), given [`is_normalized_path`] of `req.path`.
+    pub fn matches_judged(&self, req: &RequestView<'_>, path_normalized: bool) -> bool {
         pattern_matches(
             &self.methods,
             self.host.as_ref(),
             self.path.as_ref(),
             &self.when,
             req,
+            path_normalized,
         )
     }
 }
@@ -693,7 +708,14 @@ impl Capability {
     /// Whether the request fits one of the routes and every constraint. Does not look at
     /// forbidden effects, approvals or budgets, which the gateway checks around it.
     pub fn check(&self, req: &RequestView<'_>) -> Result<(), String> {
-        if !self.routes.iter().any(|r| r.matches(req.method, req.path)) {
+        // The path's form and the method are judged once, not once per route.
+        let fits = is_normalized_path(req.path)
+            && Method::parse(req.method).is_some_and(|m| {
+                self.routes
+                    .iter()
+                    .any(|r| r.methods.contains(&m) && r.path.matches_normalized(req.path))
+            });
+        if !fits {
             return Err(format!(
                 "{} {} is not a route of capability `{}`",
                 req.method, req.path, self.name

@@ -517,7 +517,9 @@ impl VerifiedEnvelope {
     }
     /// The first forbidden effect (floor or Envelope) the request is or may be.
     pub fn forbidden_match(&self, req: &RequestView<'_>) -> Option<&ForbiddenEffect> {
-        self.forbidden_effects().find(|f| f.matches(req))
+        let path_normalized = super::is_normalized_path(req.path);
+        self.forbidden_effects()
+            .find(|f| f.matches_judged(req, path_normalized))
     }
 }
 

@@ -672,7 +672,12 @@ impl Gateway {
         decision.rule.clone_from(&prepared.scope);
 
         // 5. Approval.
-        if let Some(approval) = env.approvals.iter().find(|a| a.matches(&view)) {
+        let path_normalized = crate::envelope::is_normalized_path(view.path);
+        if let Some(approval) = env
+            .approvals
+            .iter()
+            .find(|a| a.matches_judged(&view, path_normalized))
+        {
             decision.step = "approval";
             let mut hasher = Sha256::new();
             hasher.update(method.as_str());
