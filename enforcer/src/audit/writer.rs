@@ -685,7 +685,7 @@ impl SyncJobs {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Gives back a job the thread will not take, so its waiters learn of it.
+    /// Hands `job` to the sync thread, or gives it back if that thread has stopped.
     fn send(&self, job: Job) -> Result<(), Job> {
         let mut state = self.lock();
         if state.stopped {
