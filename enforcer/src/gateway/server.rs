@@ -731,7 +731,7 @@ impl Gateway {
         let mut spend_for_velocity = 0.0;
         for (scope, budget) in [
             (ENVELOPE_SCOPE, env.budget.as_ref()),
-            (prepared.scope.as_str(), cap.budget.as_ref()),
+            (prepared.scope.as_str(), cap.budget.as_deref()),
         ] {
             let Some(budget) = budget else { continue };
             if let Some(limit) = budget.wall_clock_secs
