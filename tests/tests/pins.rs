@@ -2,7 +2,12 @@
 //! refused, unload leaves nothing behind.
 mod common;
 
+use std::os::fd::AsFd;
+
+use aya::programs::CgroupSockAddr;
 use common::{Instance, Server, args, privileged};
+use enforcer::kernel::swap;
+use enforcer_common::names;
 
 fn program_ids(inst: &Instance) -> serde_json::Value {
     let out = inst
@@ -38,6 +43,157 @@ fn a_second_enforcer_adopts_the_pinned_programs() {
         first,
         "the programs were re-attached instead of adopted"
     );
+}
+
+#[test]
+fn another_builds_program_is_replaced_inside_its_pinned_link() {
+    if !privileged("another_builds_program_is_replaced_inside_its_pinned_link") {
+        return;
+    }
+    let inst = Instance::new("swap");
+    let gateway = Server::start("127.0.0.1:0");
+    let (status, _) = inst.confine(gateway.addr, &[], &args(&[]));
+    assert!(status.success());
+    let first = program_ids(&inst);
+    let link_path = inst.pin_dir.join("links").join(names::PROG_CONNECT4);
+    let link_id = |path: &std::path::Path| {
+        let link = swap::open_pinned(path).expect("open pinned link");
+        swap::link_program(link.as_fd()).expect("link info").0
+    };
+    let link_before = link_id(&link_path);
+
+    // Stand in for an older build: another program of the same type (this build's
+    // connect6 program, loaded afresh) goes behind the connect4 link.
+    let foreign = {
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(inst.pin_dir.join("maps"))
+            .load(enforcer::kernel::ebpf_object())
+            .expect("load the embedded object");
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(names::PROG_CONNECT6)
+            .expect("connect6 program")
+            .try_into()
+            .expect("a sock_addr program");
+        prog.load().expect("load connect6");
+        let new = prog.fd().expect("program fd");
+        let link = swap::open_pinned(&link_path).expect("open pinned link");
+        let (_, old) = swap::link_program(link.as_fd()).expect("link program");
+        swap::replace_program(link.as_fd(), new.as_fd(), old.as_fd()).expect("link update");
+        swap::program_identity(new.as_fd()).expect("identity").id
+        // The link keeps the foreign program loaded once `ebpf` is gone.
+    };
+    let tampered = program_ids(&inst);
+    assert_eq!(tampered[names::PROG_CONNECT4], foreign, "{tampered}");
+
+    // The next enforcer process puts this build's program back, inside the same link.
+    let (status, probes) = inst.confine(gateway.addr, &[], &args(&["tcp4", "127.0.0.2", "9"]));
+    assert!(status.success());
+    probes.assert_denied("tcp4 127.0.0.2");
+    let after = program_ids(&inst);
+    let replaced = &after[names::PROG_CONNECT4];
+    assert_ne!(replaced, &serde_json::json!(foreign), "{after}");
+    assert_ne!(replaced, &first[names::PROG_CONNECT4], "{after}");
+    assert_eq!(
+        link_id(&link_path),
+        link_before,
+        "the link was re-created instead of updated: the cgroup was unguarded in between"
+    );
+    for (name, id) in first.as_object().expect("programs") {
+        if name != names::PROG_CONNECT4 {
+            assert_eq!(
+                &after[name], id,
+                "{name} was replaced although it was unchanged"
+            );
+        }
+    }
+}
+
+/// Creates a hash map with 8-byte keys and 4-byte values and pins it at `path`.
+fn pin_hash_map(path: &std::path::Path) {
+    use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    let mut create = MapCreate {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size: 8,
+        value_size: 4,
+        max_entries: 16,
+    };
+    // SAFETY: `create` is a valid prefix of `union bpf_attr` for the duration of the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &mut create as *mut MapCreate,
+            std::mem::size_of::<MapCreate>() as libc::c_uint,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel just returned this fd and nothing else owns it.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    let mut pin = ObjPin {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: `pin` and the path it points to outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &mut pin as *mut ObjPin,
+            std::mem::size_of::<ObjPin>() as libc::c_uint,
+        )
+    };
+    assert_eq!(ret, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn maps_pinned_with_another_layout_are_refused_before_anything_is_attached() {
+    if !privileged("maps_pinned_with_another_layout_are_refused_before_anything_is_attached") {
+        return;
+    }
+    let inst = Instance::new("layout");
+    let maps = inst.pin_dir.join("maps");
+    enforcer::kernel::ensure_bpffs(&inst.pin_dir).expect("bpffs");
+    std::fs::create_dir_all(&maps).expect("maps dir");
+    pin_hash_map(&maps.join(names::POLICY_MAP));
+    let gateway = Server::start("127.0.0.1:0");
+    let out = inst
+        .confine_command(gateway.addr, &[], &args(&[]))
+        .output()
+        .expect("confine");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an agent ran; stderr: {stderr}");
+    assert!(
+        stderr.contains("another layout")
+            && stderr.contains("value size 4")
+            && stderr.contains("enforcer unload --force"),
+        "stderr: {stderr}"
+    );
+    let links = std::fs::read_dir(inst.pin_dir.join("links"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(links, 0, "programs were attached against a foreign map");
 }
 
 #[test]

@@ -5,16 +5,20 @@
 //! `maps/` holds the policy, counter and event maps, `links/` one pinned link per program.
 //! Pinned links keep the programs attached when no process holds them, so the agent stays
 //! confined when the enforcer exits or is killed; a new enforcer process adopts the pins
-//! instead of re-attaching, so there is never a moment of open enforcement.
+//! instead of re-attaching, so there is never a moment of open enforcement. When the pinned
+//! programs come from another build, the new build's programs replace them inside the same
+//! links (`BPF_LINK_UPDATE`), again without a moment unguarded.
 mod bpffs;
 pub mod events;
 pub mod features;
 mod object;
 mod query;
+pub mod swap;
 
 use std::{
     fs::File,
     io,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -30,6 +34,11 @@ use aya::{
 use enforcer_common::{AgentCounters, AgentPolicy, STATE_TRIPPED, hook, names};
 
 pub use bpffs::ensure_bpffs;
+
+/// The kernel programs of this build, as embedded in the binary (an eBPF ELF object).
+pub fn ebpf_object() -> &'static [u8] {
+    object::EBPF_OBJECT
+}
 
 /// Where the enforcer pins its maps and links unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer";
@@ -79,6 +88,18 @@ pub enum KernelError {
         "stale pin {path}: {why}. Remove the stale state with `enforcer unload` and start again"
     )]
     StalePin { path: PathBuf, why: String },
+    #[error(
+        "{path} was pinned by an enforcer build with another layout ({why}), so this build's \
+         programs cannot take over from it in place; the agents it confines stay confined. \
+         Stop them and remove the old state with `enforcer unload --force`, then start again"
+    )]
+    IncompatiblePin { path: PathBuf, why: String },
+    #[error("replacing the program behind {path}: {source}")]
+    Replace {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(
         "program {program} is not in effect on cgroup {cgroup}: refusing to run an agent \
          there unconfined"
@@ -207,18 +228,30 @@ impl Enforcement {
             if !lacking.is_empty() {
                 return Err(KernelError::MissingFeatures(lacking));
             }
-            // Maps with pinning are reused from `maps_dir` when already pinned, so programs
-            // attached now share state with any that are still pinned.
-            let mut ebpf = EbpfLoader::new()
-                .default_map_pin_directory(&maps_dir)
-                .load(object::EBPF_OBJECT)
-                .map_err(|source| KernelError::Load {
-                    pin_dir: pin_dir.to_owned(),
-                    source: Box::new(source),
-                })?;
-            for spec in missing {
-                attach_and_pin(&mut ebpf, spec, &cgroup, &links_dir.join(spec.name))?;
+        }
+        let load_err = |source: aya::EbpfError| KernelError::Load {
+            pin_dir: pin_dir.to_owned(),
+            source: Box::new(source),
+        };
+        let object = aya_obj::Object::parse(object::EBPF_OBJECT)
+            .map_err(|e| load_err(aya::EbpfError::ParseError(e)))?;
+        check_map_layouts(&maps_dir, &object)?;
+        // This build's programs are loaded even when every link is pinned: the kernel's tag
+        // of each (a hash of its instructions) says whether the pinned one is the same
+        // program. Maps with pinning are reused from `maps_dir` when already pinned, so the
+        // programs share state with any that are still pinned.
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(object::EBPF_OBJECT)
+            .map_err(load_err)?;
+        for spec in &PROGRAMS {
+            load_program(&mut ebpf, spec)?;
+            let link_path = links_dir.join(spec.name);
+            if missing.iter().any(|m| m.name == spec.name) {
+                attach_and_pin(&mut ebpf, spec, &cgroup, &link_path)?;
                 tracing::info!(program = spec.name, cgroup = %parent_cgroup.display(), "attached");
+            } else {
+                replace_if_changed(&ebpf, spec, &link_path)?;
             }
         }
         let enforcement = Self::open(pin_dir)?;
@@ -453,6 +486,105 @@ pub fn unload(pin_dir: &Path) -> Result<(), KernelError> {
     }
 }
 
+/// Loads (verifies) one of this build's programs into the kernel.
+fn load_program(ebpf: &mut aya::Ebpf, spec: &ProgramSpec) -> Result<(), KernelError> {
+    let prog_err = |source: ProgramError| KernelError::Program {
+        name: spec.name,
+        source: Box::new(source),
+    };
+    let program = ebpf
+        .program_mut(spec.name)
+        .ok_or_else(|| prog_err(ProgramError::UnexpectedProgramType))?;
+    match spec.attach {
+        Attach::SockAddr => {
+            let program: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
+            program.load().map_err(prog_err)
+        }
+        Attach::SkbEgress => {
+            let program: &mut CgroupSkb = program.try_into().map_err(prog_err)?;
+            program.load().map_err(prog_err)
+        }
+        Attach::Sock => {
+            let program: &mut CgroupSock = program.try_into().map_err(prog_err)?;
+            program.load().map_err(prog_err)
+        }
+    }
+}
+
+/// Puts this build's (loaded) program behind the pinned link at `link_path` if the link
+/// runs a different one. The link stays attached throughout and the kernel switches
+/// programs atomically, so the agents are never unguarded.
+fn replace_if_changed(
+    ebpf: &aya::Ebpf,
+    spec: &ProgramSpec,
+    link_path: &Path,
+) -> Result<(), KernelError> {
+    let replace_err = |source: io::Error| KernelError::Replace {
+        path: link_path.to_owned(),
+        source,
+    };
+    let new = ebpf
+        .program(spec.name)
+        .ok_or_else(|| KernelError::Program {
+            name: spec.name,
+            source: Box::new(ProgramError::UnexpectedProgramType),
+        })?
+        .fd()
+        .map_err(|source| KernelError::Program {
+            name: spec.name,
+            source: Box::new(source),
+        })?;
+    let link = swap::open_pinned(link_path).map_err(replace_err)?;
+    let (_, old) = swap::link_program(link.as_fd()).map_err(replace_err)?;
+    let old_identity = swap::program_identity(old.as_fd()).map_err(replace_err)?;
+    let new_identity = swap::program_identity(new.as_fd()).map_err(replace_err)?;
+    if old_identity.tag == new_identity.tag {
+        return Ok(());
+    }
+    swap::replace_program(link.as_fd(), new.as_fd(), old.as_fd()).map_err(replace_err)?;
+    tracing::info!(
+        program = spec.name,
+        old_id = old_identity.id,
+        new_id = new_identity.id,
+        "replaced another build's program in its pinned link"
+    );
+    Ok(())
+}
+
+/// Refuses pinned maps whose layout is not this build's: programs loaded against them
+/// would read and write the other build's structures as their own.
+fn check_map_layouts(maps_dir: &Path, object: &aya_obj::Object) -> Result<(), KernelError> {
+    for (name, def) in &object.maps {
+        if def.pinning() != aya_obj::maps::PinningType::ByName {
+            continue;
+        }
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = swap::pinned_map_layout(&path)
+            .map_err(|e| KernelError::io(format!("reading {}", path.display()), e))?;
+        let differences: Vec<String> = [
+            ("type", pinned.map_type, def.map_type()),
+            ("key size", pinned.key_size, def.key_size()),
+            ("value size", pinned.value_size, def.value_size()),
+            ("max entries", pinned.max_entries, def.max_entries()),
+            ("flags", pinned.map_flags, def.map_flags()),
+        ]
+        .into_iter()
+        .filter(|(_, pinned, ours)| pinned != ours)
+        .map(|(what, pinned, ours)| format!("{what} {pinned}, this build {ours}"))
+        .collect();
+        if !differences.is_empty() {
+            return Err(KernelError::IncompatiblePin {
+                path,
+                why: differences.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn attach_and_pin(
     ebpf: &mut aya::Ebpf,
     spec: &ProgramSpec,
@@ -474,7 +606,6 @@ fn attach_and_pin(
     let link: FdLink = match spec.attach {
         Attach::SockAddr => {
             let program: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
-            program.load().map_err(prog_err)?;
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(prog_err)?;
@@ -489,7 +620,6 @@ fn attach_and_pin(
         }
         Attach::SkbEgress => {
             let program: &mut CgroupSkb = program.try_into().map_err(prog_err)?;
-            program.load().map_err(prog_err)?;
             let id = program
                 .attach(
                     cgroup,
@@ -508,7 +638,6 @@ fn attach_and_pin(
         }
         Attach::Sock => {
             let program: &mut CgroupSock = program.try_into().map_err(prog_err)?;
-            program.load().map_err(prog_err)?;
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(prog_err)?;
