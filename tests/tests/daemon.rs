@@ -586,6 +586,86 @@ fn ephemerality_and_revocability() {
 }
 
 #[test]
+fn reload_withdraws_grants_of_a_revoked_issuer_key_and_refuses_fixed_fields() {
+    if !privileged("reload_withdraws_grants_of_a_revoked_issuer_key_and_refuses_fixed_fields") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("reload");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("reload", up.addr, 600, "");
+    let (mut child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    let config = d.path("enforcer.toml");
+    let original = std::fs::read_to_string(&config).expect("config");
+
+    // What needs a restart refuses the reload whole.
+    std::fs::write(
+        &config,
+        format!("{original}gateway_ports = [19000, 19999]\n"),
+    )
+    .expect("config");
+    let refused = d.ctl(&["reload"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a fixed field was reloaded");
+    assert!(
+        stderr.contains("gateway_ports") && stderr.contains("restart"),
+        "stderr: {stderr}"
+    );
+
+    // Revoking the issuer's key withdraws every grant it signed, at once.
+    let issuer = enforcer::envelope::load_verifying_key(&d.path("issuer.pub")).expect("issuer key");
+    let revocations = d.path("revocations");
+    std::fs::write(
+        &revocations,
+        format!("key {}\n", enforcer::envelope::key_id(&issuer)),
+    )
+    .expect("revocations");
+    std::fs::write(
+        &config,
+        format!("{original}revocations = \"{}\"\n", revocations.display()),
+    )
+    .expect("config");
+    let reloaded = d.ctl(&["reload"]);
+    assert!(
+        reloaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&reloaded.stdout).expect("json");
+    assert_eq!(answer["withdrawn"][0]["agent"], "agent-reload", "{answer}");
+    assert_eq!(answer["withdrawn"][0]["kind"], "revoked_key", "{answer}");
+
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("go");
+    let (_, probes) = common::finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(
+        oks,
+        vec![true, false],
+        "after the reload: {:?}",
+        probes.results
+    );
+    let reset = d.ctl(&["reset", "agent-reload"]);
+    assert!(!reset.status.success(), "a withdrawn Envelope was reset");
+    // New Envelopes by the revoked key are refused too.
+    let again = d.envelope("reload-again", up.addr, 600, "");
+    let (out, _) = d.run(&again, &a(&[]));
+    assert!(!out.status.success(), "an Envelope by a revoked key ran");
+    assert!(
+        d.audit_text().contains("config reload"),
+        "{}",
+        d.audit_text()
+    );
+}
+
+#[test]
 fn kill_9_of_the_daemon_keeps_agents_confined_and_budgets_spent() {
     if !privileged("kill_9_of_the_daemon_keeps_agents_confined_and_budgets_spent") {
         return;

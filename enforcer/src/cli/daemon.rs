@@ -96,6 +96,12 @@ pub enum OperatorCommand {
         agent: String,
         id: u64,
     },
+    /// Make the daemon read its config again: trusted keys, floor, revocations and secrets
+    /// change live; running agents whose Envelope no longer verifies are cut off for good.
+    Reload {
+        #[command(flatten)]
+        socket: SocketOpts,
+    },
     /// Ask the daemon to drain and exit (agents stay confined).
     Shutdown {
         #[command(flatten)]
@@ -131,6 +137,7 @@ pub fn operator(cmd: OperatorCommand) -> anyhow::Result<ExitCode> {
         OperatorCommand::Approvals { socket, agent } => (socket, Op::Approvals { agent }),
         OperatorCommand::Approve { socket, agent, id } => (socket, Op::Approve { agent, id }),
         OperatorCommand::Deny { socket, agent, id } => (socket, Op::Deny { agent, id }),
+        OperatorCommand::Reload { socket } => (socket, Op::Reload),
         OperatorCommand::Shutdown { socket } => (socket, Op::Shutdown),
     };
     let result = call(&socket, op)?;

@@ -47,6 +47,9 @@ pub enum Op {
         agent: String,
         id: u64,
     },
+    /// Read the config file again: trust, floor, revocations and secrets change live, and
+    /// running agents whose Envelope no longer verifies are cut off.
+    Reload,
     Shutdown,
 }
 

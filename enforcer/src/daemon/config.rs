@@ -1,6 +1,7 @@
-//! The daemon's configuration: read once at start-up and validated whole before anything
-//! is bound, mounted or attached. A bad config exits with an error that names the field,
-//! the file and the fix.
+//! The daemon's configuration: read at start-up and validated whole before anything is
+//! bound, mounted or attached. A bad config exits with an error that names the field, the
+//! file and the fix. `enforcer reload` reads it again: trust, floor, revocations, clock
+//! skew, lifetime and secrets are taken up live ([`Grants`]); the rest needs a restart.
 use std::{
     net::IpAddr,
     os::unix::fs::{MetadataExt, PermissionsExt},
@@ -128,10 +129,16 @@ pub enum ConfigError {
 pub struct Loaded {
     pub config: DaemonConfig,
     pub path: PathBuf,
-    pub verifier: Verifier,
-    pub secrets: SecretStore,
+    pub grants: Grants,
     pub audit_key: ed25519_dalek::SigningKey,
     pub agent_user: AgentUser,
+}
+
+/// How Envelopes are judged and where credentials come from: the part of the config a
+/// running daemon can take up again (`enforcer reload`) without a restart.
+pub struct Grants {
+    pub verifier: Verifier,
+    pub secrets: SecretStore,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -144,6 +151,55 @@ impl std::fmt::Debug for Loaded {
 }
 
 impl DaemonConfig {
+    /// The fields a running daemon cannot take up again: they name its files, sockets,
+    /// addresses, kernel state and agent user. Returns those that differ in `new`.
+    pub fn fixed_fields_changed(&self, new: &DaemonConfig) -> Vec<&'static str> {
+        // Spelled out whole, so a new field does not compile until it is sorted here.
+        let DaemonConfig {
+            state_dir,
+            audit_dir,
+            audit_key,
+            trust_dir: _,
+            secrets: _,
+            floor: _,
+            revocations: _,
+            control_socket,
+            gateway_ip,
+            gateway_ports,
+            agent_user,
+            pin_dir,
+            cgroup_parent,
+            metrics_listen,
+            upstream_roots,
+            no_system_roots,
+            clock_skew_secs: _,
+            max_lifetime_secs: _,
+            shutdown_grace_secs,
+        } = self;
+        [
+            ("state_dir", *state_dir == new.state_dir),
+            ("audit_dir", *audit_dir == new.audit_dir),
+            ("audit_key", *audit_key == new.audit_key),
+            ("control_socket", *control_socket == new.control_socket),
+            ("gateway_ip", *gateway_ip == new.gateway_ip),
+            ("gateway_ports", *gateway_ports == new.gateway_ports),
+            ("agent_user", *agent_user == new.agent_user),
+            ("pin_dir", *pin_dir == new.pin_dir),
+            ("cgroup_parent", *cgroup_parent == new.cgroup_parent),
+            ("metrics_listen", *metrics_listen == new.metrics_listen),
+            ("upstream_roots", *upstream_roots == new.upstream_roots),
+            ("no_system_roots", *no_system_roots == new.no_system_roots),
+            (
+                "shutdown_grace_secs",
+                *shutdown_grace_secs == new.shutdown_grace_secs,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(name, _)| name)
+        .collect()
+    }
+
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
@@ -265,8 +321,7 @@ impl DaemonConfig {
         Ok(Loaded {
             config: self,
             path: path.to_owned(),
-            verifier,
-            secrets,
+            grants: Grants { verifier, secrets },
             audit_key,
             agent_user,
         })
@@ -319,6 +374,35 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("gateway_ports")
+        );
+    }
+
+    #[test]
+    fn a_reload_may_change_how_envelopes_are_judged_but_nothing_else() {
+        let p = Path::new("dist/enforcer.toml");
+        let text = include_str!("../../../dist/enforcer.toml");
+        let base = DaemonConfig::parse(p, text).unwrap();
+        let live = DaemonConfig::parse(
+            p,
+            &format!("{text}\nrevocations = '/etc/enforcer/revoked'\n")
+                .replace("clock_skew_secs = 60", "clock_skew_secs = 5")
+                .replace("max_lifetime_secs = 86400", "max_lifetime_secs = 60")
+                .replace("trusted-issuers", "issuers-2026")
+                .replace("/etc/enforcer/secrets", "/etc/enforcer/secrets-2")
+                .replace("floor.toml", "floor-strict.toml"),
+        )
+        .unwrap();
+        assert!(base.fixed_fields_changed(&live).is_empty());
+        let fixed = DaemonConfig::parse(
+            p,
+            &text
+                .replace("[18000, 18999]", "[19000, 19999]")
+                .replace("\"nobody\"", "\"agent\""),
+        )
+        .unwrap();
+        assert_eq!(
+            base.fixed_fields_changed(&fixed),
+            ["gateway_ports", "agent_user"]
         );
     }
 }

@@ -13,7 +13,7 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex, Weak,
+        Arc, Mutex, RwLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -38,7 +38,7 @@ use crate::{
 };
 use enforcer_common::{AgentPolicy, STATE_ACTIVE};
 
-pub use config::{ConfigError, DaemonConfig, Loaded};
+pub use config::{ConfigError, DaemonConfig, Grants, Loaded};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -74,6 +74,11 @@ pub enum DaemonError {
     UnknownAgent(String),
     #[error("the Envelope {0} was revoked on this host")]
     Revoked(String),
+    #[error(
+        "{path}: {fields} cannot change while the daemon runs, so nothing was reloaded; \
+         restart the daemon to change them (agents stay confined meanwhile)"
+    )]
+    ReloadRefused { path: PathBuf, fields: String },
 }
 
 impl DaemonError {
@@ -83,6 +88,8 @@ impl DaemonError {
             DaemonError::Verify(e) => e.kind(),
             DaemonError::UnknownAgent(_) => "unknown_agent",
             DaemonError::Revoked(_) => "revoked",
+            DaemonError::ReloadRefused { .. } => "reload_refused",
+            DaemonError::Config(_) => "config",
             DaemonError::NoPort { .. } => "no_port",
             DaemonError::Audit(_) => "audit_unavailable",
             DaemonError::Kernel(_) => "kernel",
@@ -149,7 +156,13 @@ impl Agent {
 }
 
 pub struct Daemon {
-    loaded: Loaded,
+    config: DaemonConfig,
+    config_path: PathBuf,
+    /// The public half of the audit key the log was opened with: a reload must not bring
+    /// another.
+    audit_key: ed25519_dalek::VerifyingKey,
+    /// Replaced whole by a reload; each activation judges with one snapshot.
+    grants: RwLock<Arc<Grants>>,
     kernel: Mutex<Enforcement>,
     parent: CgroupParent,
     audit: AuditLog,
@@ -294,8 +307,18 @@ impl Daemon {
         let revoked = read_lines(&cfg.state_dir.join("revoked-envelopes"))?;
         let roots: Vec<&Path> = cfg.upstream_roots.iter().map(PathBuf::as_path).collect();
         let upstream_tls = upstream_client_config(&roots, !cfg.no_system_roots)?;
+        let Loaded {
+            config,
+            path: config_path,
+            grants,
+            audit_key,
+            agent_user: _,
+        } = loaded;
         let daemon = Arc::new_cyclic(|me| Daemon {
-            loaded,
+            config,
+            config_path,
+            audit_key: audit_key.verifying_key(),
+            grants: RwLock::new(Arc::new(grants)),
             kernel: Mutex::new(enforcement),
             parent,
             audit,
@@ -355,7 +378,14 @@ impl Daemon {
     }
 
     fn config(&self) -> &DaemonConfig {
-        &self.loaded.config
+        &self.config
+    }
+
+    fn grants(&self) -> Result<Arc<Grants>, DaemonError> {
+        self.grants
+            .read()
+            .map(|g| g.clone())
+            .map_err(|_| poisoned())
     }
 
     /// An agent's gateway, its decisions going to the audit log and its trips to the kernel.
@@ -370,7 +400,7 @@ impl Daemon {
         let gateway = Gateway::new(GatewaySetup {
             agent: name.to_owned(),
             envelope: verified.clone(),
-            secrets: self.loaded.secrets.clone(),
+            secrets: self.grants()?.secrets.clone(),
             state_dir: Some(dir.to_owned()),
             upstream_tls: self.upstream_tls.clone(),
             limits: Limits::default(),
@@ -416,7 +446,9 @@ impl Daemon {
                 .used_ids
                 .lock()
                 .map_err(|_| io_err("used ids")(std::io::Error::other("lock poisoned")))?;
-            self.loaded.verifier.verify(envelope_json.as_bytes(), &used)
+            self.grants()?
+                .verifier
+                .verify(envelope_json.as_bytes(), &used)
         };
         let verified = match verified {
             Ok(v) => v,
@@ -638,7 +670,7 @@ impl Daemon {
         };
         // The id is spent already; everything else is checked again.
         let verified = match self
-            .loaded
+            .grants()?
             .verifier
             .verify(envelope_json.as_bytes(), &UsedIds::in_memory())
         {
@@ -793,6 +825,90 @@ impl Daemon {
         Ok(json!({ "agent": name, "state": "revoked" }))
     }
 
+    /// Reads the config file again and takes up what may change live: trusted keys, floor,
+    /// revocations, clock skew, lifetime and secrets. Every running agent's Envelope is then
+    /// judged again, and one that no longer verifies is withdrawn: cut off in the gateway
+    /// and the kernel, and not resettable. A change to anything that needs a restart
+    /// refuses the reload whole.
+    async fn reload(&self, peer: control::Peer) -> Result<serde_json::Value, DaemonError> {
+        let _serial = self.activation.lock().await;
+        let loaded = DaemonConfig::load(&self.config_path)?;
+        let mut fixed = self.config.fixed_fields_changed(&loaded.config);
+        if loaded.audit_key.verifying_key() != self.audit_key {
+            fixed.push("the key in audit_key");
+        }
+        if !fixed.is_empty() {
+            return Err(DaemonError::ReloadRefused {
+                path: self.config_path.clone(),
+                fields: fixed.join(", "),
+            });
+        }
+        let grants = Arc::new(loaded.grants);
+        let running: Vec<(String, String, PathBuf)> = self
+            .agents
+            .lock()
+            .map_err(|_| poisoned())?
+            .values()
+            .filter(|a| !a.revoked)
+            .map(|a| (a.name.clone(), a.envelope.id().to_owned(), a.dir.clone()))
+            .collect();
+        let mut withdrawn = Vec::new();
+        for (name, id, dir) in running {
+            let refusal = match std::fs::read_to_string(dir.join("envelope.json")) {
+                Err(e) => Some((
+                    "unreadable",
+                    format!("its saved Envelope cannot be read: {e}"),
+                )),
+                Ok(json) => match grants
+                    .verifier
+                    .verify(json.as_bytes(), &UsedIds::in_memory())
+                {
+                    Ok(_) => None,
+                    // Expiry has its own path (the watcher and the kernel deadline).
+                    Err(e) if e.kind() == "expired" => None,
+                    Err(e) => Some((e.kind(), e.to_string())),
+                },
+            };
+            if let Some((kind, reason)) = refusal {
+                self.withdraw(&name, &id, kind, &reason)?;
+                withdrawn
+                    .push(json!({ "agent": name, "envelope": id, "kind": kind, "reason": reason }));
+            }
+        }
+        *self.grants.write().map_err(|_| poisoned())? = grants;
+        let _ = self.audit.submit(
+            Event::new(EventKind::Other)
+                .rule("config_reloaded")
+                .detail("config", self.config_path.display().to_string())
+                .detail("withdrawn", withdrawn.len())
+                .detail("pid", peer.pid),
+        );
+        tracing::info!(config = %self.config_path.display(), withdrawn = withdrawn.len(), "config reloaded");
+        Ok(json!({ "config": self.config_path.display().to_string(), "withdrawn": withdrawn }))
+    }
+
+    /// Cuts off an agent whose Envelope the host no longer accepts, for good: like
+    /// `revoke`, but the id is not written to the revocation list, since restoring the
+    /// config would make the Envelope valid again (a restart re-judges it).
+    fn withdraw(&self, name: &str, id: &str, kind: &str, reason: &str) -> Result<(), DaemonError> {
+        let gateway = self.with_agent(name, |a| {
+            a.revoked = true;
+            a.gateway.clone()
+        })?;
+        let _ = self.audit.submit(
+            Event::new(EventKind::Revoked)
+                .agent(name)
+                .envelope(id)
+                .rule(kind)
+                .detail("reason", reason)
+                .detail("by", "config reload"),
+        );
+        gateway.breaker().trip(format!(
+            "Envelope {id} withdrawn by a config reload: {reason}"
+        ));
+        Ok(())
+    }
+
     fn describe(&self, agent: &Agent) -> serde_json::Value {
         let kernel = self.kernel.lock().ok();
         let counters = kernel
@@ -869,6 +985,7 @@ impl Daemon {
             Op::Trip { agent } => self.trip(&agent, peer),
             Op::Reset { agent } => self.reset(&agent, peer),
             Op::Revoke { agent } => self.revoke(&agent, peer),
+            Op::Reload => self.reload(peer).await,
             Op::Approvals { agent } => self.agents.lock().map_err(|_| poisoned()).map(|agents| {
                 let list: Vec<serde_json::Value> = agents
                     .values()
@@ -1054,7 +1171,7 @@ impl Daemon {
 }
 
 fn cfg_path(d: &Daemon) -> String {
-    d.loaded.path.display().to_string()
+    d.config_path.display().to_string()
 }
 
 fn poisoned() -> DaemonError {
