@@ -297,6 +297,46 @@ fn allowed_requests_get_the_credential_the_agent_never_sees() {
 }
 
 #[test]
+fn a_rotated_credential_is_injected_from_the_next_request_and_both_values_stay_scrubbed() {
+    const ROTATED: &str = "sk-rotated-5e6f7a8b";
+    let up = Upstream::start();
+    let s = start(up.addr, "", None);
+    let url = format!("http://127.0.0.1:{}/api/v3/ticker", up.addr.port());
+
+    let missing = s.gateway.prepare_credentials(&SecretStore::from_pairs([(
+        "other-key".to_owned(),
+        ROTATED.to_owned(),
+    )]));
+    assert!(
+        missing.is_err_and(|e| e.to_string().contains("exchange-key")),
+        "a store without the Envelope's secret was accepted"
+    );
+    let rotated = s
+        .gateway
+        .prepare_credentials(&SecretStore::from_pairs([(
+            "exchange-key".to_owned(),
+            ROTATED.to_owned(),
+        )]))
+        .expect("rotated credentials");
+    s.gateway.install_credentials(rotated);
+
+    // The old value comes back from the upstream too (the agent put it in the query, as
+    // an upstream echoing an old key would): both are scrubbed.
+    let (status, body) = curl(s.proxy, &[&format!("{url}?note={SECRET}")]);
+    assert_eq!(status, 200, "{body}");
+    let seen = up.seen.lock().unwrap().join("\n").to_ascii_lowercase();
+    assert!(
+        seen.contains(&format!("x-api-key: {ROTATED}")),
+        "rotated credential injected: {seen}"
+    );
+    assert!(
+        !body.contains(ROTATED) && !body.contains(SECRET),
+        "a credential reached the agent: {body}"
+    );
+    assert_eq!(body.matches("[REDACTED]").count(), 2, "{body}");
+}
+
+#[test]
 fn forbidden_effects_win_and_trip_the_breaker_for_good() {
     let up = Upstream::start();
     let state = tempfile::tempdir().unwrap();

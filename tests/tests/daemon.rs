@@ -666,6 +666,63 @@ fn reload_withdraws_grants_of_a_revoked_issuer_key_and_refuses_fixed_fields() {
 }
 
 #[test]
+fn reload_rotates_the_credential_of_a_running_agent() {
+    if !privileged("reload_rotates_the_credential_of_a_running_agent") {
+        return;
+    }
+    const ROTATED: &str = "sk-live-rotated-0a1b2c3d";
+    let up = Upstream::start();
+    let d = Daemon::start("rotate");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("rotate", up.addr, 600, "");
+    let (mut child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    let secret = d.path("secrets/exchange-key");
+
+    // A store without the running agent's secret refuses the reload whole.
+    std::fs::remove_file(&secret).expect("remove secret");
+    let refused = d.ctl(&["reload"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "an agent lost its credential");
+    assert!(
+        stderr.contains("agent-rotate") && stderr.contains("exchange-key"),
+        "stderr: {stderr}"
+    );
+
+    std::fs::write(&secret, ROTATED).expect("rotate secret");
+    set_mode(&secret, 0o600);
+    let reloaded = d.ctl(&["reload"]);
+    assert!(
+        reloaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("go");
+    let (_, probes) = common::finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, true], "{:?}", probes.results);
+    let heads = up.heads.lock().expect("heads").clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(
+        heads[0].contains(SECRET) && !heads[0].contains(ROTATED),
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[1].contains(ROTATED) && !heads[1].contains(SECRET),
+        "{}",
+        heads[1]
+    );
+}
+
+#[test]
 fn kill_9_of_the_daemon_keeps_agents_confined_and_budgets_spent() {
     if !privileged("kill_9_of_the_daemon_keeps_agents_confined_and_budgets_spent") {
         return;

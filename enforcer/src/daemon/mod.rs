@@ -79,6 +79,16 @@ pub enum DaemonError {
          restart the daemon to change them (agents stay confined meanwhile)"
     )]
     ReloadRefused { path: PathBuf, fields: String },
+    #[error(
+        "{path}: nothing was reloaded, since running agent {agent} would lose a credential: \
+         {source}. Put the secret in the store, or end the agent first"
+    )]
+    ReloadSecrets {
+        path: PathBuf,
+        agent: String,
+        #[source]
+        source: crate::gateway::server::GatewayError,
+    },
 }
 
 impl DaemonError {
@@ -88,7 +98,9 @@ impl DaemonError {
             DaemonError::Verify(e) => e.kind(),
             DaemonError::UnknownAgent(_) => "unknown_agent",
             DaemonError::Revoked(_) => "revoked",
-            DaemonError::ReloadRefused { .. } => "reload_refused",
+            DaemonError::ReloadRefused { .. } | DaemonError::ReloadSecrets { .. } => {
+                "reload_refused"
+            }
             DaemonError::Config(_) => "config",
             DaemonError::NoPort { .. } => "no_port",
             DaemonError::Audit(_) => "audit_unavailable",
@@ -844,16 +856,25 @@ impl Daemon {
             });
         }
         let grants = Arc::new(loaded.grants);
-        let running: Vec<(String, String, PathBuf)> = self
+        let running: Vec<(String, String, PathBuf, Arc<Gateway>)> = self
             .agents
             .lock()
             .map_err(|_| poisoned())?
             .values()
             .filter(|a| !a.revoked)
-            .map(|a| (a.name.clone(), a.envelope.id().to_owned(), a.dir.clone()))
+            .map(|a| {
+                (
+                    a.name.clone(),
+                    a.envelope.id().to_owned(),
+                    a.dir.clone(),
+                    a.gateway.clone(),
+                )
+            })
             .collect();
-        let mut withdrawn = Vec::new();
-        for (name, id, dir) in running {
+        // Judge everything first and change nothing until all of it holds.
+        let mut refused = Vec::new();
+        let mut rotations = Vec::new();
+        for (name, id, dir, gateway) in running {
             let refusal = match std::fs::read_to_string(dir.join("envelope.json")) {
                 Err(e) => Some((
                     "unreadable",
@@ -869,11 +890,29 @@ impl Daemon {
                     Err(e) => Some((e.kind(), e.to_string())),
                 },
             };
-            if let Some((kind, reason)) = refusal {
-                self.withdraw(&name, &id, kind, &reason)?;
-                withdrawn
-                    .push(json!({ "agent": name, "envelope": id, "kind": kind, "reason": reason }));
+            match refusal {
+                Some((kind, reason)) => refused.push((name, id, kind, reason)),
+                None => {
+                    let credentials =
+                        gateway
+                            .prepare_credentials(&grants.secrets)
+                            .map_err(|source| DaemonError::ReloadSecrets {
+                                path: self.config_path.clone(),
+                                agent: name.clone(),
+                                source,
+                            })?;
+                    rotations.push((gateway, credentials));
+                }
             }
+        }
+        let mut withdrawn = Vec::new();
+        for (name, id, kind, reason) in refused {
+            self.withdraw(&name, &id, kind, &reason)?;
+            withdrawn
+                .push(json!({ "agent": name, "envelope": id, "kind": kind, "reason": reason }));
+        }
+        for (gateway, credentials) in rotations {
+            gateway.install_credentials(credentials);
         }
         *self.grants.write().map_err(|_| poisoned())? = grants;
         let _ = self.audit.submit(

@@ -26,7 +26,7 @@ use super::{
     budget::{Cost, Ledger, LedgerError, Limits as BudgetLimits},
     framing::{HeadVerdict, Inspect, Verdicts},
     normalize::{self, Scheme, Target},
-    secrets::SecretStore,
+    secrets::{Secret, SecretStore},
     tls::AgentCa,
 };
 use crate::envelope::{
@@ -157,7 +157,8 @@ pub enum GatewayError {
 pub struct Gateway {
     agent: String,
     envelope: VerifiedEnvelope,
-    secrets: SecretStore,
+    /// Replaced whole when the secret store is rotated; a request works with one snapshot.
+    credentials: std::sync::RwLock<Arc<Credentials>>,
     ledger: Ledger,
     breaker: Breaker,
     approvals: Approvals,
@@ -172,8 +173,36 @@ pub struct Gateway {
     retired: std::sync::atomic::AtomicBool,
     /// Idle keep-alive connections to each capability's upstream, by capability name.
     pool: Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
+}
+
+/// What the gateway injects and what it scrubs from responses.
+pub struct Credentials {
     /// Per capability, in the Envelope's order.
     prepared: Vec<Prepared>,
+    /// Every secret value this gateway has held: an upstream may still echo one it was
+    /// sent before a rotation.
+    scrub: Vec<Secret>,
+}
+
+impl Credentials {
+    fn prepare(
+        env: &crate::envelope::Envelope,
+        store: &SecretStore,
+        earlier: &[Secret],
+    ) -> Result<Self, GatewayError> {
+        let prepared = env
+            .capabilities
+            .iter()
+            .map(|cap| Prepared::new(cap, store))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut scrub = earlier.to_vec();
+        for secret in store.values() {
+            if !scrub.contains(secret) {
+                scrub.push(secret.clone());
+            }
+        }
+        Ok(Credentials { prepared, scrub })
+    }
 }
 
 /// What forwarding through one capability needs, worked out once per Envelope instead of
@@ -284,16 +313,12 @@ impl Gateway {
             breaker_path.as_deref(),
             setup.trip_hook,
         );
-        let prepared = env
-            .capabilities
-            .iter()
-            .map(|cap| Prepared::new(cap, &setup.secrets))
-            .collect::<Result<Vec<_>, _>>()?;
+        let credentials = Credentials::prepare(env, &setup.secrets, &[])?;
         let ca = AgentCa::generate(&setup.agent, env.expires_at.0 + time::Duration::hours(1))?;
         Ok(Arc::new(Gateway {
             agent: setup.agent,
             envelope: setup.envelope,
-            secrets: setup.secrets,
+            credentials: std::sync::RwLock::new(Arc::new(credentials)),
             ledger,
             breaker,
             approvals: Approvals::default(),
@@ -305,8 +330,31 @@ impl Gateway {
             started: Instant::now(),
             retired: std::sync::atomic::AtomicBool::new(false),
             pool: Mutex::new(HashMap::new()),
-            prepared,
         }))
+    }
+
+    fn credentials(&self) -> Arc<Credentials> {
+        // Written only by `install_credentials`, which cannot panic while holding it.
+        self.credentials
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Works out the credentials this gateway would inject from `store`, without using
+    /// them yet: fails, naming the capability and the secret, if the store lacks one the
+    /// Envelope needs. Secrets of the current store stay in the scrub list.
+    pub fn prepare_credentials(&self, store: &SecretStore) -> Result<Credentials, GatewayError> {
+        Credentials::prepare(self.envelope.envelope(), store, &self.credentials().scrub)
+    }
+
+    /// Injects `credentials` from the next request on; requests under way finish with the
+    /// ones they started with.
+    pub fn install_credentials(&self, credentials: Credentials) {
+        *self
+            .credentials
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(credentials);
     }
 
     /// The CA certificate (PEM) the agent must trust for intercepted HTTPS.
@@ -662,7 +710,8 @@ impl Gateway {
                 reasons.join("; "),
             ));
         };
-        let prepared = self.prepared.get(index).ok_or_else(|| {
+        let credentials = self.credentials();
+        let prepared = credentials.prepared.get(index).ok_or_else(|| {
             Refusal::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -1125,7 +1174,7 @@ impl Gateway {
     /// Replaces every secret value an upstream echoed with a placeholder; bytes without
     /// one are returned as they are.
     fn scrub(&self, mut bytes: Bytes) -> Bytes {
-        for secret in self.secrets.values() {
+        for secret in &self.credentials().scrub {
             let needle = secret.expose().as_bytes();
             if needle.is_empty() || memchr::memmem::find(&bytes, needle).is_none() {
                 continue;
@@ -1146,8 +1195,9 @@ impl Gateway {
 
     /// Scrubs response header values; only headers that hold a secret are rebuilt.
     fn scrub_headers(&self, headers: &mut HeaderMap) {
+        let credentials = self.credentials();
         let holds_secret = |v: &HeaderValue| {
-            self.secrets.values().any(|s| {
+            credentials.scrub.iter().any(|s| {
                 let s = s.expose().as_bytes();
                 !s.is_empty() && memchr::memmem::find(v.as_bytes(), s).is_some()
             })
