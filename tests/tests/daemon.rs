@@ -628,6 +628,19 @@ fn reload_withdraws_grants_of_a_revoked_issuer_key_and_refuses_fixed_fields() {
         format!("{original}revocations = \"{}\"\n", revocations.display()),
     )
     .expect("config");
+    // A dry run names who would be cut off, and cuts no one off.
+    let dry = d.ctl(&["reload", "--dry-run"]);
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&dry.stdout).expect("json");
+    assert_eq!(plan["would_withdraw"][0]["agent"], "agent-reload", "{plan}");
+    let agents = d.ctl(&["agents", "agent-reload"]);
+    let status: serde_json::Value = serde_json::from_slice(&agents.stdout).expect("json");
+    assert_eq!(status["state"], "active", "{status}");
+
     let reloaded = d.ctl(&["reload"]);
     assert!(
         reloaded.status.success(),

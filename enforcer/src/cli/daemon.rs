@@ -101,6 +101,9 @@ pub enum OperatorCommand {
     Reload {
         #[command(flatten)]
         socket: SocketOpts,
+        /// Only say which agents the new config would cut off; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Ask the daemon to drain and exit (agents stay confined).
     Shutdown {
@@ -137,7 +140,7 @@ pub fn operator(cmd: OperatorCommand) -> anyhow::Result<ExitCode> {
         OperatorCommand::Approvals { socket, agent } => (socket, Op::Approvals { agent }),
         OperatorCommand::Approve { socket, agent, id } => (socket, Op::Approve { agent, id }),
         OperatorCommand::Deny { socket, agent, id } => (socket, Op::Deny { agent, id }),
-        OperatorCommand::Reload { socket } => (socket, Op::Reload),
+        OperatorCommand::Reload { socket, dry_run } => (socket, Op::Reload { dry_run }),
         OperatorCommand::Shutdown { socket } => (socket, Op::Shutdown),
     };
     let result = call(&socket, op)?;

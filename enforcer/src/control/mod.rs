@@ -48,8 +48,12 @@ pub enum Op {
         id: u64,
     },
     /// Read the config file again: trust, floor, revocations and secrets change live, and
-    /// running agents whose Envelope no longer verifies are cut off.
-    Reload,
+    /// running agents whose Envelope no longer verifies are cut off. With `dry_run`, only
+    /// say what a reload would do.
+    Reload {
+        #[serde(default)]
+        dry_run: bool,
+    },
     Shutdown,
 }
 

@@ -841,8 +841,13 @@ impl Daemon {
     /// revocations, clock skew, lifetime and secrets. Every running agent's Envelope is then
     /// judged again, and one that no longer verifies is withdrawn: cut off in the gateway
     /// and the kernel, and not resettable. A change to anything that needs a restart
-    /// refuses the reload whole.
-    async fn reload(&self, peer: control::Peer) -> Result<serde_json::Value, DaemonError> {
+    /// refuses the reload whole. A dry run stops before changing anything and says which
+    /// agents would be withdrawn.
+    async fn reload(
+        &self,
+        peer: control::Peer,
+        dry_run: bool,
+    ) -> Result<serde_json::Value, DaemonError> {
         let _serial = self.activation.lock().await;
         let loaded = DaemonConfig::load(&self.config_path)?;
         let mut fixed = self.config.fixed_fields_changed(&loaded.config);
@@ -904,6 +909,17 @@ impl Daemon {
                     rotations.push((gateway, credentials));
                 }
             }
+        }
+        if dry_run {
+            let would: Vec<serde_json::Value> = refused
+                .iter()
+                .map(|(name, id, kind, reason)| json!({ "agent": name, "envelope": id, "kind": kind, "reason": reason }))
+                .collect();
+            return Ok(json!({
+                "config": self.config_path.display().to_string(),
+                "dry_run": true,
+                "would_withdraw": would,
+            }));
         }
         let mut withdrawn = Vec::new();
         for (name, id, kind, reason) in refused {
@@ -1024,7 +1040,7 @@ impl Daemon {
             Op::Trip { agent } => self.trip(&agent, peer),
             Op::Reset { agent } => self.reset(&agent, peer),
             Op::Revoke { agent } => self.revoke(&agent, peer),
-            Op::Reload => self.reload(peer).await,
+            Op::Reload { dry_run } => self.reload(peer, dry_run).await,
             Op::Approvals { agent } => self.agents.lock().map_err(|_| poisoned()).map(|agents| {
                 let list: Vec<serde_json::Value> = agents
                     .values()
