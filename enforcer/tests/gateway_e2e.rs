@@ -159,6 +159,8 @@ struct Options {
     sink: Arc<dyn DecisionSink>,
     /// Extra PEM roots trusted for upstream TLS (instead of the system store).
     upstream_roots: Vec<std::path::PathBuf>,
+    /// Rewrites the test Envelope's TOML before it is signed.
+    edit: fn(String) -> String,
 }
 
 impl Default for Options {
@@ -170,6 +172,7 @@ impl Default for Options {
             },
             sink: Arc::new(TracingSink),
             upstream_roots: Vec::new(),
+            edit: |toml| toml,
         }
     }
 }
@@ -187,7 +190,8 @@ fn start_with(
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
     let mut keyring = Keyring::new();
     keyring.add(key.verifying_key());
-    let env = from_toml(&envelope_toml(upstream, extra)).expect("test envelope is valid");
+    let env =
+        from_toml(&(options.edit)(envelope_toml(upstream, extra))).expect("test envelope is valid");
     let signed = sign_envelope(&env, &key).expect("sign");
     let verified = Verifier::new(keyring)
         .verify(signed.to_json().as_bytes(), &UsedIds::in_memory())
@@ -450,6 +454,55 @@ fn requests_outside_every_capability_and_ambiguous_ones_are_refused() {
         0,
         "nothing refused reached the upstream"
     );
+}
+
+#[test]
+fn spend_counts_against_the_capability_and_the_envelope_total() {
+    let up = Upstream::start();
+    let options = Options {
+        edit: |toml| {
+            toml.replace(
+                "[budget]\nrequests = 100\n",
+                "[budget]\nrequests = 100\nspend = { currency = \"USD\", max = 100 }\n",
+            )
+            .replace(
+                "[[forbidden_effects]]",
+                "[capabilities.budget]\n\
+                 spend = { currency = \"USD\", max = 100, amount = \"/amount\" }\n\n\
+                 [[forbidden_effects]]",
+            )
+        },
+        ..Options::default()
+    };
+    let payments = format!(
+        "[[capabilities]]\nname = \"payments\"\n\
+         upstream = {{ scheme = \"http\", host = \"127.0.0.1\", port = {} }}\n\
+         [[capabilities.routes]]\nmethods = [\"POST\"]\npath = \"/api/v2/**\"\n\
+         [capabilities.budget]\nspend = {{ currency = \"USD\", max = 100, amount = \"/amount\" }}\n",
+        up.addr.port()
+    );
+    let s = start_with(up.addr, &payments, None, options);
+    let post = |path: &str, amount: u32| {
+        curl(
+            s.proxy,
+            &[
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &format!("{{\"amount\":{amount}}}"),
+                &format!("http://127.0.0.1:{}{path}", up.addr.port()),
+            ],
+        )
+    };
+    assert_eq!(post("/api/v3/order", 60).0, 200);
+    // Within the payments capability's own 100, but the Envelope's total is 100 too.
+    let (status, body) = post("/api/v2/pay", 60);
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("envelope"), "{body}");
+    assert_eq!(post("/api/v2/pay", 40).0, 200);
+    assert_eq!(up.requests.load(Ordering::SeqCst), 2);
 }
 
 #[test]

@@ -776,8 +776,25 @@ impl Gateway {
 
         // 6. Budgets: the whole cost is reserved before anything leaves.
         decision.step = "budget";
+        // What the request spends is read by its capability's spend rule and counts against
+        // the capability's budget and the Envelope's total alike. A read without a body
+        // spends nothing; anything else must show its cost in the body, or it is refused:
+        // a write that moved its amount into the query string would otherwise be free.
+        let safe_read = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS)
+            && matches!(body_view, Body::Absent);
+        let spend = match cap.budget.as_ref().and_then(|b| b.spend.as_ref()) {
+            Some(rule) if rule.amount.is_some() && !safe_read => {
+                rule.cost(body_view).map_err(|reason| {
+                    Refusal::new(
+                        StatusCode::FORBIDDEN,
+                        "spend_unknown",
+                        format!("budget `{}`: {reason}", prepared.scope),
+                    )
+                })?
+            }
+            _ => 0.0,
+        };
         let mut costs: Vec<(&str, Cost)> = Vec::with_capacity(2);
-        let mut spend_for_velocity = 0.0;
         for (scope, budget) in [
             (ENVELOPE_SCOPE, env.budget.as_ref()),
             (prepared.scope.as_str(), cap.budget.as_deref()),
@@ -792,24 +809,6 @@ impl Gateway {
                     format!("budget `{scope}`: wall-clock time of {limit}s used up"),
                 ));
             }
-            // A read without a body spends nothing. Anything else must show its cost in
-            // the body, or it is refused: a write that moved its amount into the query
-            // string would otherwise be free.
-            let safe_read = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS)
-                && matches!(body_view, Body::Absent);
-            let spend = match &budget.spend {
-                Some(spend) if spend.amount.is_some() && !safe_read => {
-                    spend.cost(body_view).map_err(|reason| {
-                        Refusal::new(
-                            StatusCode::FORBIDDEN,
-                            "spend_unknown",
-                            format!("budget `{scope}`: {reason}"),
-                        )
-                    })?
-                }
-                _ => 0.0,
-            };
-            spend_for_velocity = f64::max(spend_for_velocity, spend);
             costs.push((
                 scope,
                 Cost {
@@ -839,10 +838,10 @@ impl Gateway {
                 ));
             }
         }
-        decision.spend = spend_for_velocity;
+        decision.spend = spend;
         decision.bytes_up = body.len() as u64;
-        if spend_for_velocity > 0.0 {
-            self.breaker.record_spend(spend_for_velocity);
+        if spend > 0.0 {
+            self.breaker.record_spend(spend);
         }
 
         // No action without a record.
