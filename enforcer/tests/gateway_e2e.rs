@@ -387,6 +387,37 @@ fn forbidden_effects_win_and_trip_the_breaker_for_good() {
 }
 
 #[test]
+fn a_restart_gives_no_wall_clock_time_back() {
+    let up = Upstream::start();
+    let options = || Options {
+        edit: |toml| {
+            toml.replace(
+                "[budget]\nrequests = 100\n",
+                "[budget]\nrequests = 100\nwall_clock_secs = 2\n",
+            )
+        },
+        ..Options::default()
+    };
+    let url = format!("http://127.0.0.1:{}/api/v3/ticker", up.addr.port());
+    let s = start_with(up.addr, "", None, options());
+    assert_eq!(curl(s.proxy, &[&url]).0, 200);
+    let Setup {
+        dir,
+        gateway,
+        _runtime,
+        ..
+    } = s;
+    drop(gateway);
+    drop(_runtime);
+    std::thread::sleep(Duration::from_millis(2500));
+    // A new process on the same state: the grant is older than its 2 s.
+    let again = start_with(up.addr, "", Some(dir), options());
+    let (status, body) = curl(again.proxy, &[&url]);
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("wall-clock"), "{body}");
+}
+
+#[test]
 fn requests_outside_every_capability_and_ambiguous_ones_are_refused() {
     let up = Upstream::start();
     let s = start(up.addr, "", None);

@@ -152,6 +152,11 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path}: {problem}; wall-clock budgets cannot be judged without it, so the gateway \
+         does not start. It holds when the grant began (nanoseconds since the Unix epoch)"
+    )]
+    GrantStart { path: PathBuf, problem: String },
 }
 
 pub struct Gateway {
@@ -167,7 +172,9 @@ pub struct Gateway {
     limits: Limits,
     sink: Arc<dyn DecisionSink>,
     connections: Arc<Semaphore>,
-    started: Instant,
+    /// How long the grant has run; wall-clock budgets are judged by it. Its start is
+    /// persisted with the other state, so a restart does not give time back.
+    started: GrantClock,
     /// Set when a newer Envelope replaced this one: connections still open to this gateway
     /// must not go on under the old grant.
     retired: std::sync::atomic::AtomicBool,
@@ -255,6 +262,68 @@ impl Prepared {
     }
 }
 
+/// When the grant whose state lives at `path` began, recorded there on first use. A
+/// missing file is a new grant; one that cannot be read or parsed stops the gateway,
+/// since guessing would give an agent its wall-clock budget back.
+fn grant_started(path: &std::path::Path) -> Result<GrantClock, GatewayError> {
+    let fail = |problem: String| GatewayError::GrantStart {
+        path: path.to_owned(),
+        problem,
+    };
+    let now = std::time::SystemTime::now();
+    let began = match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let nanos: u64 = text.trim().parse().map_err(|_| {
+                fail(format!(
+                    "`{}` is not a number",
+                    text.trim().escape_default()
+                ))
+            })?;
+            std::time::UNIX_EPOCH + Duration::from_nanos(nanos)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let nanos = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| fail("the system clock is before 1970".into()))?
+                .as_nanos();
+            // Written aside and renamed: a crash leaves the whole file or none (a grant
+            // that starts over at once), never a torn one.
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, format!("{nanos}\n"))
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| fail(format!("cannot be written: {e}")))?;
+            now
+        }
+        Err(e) => return Err(fail(format!("cannot be read: {e}"))),
+    };
+    // A clock set back to before the grant began counts as no time gone by.
+    Ok(GrantClock {
+        before: now.duration_since(began).unwrap_or(Duration::ZERO),
+        since: Instant::now(),
+    })
+}
+
+/// How long a grant has run: the time before this process took it up, plus this
+/// process's own monotonic time since.
+struct GrantClock {
+    before: Duration,
+    since: Instant,
+}
+
+impl GrantClock {
+    fn new() -> Self {
+        GrantClock {
+            before: Duration::ZERO,
+            since: Instant::now(),
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.before.saturating_add(self.since.elapsed())
+    }
+}
+
 /// Idle upstream connections kept per capability; more are closed when returned.
 const MAX_IDLE_PER_CAPABILITY: usize = 256;
 
@@ -314,6 +383,10 @@ impl Gateway {
             setup.trip_hook,
         );
         let credentials = Credentials::prepare(env, &setup.secrets, &[])?;
+        let started = match &setup.state_dir {
+            Some(dir) => grant_started(&dir.join("grant-started"))?,
+            None => GrantClock::new(),
+        };
         let ca = AgentCa::generate(&setup.agent, env.expires_at.0 + time::Duration::hours(1))?;
         Ok(Arc::new(Gateway {
             agent: setup.agent,
@@ -327,7 +400,7 @@ impl Gateway {
             connections: Arc::new(Semaphore::new(setup.limits.max_connections)),
             limits: setup.limits,
             sink: setup.sink,
-            started: Instant::now(),
+            started,
             retired: std::sync::atomic::AtomicBool::new(false),
             pool: Mutex::new(HashMap::new()),
         }))
