@@ -387,6 +387,34 @@ fn forbidden_effects_win_and_trip_the_breaker_for_good() {
 }
 
 #[test]
+fn a_body_that_repeats_a_key_is_not_judged_by_either_copy() {
+    let up = Upstream::start();
+    let s = start(up.addr, "", None);
+    let url = format!("http://127.0.0.1:{}/api/v3/order", up.addr.port());
+    let post = |body: &str| {
+        curl(
+            s.proxy,
+            &[
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+                &url,
+            ],
+        )
+    };
+    assert_eq!(post(r#"{"quantity": 1}"#).0, 200);
+    // An upstream that keeps the first key would order 500 while the last one passed the
+    // constraint here.
+    let (status, body) = post(r#"{"quantity": 500, "quantity": 1}"#);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("repeats a key"), "{body}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+}
+
+#[test]
 fn a_restart_gives_no_wall_clock_time_back() {
     let up = Upstream::start();
     let options = || Options {

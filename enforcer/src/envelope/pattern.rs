@@ -430,7 +430,8 @@ pub enum Body<'a> {
     Absent,
     /// A body that parsed as JSON.
     Json(&'a Value),
-    /// A body that is not JSON, or larger than the gateway inspects: it cannot be judged.
+    /// A body that is not JSON, repeats a key in one of its objects (parsers disagree on
+    /// which one counts), or is larger than the gateway inspects: it cannot be judged.
     Opaque,
 }
 
@@ -546,7 +547,8 @@ impl Constraint {
                 Body::Absent => return Outcome::Absent,
                 Body::Opaque => {
                     return Outcome::Indeterminate(
-                        "the body is not JSON or too large to inspect".to_owned(),
+                        "the body is not JSON, repeats a key, or is too large to inspect"
+                            .to_owned(),
                     );
                 }
                 Body::Json(doc) => match doc.pointer(pointer) {

@@ -6,6 +6,7 @@ pub mod audit_sink;
 pub mod breaker;
 pub mod budget;
 pub mod framing;
+pub mod json_body;
 pub mod normalize;
 pub mod secrets;
 pub mod server;

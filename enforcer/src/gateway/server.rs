@@ -709,7 +709,7 @@ impl Gateway {
         let json = if body.is_empty() {
             None
         } else {
-            serde_json::from_slice::<serde_json::Value>(&body).ok()
+            super::json_body::parse_unambiguous(&body)
         };
         let body_view = match (&json, body.is_empty()) {
             (_, true) => Body::Absent,
