@@ -7,9 +7,13 @@ use http::{HeaderMap, Method, header};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 
 /// Characters re-encoded in a forwarded path segment: everything but unreserved and the
-/// sub-delimiters RFC 3986 allows in a segment.
+/// sub-delimiters RFC 3986 allows in a segment, less `;`. Servers in the Servlet tradition
+/// cut `;params` off a segment before routing, so `/withdraw;x=1/all` would reach their
+/// `/withdraw/all` while the rules here judged a segment named `withdraw;x=1`. Encoded,
+/// the upstream sees the one segment the rules saw.
 const SEGMENT: &AsciiSet = &CONTROLS
     .add(b' ')
+    .add(b';')
     .add(b'"')
     .add(b'#')
     .add(b'%')
@@ -475,6 +479,19 @@ mod tests {
         let t = target("http://h/a%20b/c%3Fd?k%26=v%3D1+2").unwrap();
         assert_eq!(t.path, "/a b/c?d");
         assert_eq!(t.query, vec![("k&".to_owned(), "v=1 2".to_owned())]);
+        let again = target(&format!("http://h{}", t.origin_form())).unwrap();
+        assert_eq!(again, t);
+    }
+
+    #[test]
+    fn semicolons_are_forwarded_encoded_so_no_upstream_reads_path_parameters() {
+        let t = target("http://h/api/withdraw;jsessionid=1/all?a=1;b=2").unwrap();
+        assert_eq!(t.path, "/api/withdraw;jsessionid=1/all");
+        assert_eq!(t.query, vec![("a".to_owned(), "1;b=2".to_owned())]);
+        assert_eq!(
+            t.origin_form(),
+            "/api/withdraw%3Bjsessionid=1/all?a=1%3Bb%3D2"
+        );
         let again = target(&format!("http://h{}", t.origin_form())).unwrap();
         assert_eq!(again, t);
     }
