@@ -193,6 +193,17 @@ impl PathPattern {
 
     /// [`matches`](Self::matches) for a path already known to be normalized.
     fn matches_normalized(&self, path: &str) -> bool {
+        self.matches_segments(path, <[u8]>::eq)
+    }
+
+    /// Like [`matches_normalized`](Self::matches_normalized), but literal segments match
+    /// without regard to ASCII case. For rules that refuse or hold: some servers route
+    /// `/API/Withdraw` as `/api/withdraw`, and such a rule must not be dodged by spelling.
+    fn matches_normalized_ignoring_case(&self, path: &str) -> bool {
+        self.matches_segments(path, <[u8]>::eq_ignore_ascii_case)
+    }
+
+    fn matches_segments(&self, path: &str, same: fn(&[u8], &[u8]) -> bool) -> bool {
         let rest = path.as_bytes().get(1..).unwrap_or_default();
         // A trailing slash leaves an empty last segment, so `/a` and `/a/` differ. Split
         // on the byte: `/` never occurs inside a multi-byte UTF-8 sequence.
@@ -206,7 +217,7 @@ impl PathPattern {
                     _ => return false,
                 },
                 Seg::Literal(lit) => {
-                    if next() != Some(lit.as_bytes()) {
+                    if !next().is_some_and(|p| same(p, lit.as_bytes())) {
                         return false;
                     }
                 }
@@ -653,9 +664,9 @@ fn pattern_matches(
         return false;
     }
     if let Some(p) = path {
-        // A path we cannot judge counts as matching: forbidden effects must not be
-        // dodged with an odd spelling.
-        if path_normalized && !p.matches_normalized(req.path) {
+        // A path we cannot judge counts as matching, and case does not count: forbidden
+        // effects and approvals must not be dodged with an odd spelling.
+        if path_normalized && !p.matches_normalized_ignoring_case(req.path) {
             return false;
         }
     }

@@ -767,11 +767,14 @@ fn forbidden_effects_match_when_unsure() {
     let withdraw = &env.forbidden_effects[0];
     assert!(withdraw.matches(&req("POST", "/api/v3/withdraw/btc", &[], Body::Absent)));
     assert!(withdraw.matches(&req("POST", "/api/v3/%77ithdraw", &[], Body::Absent)));
+    // Servers that route without regard to case would run these as the withdrawal.
+    assert!(withdraw.matches(&req("POST", "/API/V3/Withdraw/btc", &[], Body::Absent)));
     assert!(!withdraw.matches(&req("POST", "/api/v3/order", &[], Body::Absent)));
     let approval = &env.approvals[0];
     let big = json!({"quantity": "1.5"});
     let small = json!({"quantity": 0.1});
     assert!(approval.matches(&req("POST", "/api/v3/order", &[], Body::Json(&big))));
+    assert!(approval.matches(&req("POST", "/api/v3/ORDER", &[], Body::Json(&big))));
     assert!(!approval.matches(&req("POST", "/api/v3/order", &[], Body::Json(&small))));
 }
 
