@@ -502,6 +502,21 @@ fn requests_outside_every_capability_and_ambiguous_ones_are_refused() {
         status, 403,
         "a body a constraint needs but cannot read: {body}"
     );
+    // A POST the routes allow, asking to run as the DELETE nothing allows.
+    for (header, url) in [
+        (
+            "X-HTTP-Method-Override: DELETE",
+            format!("http://127.0.0.1:{port}/api/v3/order"),
+        ),
+        (
+            "X-Nothing: 1",
+            format!("http://127.0.0.1:{port}/api/v3/order?_method=DELETE"),
+        ),
+    ] {
+        let (status, body) = curl(s.proxy, &["-X", "POST", "-H", header, &url]);
+        assert_eq!(status, 400, "{header} {url}: {body}");
+        assert!(body.contains("another method"), "{body}");
+    }
     // CONNECT to something no https capability reaches.
     let (status, _) = curl(
         s.proxy,

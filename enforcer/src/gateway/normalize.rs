@@ -96,7 +96,22 @@ pub enum Malformed {
     LengthAndEncoding,
     #[error("the request has a header value with control characters")]
     BadHeaderValue,
+    #[error(
+        "the request asks to be run as another method ({0}), which many servers honor; the \
+         method the rules judge must be the one that runs, so send it as that method"
+    )]
+    MethodOverride(String),
 }
+
+/// Headers and a query parameter frameworks read to run a request as another method
+/// (Rails, Laravel, Express, Google APIs, …): a POST the rules allowed would run as the
+/// DELETE they forbid.
+const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+const METHOD_OVERRIDE_PARAMETER: &str = "_method";
 
 /// A request reduced to what policy matches on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,6 +193,12 @@ pub fn headers(headers: &HeaderMap) -> Result<(), Malformed> {
         && headers.contains_key(header::TRANSFER_ENCODING)
     {
         return Err(Malformed::LengthAndEncoding);
+    }
+    if let Some(name) = METHOD_OVERRIDE_HEADERS
+        .iter()
+        .find(|name| headers.contains_key(**name))
+    {
+        return Err(Malformed::MethodOverride(format!("header {name}")));
     }
     for value in headers.values() {
         if value
@@ -401,6 +422,9 @@ fn parse_query(raw: &str) -> Result<Vec<(String, String)>, Malformed> {
         if out.iter().any(|(existing, _)| *existing == key) {
             return Err(Malformed::DuplicateParameter(key));
         }
+        if key.eq_ignore_ascii_case(METHOD_OVERRIDE_PARAMETER) {
+            return Err(Malformed::MethodOverride(format!("query parameter {key}")));
+        }
         out.push((key, value));
     }
     Ok(out)
@@ -494,6 +518,22 @@ mod tests {
         );
         let again = target(&format!("http://h{}", t.origin_form())).unwrap();
         assert_eq!(again, t);
+    }
+
+    #[test]
+    fn requests_that_ask_to_run_as_another_method_are_refused() {
+        let mut h = HeaderMap::new();
+        h.insert("X-HTTP-Method-Override", "DELETE".parse().unwrap());
+        assert!(matches!(headers(&h), Err(Malformed::MethodOverride(_))));
+        assert!(matches!(
+            target("http://h/repo?_method=delete"),
+            Err(Malformed::MethodOverride(_))
+        ));
+        assert!(matches!(
+            target("http://h/repo?_METHOD=delete"),
+            Err(Malformed::MethodOverride(_))
+        ));
+        assert!(target("http://h/repo?method=x").is_ok());
     }
 
     #[test]
