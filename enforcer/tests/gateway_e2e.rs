@@ -517,6 +517,17 @@ fn requests_outside_every_capability_and_ambiguous_ones_are_refused() {
         assert_eq!(status, 400, "{header} {url}: {body}");
         assert!(body.contains("another method"), "{body}");
     }
+    // curl sends -d as an url-encoded form.
+    let (status, body) = curl(
+        s.proxy,
+        &[
+            "-d",
+            "_method=DELETE",
+            &format!("http://127.0.0.1:{port}/api/v3/order"),
+        ],
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("form field"), "{body}");
     // CONNECT to something no https capability reaches.
     let (status, _) = curl(
         s.proxy,

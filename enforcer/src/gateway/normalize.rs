@@ -212,6 +212,34 @@ pub fn headers(headers: &HeaderMap) -> Result<(), Malformed> {
     Ok(())
 }
 
+/// Refuses an url-encoded form body that names another method in a `_method` field.
+pub fn form_body(headers: &HeaderMap, body: &[u8]) -> Result<(), Malformed> {
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !is_form {
+        return Ok(());
+    }
+    let overrides = body.split(|&b| b == b'&').any(|pair| {
+        let key = pair.split(|&b| b == b'=').next().unwrap_or_default();
+        let key = String::from_utf8_lossy(key).replace('+', " ");
+        percent_decode_str(&key)
+            .decode_utf8_lossy()
+            .eq_ignore_ascii_case(METHOD_OVERRIDE_PARAMETER)
+    });
+    if overrides {
+        return Err(Malformed::MethodOverride(format!(
+            "form field {METHOD_OVERRIDE_PARAMETER}"
+        )));
+    }
+    Ok(())
+}
+
 /// Parses an absolute-form target (`http://host[:port]/path?query`) as sent to a proxy.
 pub fn absolute(uri: &http::Uri, host_header: Option<&str>) -> Result<Target, Malformed> {
     let scheme = match uri.scheme_str() {
@@ -534,6 +562,19 @@ mod tests {
             Err(Malformed::MethodOverride(_))
         ));
         assert!(target("http://h/repo?method=x").is_ok());
+        let mut form = HeaderMap::new();
+        form.insert(
+            header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded; charset=utf-8"
+                .parse()
+                .unwrap(),
+        );
+        assert!(matches!(
+            form_body(&form, b"a=1&%5Fmethod=delete"),
+            Err(Malformed::MethodOverride(_))
+        ));
+        assert!(form_body(&form, b"a=1&method=delete").is_ok());
+        assert!(form_body(&HeaderMap::new(), b"_method=delete").is_ok());
     }
 
     #[test]

@@ -706,6 +706,7 @@ impl Gateway {
                 });
             }
         };
+        normalize::form_body(&parts.headers, &body).map_err(Refusal::malformed)?;
         let json = if body.is_empty() {
             None
         } else {
