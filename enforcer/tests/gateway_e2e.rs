@@ -341,6 +341,46 @@ fn a_rotated_credential_is_injected_from_the_next_request_and_both_values_stay_s
 }
 
 #[test]
+fn responses_come_in_the_clear_so_an_echoed_credential_is_always_scrubbed() {
+    // The agent asks for gzip; the upstream is asked for none and echoes in the clear.
+    let up = Upstream::start();
+    let s = start(up.addr, "", None);
+    let url = format!("http://127.0.0.1:{}/api/v3/ticker", up.addr.port());
+    let (status, body) = curl(s.proxy, &["-H", "Accept-Encoding: gzip", &url]);
+    assert_eq!(status, 200, "{body}");
+    let seen = up.seen.lock().unwrap().join("\n").to_ascii_lowercase();
+    assert!(seen.contains("accept-encoding: identity"), "{seen}");
+    assert!(!seen.contains("gzip"), "{seen}");
+    assert!(
+        !body.contains(SECRET) && body.contains("[REDACTED]"),
+        "{body}"
+    );
+
+    // An upstream that compresses anyway is refused: its body cannot be scrubbed.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let _ = reader.get_mut().write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n\r\n\x1f\x8b\x08\x00",
+            );
+        }
+    });
+    let s = start(addr, "", None);
+    let (status, body) = curl(
+        s.proxy,
+        &[&format!("http://127.0.0.1:{}/api/v3/ticker", addr.port())],
+    );
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("encoded_response"), "{body}");
+}
+
+#[test]
 fn forbidden_effects_win_and_trip_the_breaker_for_good() {
     let up = Upstream::start();
     let state = tempfile::tempdir().unwrap();

@@ -1073,6 +1073,12 @@ impl Gateway {
             prepared.credential.as_ref().map(|(name, _)| name),
         );
         headers.insert(header::HOST, prepared.host_header.clone());
+        // Only a body in the clear can be scrubbed of an echoed credential: whatever the
+        // agent accepts, the upstream is asked for no content-coding.
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         if let Some((name, value)) = &prepared.credential {
             headers.insert(name.clone(), value.clone());
         }
@@ -1177,6 +1183,25 @@ impl Gateway {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         if !closing && sender.ready().await.is_ok() {
             self.return_to_pool(&cap.name, sender);
+        }
+        // An empty body (HEAD, 304) holds nothing to scrub, whatever it says of itself.
+        if let Some(coding) = (!body.is_empty())
+            .then_some(&parts.headers)
+            .into_iter()
+            .flat_map(|h| h.get_all(header::CONTENT_ENCODING))
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(str::trim)
+            .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+        {
+            return Err(Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "encoded_response",
+                format!(
+                    "the upstream sent a body in content-coding `{}` although it was asked \
+                     for none; a credential it echoed could not be scrubbed from it",
+                    coding.escape_default()
+                ),
+            ));
         }
         let bytes_down = body.len() as u64;
         let scrubbed = self.scrub(body);
