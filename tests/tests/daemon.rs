@@ -474,13 +474,7 @@ fn t2_t7_budget_and_breaker_cut_the_agent_off_until_an_operator_resets() {
         "{}",
         String::from_utf8_lossy(&reset.stderr)
     );
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("go");
-    let (status, probes) = common::finish(child, reader, seen);
+    let (status, probes) = common::go_and_finish(child, reader, seen);
     assert!(status.success(), "{}", probes.stderr);
     // After the reset the gateway is reachable again, and the budget is still spent.
     assert_eq!(
@@ -569,13 +563,7 @@ fn ephemerality_and_revocability() {
         "{}",
         String::from_utf8_lossy(&revoked.stderr)
     );
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("go");
-    let (_, probes) = common::finish(child, reader, seen);
+    let (_, probes) = common::go_and_finish(child, reader, seen);
     let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
     assert_eq!(oks, vec![true, false], "revoked: {:?}", probes.results);
     let reset = d.ctl(&["reset", "agent-revoke"]);
@@ -651,13 +639,7 @@ fn reload_withdraws_grants_of_a_revoked_issuer_key_and_refuses_fixed_fields() {
     assert_eq!(answer["withdrawn"][0]["agent"], "agent-reload", "{answer}");
     assert_eq!(answer["withdrawn"][0]["kind"], "revoked_key", "{answer}");
 
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("go");
-    let (_, probes) = common::finish(child, reader, seen);
+    let (_, probes) = common::go_and_finish(child, reader, seen);
     let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
     assert_eq!(
         oks,
@@ -712,13 +694,7 @@ fn reload_rotates_the_credential_of_a_running_agent() {
         "{}",
         String::from_utf8_lossy(&reloaded.stderr)
     );
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("go");
-    let (_, probes) = common::finish(child, reader, seen);
+    let (_, probes) = common::go_and_finish(child, reader, seen);
     let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
     assert_eq!(oks, vec![true, true], "{:?}", probes.results);
     let heads = up.heads.lock().expect("heads").clone();

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Instance, Server, UdpServer, args, finish, privileged, wait_for_line};
+use common::{Instance, Server, UdpServer, args, finish, go_and_finish, privileged, wait_for_line};
 
 #[test]
 fn only_the_gateway_is_reachable_over_tcp() {
@@ -333,13 +333,7 @@ fn trip_cuts_new_and_established_connections() {
         .expect("status");
     assert!(String::from_utf8_lossy(&status.stdout).contains("\"state\":\"tripped\""));
 
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("go");
-    let (status, probes) = finish(child, reader, seen);
+    let (status, probes) = go_and_finish(child, reader, seen);
     assert!(status.success(), "confine failed: {}", probes.stderr);
     probes.assert_ok("held-before");
     probes.assert_denied("held-after");

@@ -388,6 +388,18 @@ pub fn wait_for_line(reader: &mut impl BufRead, want: &str, seen: &mut String) {
     }
 }
 
+/// Tells a probe that waits (its `wait` step) to go on, then collects the rest.
+pub fn go_and_finish(mut child: Child, reader: impl Read, seen: String) -> (ExitStatus, Probes) {
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("go");
+    finish(child, reader, seen)
+}
+
 /// Collects the rest of a child's output after it exits.
 pub fn finish(mut child: Child, mut reader: impl Read, mut seen: String) -> (ExitStatus, Probes) {
     let mut rest = String::new();
