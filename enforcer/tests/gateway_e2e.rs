@@ -696,6 +696,23 @@ fn approvals_hold_until_an_operator_decides_or_time_runs_out() {
     assert!(approver.join().unwrap());
     assert_eq!(status, 200, "{body}");
     assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+    // The circuit trips while a request is held: approving it afterwards sends nothing.
+    let gateway = s.gateway.clone();
+    let late = std::thread::spawn(move || {
+        for _ in 0..200 {
+            if let Some(held) = gateway.approvals().list().first() {
+                gateway.breaker().trip("tripped during the hold".into());
+                return gateway.approvals().decide(held.id, true);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    });
+    let (status, body) = curl(s.proxy, &["-X", "POST", &url]);
+    assert!(late.join().unwrap());
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("circuit_open"), "{body}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1);
 }
 
 #[test]

@@ -609,13 +609,10 @@ impl Gateway {
         response
     }
 
-    async fn decide_and_forward(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        tunnel: Option<(String, u16)>,
-        decision: &mut Decision,
-    ) -> Result<Response<Full<Bytes>>, Refusal> {
-        // The breaker comes before everything: once open, nothing gets through.
+    /// Refuses unless the grant still holds: the breaker closed (once open, nothing gets
+    /// through), the Envelope neither replaced nor ended, and not expired (enforced here
+    /// and, independently, by the kernel deadline).
+    fn grant_in_force(&self, decision: &mut Decision) -> Result<(), Refusal> {
         if let Some(reason) = self.breaker.open_reason() {
             decision.step = "breaker";
             return Err(Refusal::new(
@@ -632,7 +629,6 @@ impl Gateway {
                 "this Envelope was replaced or ended; reconnect to use the current one".into(),
             ));
         }
-        // Expiry is enforced here and, independently, by the kernel deadline.
         if time::OffsetDateTime::now_utc() >= self.envelope.envelope().expires_at.0 {
             decision.step = "expired";
             return Err(Refusal::new(
@@ -644,6 +640,16 @@ impl Gateway {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    async fn decide_and_forward(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        tunnel: Option<(String, u16)>,
+        decision: &mut Decision,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
+        self.grant_in_force(decision)?;
         if req.method() == Method::CONNECT {
             return self.connect(req, tunnel.is_some(), decision);
         }
@@ -827,7 +833,12 @@ impl Gateway {
                 .hold(held, Duration::from_secs(approval.timeout_secs))
                 .await
             {
-                Verdict::Approved => decision.outcome = "approved",
+                Verdict::Approved => {
+                    decision.outcome = "approved";
+                    // The hold may have lasted minutes: an approval does not outlive a
+                    // trip, a revocation, a replacement or the deadline that came meanwhile.
+                    self.grant_in_force(decision)?;
+                }
                 Verdict::Denied => {
                     return Err(Refusal::new(
                         StatusCode::FORBIDDEN,
