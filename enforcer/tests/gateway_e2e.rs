@@ -230,6 +230,7 @@ fn start_with(
         limits: options.limits,
         sink: options.sink,
         trip_hook: Arc::new(LogOnly),
+        agent_cgroup: None,
     })
     .expect("gateway");
     let listener = runtime

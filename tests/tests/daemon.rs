@@ -452,7 +452,7 @@ fn t2_t7_budget_and_breaker_cut_the_agent_off_until_an_operator_resets() {
     );
     let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
     // The agent waits for "go" after its requests so the operator can act while it lives.
-    let (mut child, reader, seen) = d.run_until_ready(
+    let (child, reader, seen) = d.run_until_ready(
         &env,
         &a(&[
             "http", "GET", &url, "", "http", "GET", &url, "", "http", "GET", &url, "", "http",
@@ -553,7 +553,7 @@ fn ephemerality_and_revocability() {
     assert!(d.audit_text().contains("expired"));
 
     let env = d.envelope("revoke", up.addr, 600, "");
-    let (mut child, reader, seen) = d.run_until_ready(
+    let (child, reader, seen) = d.run_until_ready(
         &env,
         &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
     );
@@ -582,7 +582,7 @@ fn reload_withdraws_grants_of_a_revoked_issuer_key_and_refuses_fixed_fields() {
     let d = Daemon::start("reload");
     let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
     let env = d.envelope("reload", up.addr, 600, "");
-    let (mut child, reader, seen) = d.run_until_ready(
+    let (child, reader, seen) = d.run_until_ready(
         &env,
         &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
     );
@@ -670,7 +670,7 @@ fn reload_rotates_the_credential_of_a_running_agent() {
     let d = Daemon::start("rotate");
     let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
     let env = d.envelope("rotate", up.addr, 600, "");
-    let (mut child, reader, seen) = d.run_until_ready(
+    let (child, reader, seen) = d.run_until_ready(
         &env,
         &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
     );
@@ -708,6 +708,51 @@ fn reload_rotates_the_credential_of_a_running_agent() {
         heads[1].contains(ROTATED) && !heads[1].contains(SECRET),
         "{}",
         heads[1]
+    );
+}
+
+#[test]
+fn only_the_agent_can_use_its_gateway() {
+    if !privileged("only_the_agent_can_use_its_gateway") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("outsider");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("outsider", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    let agents = d.ctl(&["agents", "agent-outsider"]);
+    let status: serde_json::Value = serde_json::from_slice(&agents.stdout).expect("json");
+    let gateway: SocketAddr = status["gateway"]
+        .as_str()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("gateway address in {status}"));
+
+    // This test process is outside every agent cgroup: it reaches the port, but the
+    // gateway closes the connection without serving it.
+    let mut outsider = TcpStream::connect(gateway).expect("the port is reachable");
+    outsider
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = write!(
+        outsider,
+        "GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n",
+        up.addr.port()
+    );
+    let mut answer = String::new();
+    let _ = outsider.read_to_string(&mut answer);
+    assert!(answer.is_empty(), "an outsider was served: {answer}");
+
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, true], "{:?}", probes.results);
+    assert_eq!(
+        up.count(),
+        2,
+        "only the agent's requests reached the upstream"
     );
 }
 

@@ -107,6 +107,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         },
         sink,
         trip_hook: Arc::new(LogOnly),
+        agent_cgroup: None,
     })?;
     if let Some(path) = &args.ca_out {
         std::fs::write(path, gateway.ca_pem())

@@ -426,6 +426,7 @@ impl Daemon {
                 envelope_id: verified.id().to_owned(),
                 cgroup_id,
             }),
+            agent_cgroup: Some(cgroup_id),
         })?;
         Ok((gateway, counts))
     }

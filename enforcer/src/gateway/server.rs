@@ -129,6 +129,9 @@ pub struct GatewaySetup {
     pub limits: Limits,
     pub sink: Arc<dyn DecisionSink>,
     pub trip_hook: Arc<dyn TripHook>,
+    /// The agent's cgroup id: only connections opened from it are served. `None` (the
+    /// standalone gateway, which confines nothing) serves whoever connects.
+    pub agent_cgroup: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +181,8 @@ pub struct Gateway {
     /// Set when a newer Envelope replaced this one: connections still open to this gateway
     /// must not go on under the old grant.
     retired: std::sync::atomic::AtomicBool,
+    /// Only connections whose socket belongs to this cgroup are served.
+    agent_cgroup: Option<u64>,
     /// Idle keep-alive connections to each capability's upstream, by capability name.
     pool: Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
 }
@@ -403,6 +408,7 @@ impl Gateway {
             started,
             retired: std::sync::atomic::AtomicBool::new(false),
             pool: Mutex::new(HashMap::new()),
+            agent_cgroup: setup.agent_cgroup,
         }))
     }
 
@@ -481,11 +487,37 @@ impl Gateway {
             let gateway = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                if !gateway.opened_by_the_agent(&stream, peer) {
+                    return;
+                }
                 let (stream, verdicts) = Inspect::new(stream, gateway.head_limit());
                 gateway
                     .serve_connection(TokioIo::new(stream), None, verdicts)
                     .await;
             });
+        }
+    }
+
+    /// Whether an accepted connection was opened from the agent's cgroup. The kernel keeps
+    /// the agent from reaching anything but this gateway; this keeps anyone but the agent
+    /// (another local user, say) from using its grant. Any doubt closes the connection.
+    fn opened_by_the_agent(&self, stream: &tokio::net::TcpStream, peer: SocketAddr) -> bool {
+        let Some(expected) = self.agent_cgroup else {
+            return true;
+        };
+        let found = stream
+            .local_addr()
+            .and_then(|local| crate::kernel::sock_diag::tcp_socket_cgroup(peer, local));
+        match found {
+            Ok(Some(id)) if id == expected => true,
+            Ok(found) => {
+                tracing::warn!(agent = %self.agent, %peer, cgroup = ?found, "a connection from outside the agent's cgroup; closed");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(agent = %self.agent, %peer, error = %e, "the cgroup of a connection cannot be told; closed");
+                false
+            }
         }
     }
 

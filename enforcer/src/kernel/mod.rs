@@ -13,6 +13,7 @@ pub mod events;
 pub mod features;
 mod object;
 mod query;
+pub mod sock_diag;
 pub mod swap;
 
 use std::{
