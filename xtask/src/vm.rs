@@ -119,7 +119,7 @@ pub fn run_vm_tests(args: &Args) -> anyhow::Result<()> {
     for version in &kernels {
         images.push(fetch_kernel(&vm_dir, version)?);
     }
-    let initramfs = build_initramfs(&vm_dir)?;
+    let initramfs = build_initramfs(&vm_dir, &images)?;
 
     let mut accel = args.accel;
     let mut results = Vec::new();
@@ -340,7 +340,7 @@ fn find_vmlinuz(unpacked: &Path) -> Option<PathBuf> {
 
 /// Builds the enforcer and the test executables and packs them, with everything they run,
 /// into `target/vm/initramfs.cpio`.
-fn build_initramfs(vm_dir: &Path) -> anyhow::Result<PathBuf> {
+fn build_initramfs(vm_dir: &Path, kernels: &[Kernel]) -> anyhow::Result<PathBuf> {
     setup::build_ebpf()?;
     let enforcer = build_enforcer(false)?;
     let suites = build_suites()?;
@@ -361,6 +361,9 @@ fn build_initramfs(vm_dir: &Path) -> anyhow::Result<PathBuf> {
     }
     for module in python_modules()? {
         tree.add_host_path(&module)?;
+    }
+    for kernel in kernels {
+        add_diag_modules(&tree, kernel, vm_dir)?;
     }
     // Last, so that the real commands the suites need win over busybox's smaller ones.
     tree.busybox_applets()?;
@@ -406,6 +409,53 @@ fn build_initramfs(vm_dir: &Path) -> anyhow::Result<PathBuf> {
         fs::metadata(&cpio)?.len() >> 20
     );
     Ok(cpio)
+}
+
+/// The modules that answer `sock_diag` for TCP (the gateways ask it which cgroup a
+/// connection comes from). A distribution kernel builds them as modules and loads them on
+/// demand through modprobe, which the guest does not have; `/init` loads them with
+/// insmod. Kernels that build them in have none to copy.
+const DIAG_MODULES: [&str; 2] = ["inet_diag", "tcp_diag"];
+
+fn add_diag_modules(tree: &Tree, kernel: &Kernel, vm_dir: &Path) -> anyhow::Result<()> {
+    let Some(unpacked) = kernel.vmlinuz.parent().and_then(Path::parent) else {
+        return Ok(());
+    };
+    let Ok(versions) = fs::read_dir(unpacked.join("lib/modules")) else {
+        return Ok(());
+    };
+    for version in versions.flatten() {
+        let dir = version.path().join("kernel/net/ipv4");
+        let version = version.file_name();
+        for module in DIAG_MODULES {
+            let guest = Path::new("/lib/modules")
+                .join(&version)
+                .join(format!("{module}.ko"));
+            let plain = dir.join(format!("{module}.ko"));
+            if plain.is_file() {
+                tree.copy_file(&plain, &guest, 0o644)?;
+                continue;
+            }
+            for (ext, tool) in [("xz", "xz"), ("zst", "zstd")] {
+                let packed = dir.join(format!("{module}.ko.{ext}"));
+                if !packed.is_file() {
+                    continue;
+                }
+                let out = Command::new(tool)
+                    .arg("-dc")
+                    .arg(&packed)
+                    .output()
+                    .with_context(|| format!("running {tool} to unpack {}", packed.display()))?;
+                if !out.status.success() {
+                    bail!("{tool} could not unpack {}", packed.display());
+                }
+                let scratch = vm_dir.join(format!("{module}.ko"));
+                fs::write(&scratch, &out.stdout)?;
+                tree.copy_file(&scratch, &guest, 0o644)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Builds the test executables exactly as `cargo test --workspace` does (so nothing is
@@ -804,6 +854,10 @@ need mount -t bpf -o mode=0700 bpf /sys/fs/bpf
 need mount -t securityfs securityfs /sys/kernel/security
 echo "{INIT_STARTED} on $(uname -r), lsm=$(cat /sys/kernel/security/lsm)"
 need ip link set lo up
+for module in {diag_modules}; do
+    file=/lib/modules/$(uname -r)/$module.ko
+    [ -f "$file" ] && need insmod "$file"
+done
 export CI=true RUST_BACKTRACE=1 ENFORCER_BIN={GUEST_ENFORCER} ENFORCER_PROBE={GUEST_DIR}/probe.py
 # From the kernel command line: larger under emulation than under KVM.
 export ENFORCER_TEST_TIME_SCALE="${{ENFORCER_TEST_TIME_SCALE:-1}}"
@@ -821,6 +875,7 @@ else
 fi
 "#,
         suites = names.join(" "),
+        diag_modules = DIAG_MODULES.join(" "),
     )
 }
 

@@ -111,6 +111,27 @@ impl DaemonError {
     }
 }
 
+/// Gateways serve only their agent's connections, told apart by the cgroup the kernel
+/// reports for each socket. Checked once at start on a connection of the daemon's own, so
+/// a kernel that cannot tell (no `tcp_diag`) stops the daemon with the fix rather than
+/// leaving every agent refused at its gateway.
+fn socket_cgroups_are_told(ip: std::net::IpAddr) -> Result<(), DaemonError> {
+    let context = "checking that the kernel tells which cgroup a TCP socket belongs to \
+                   (sock_diag; needs the inet_diag and tcp_diag modules: `modprobe tcp_diag`)";
+    let listener =
+        std::net::TcpListener::bind((ip, 0)).map_err(io_err(format!("{context}: binding")))?;
+    let addr = listener.local_addr().map_err(io_err(context))?;
+    let _client = std::net::TcpStream::connect(addr).map_err(io_err(context))?;
+    let (_server, peer) = listener.accept().map_err(io_err(context))?;
+    match kernel::sock_diag::tcp_socket_cgroup(peer, addr) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(io_err(context)(std::io::Error::other(
+            "the kernel found no such socket; is tcp_diag loaded?",
+        ))),
+        Err(e) => Err(io_err(context)(e)),
+    }
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     let context = context.into();
     move |source| DaemonError::Io { context, source }
@@ -313,6 +334,7 @@ impl Daemon {
         if let Some(recovered) = &report.recovered {
             tracing::warn!(?recovered, "the audit log had a torn tail, cut away");
         }
+        socket_cgroups_are_told(cfg.gateway_ip)?;
         let parent = CgroupParent::create(&cfg.cgroup_parent)?;
         let enforcement = Enforcement::install_or_adopt(&cfg.pin_dir, parent.path())?;
         let used_ids = UsedIds::open(&cfg.state_dir.join("used-envelope-ids"))?;
