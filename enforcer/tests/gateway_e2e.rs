@@ -669,6 +669,25 @@ fn five_hundred_concurrent_requests_against_a_budget_of_one_hundred() {
     );
 }
 
+/// A thread that waits for the gateway to hold a request, runs `before` on it, then
+/// approves it; joins to whether it found one to approve.
+fn approve_when_held(
+    gateway: &Arc<Gateway>,
+    before: impl FnOnce(&enforcer::gateway::approval::Held, &Gateway) + Send + 'static,
+) -> std::thread::JoinHandle<bool> {
+    let gateway = gateway.clone();
+    std::thread::spawn(move || {
+        for _ in 0..200 {
+            if let Some(held) = gateway.approvals().list().first() {
+                before(held, &gateway);
+                return gateway.approvals().decide(held.id, true);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    })
+}
+
 #[test]
 fn approvals_hold_until_an_operator_decides_or_time_runs_out() {
     let up = Upstream::start();
@@ -682,32 +701,14 @@ fn approvals_hold_until_an_operator_decides_or_time_runs_out() {
         "{body}"
     );
     // An operator approves.
-    let gateway = s.gateway.clone();
-    let approver = std::thread::spawn(move || {
-        for _ in 0..200 {
-            if let Some(held) = gateway.approvals().list().first() {
-                assert_eq!(held.method, "POST");
-                return gateway.approvals().decide(held.id, true);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        false
-    });
+    let approver = approve_when_held(&s.gateway, |held, _| assert_eq!(held.method, "POST"));
     let (status, body) = curl(s.proxy, &["-X", "POST", &url]);
     assert!(approver.join().unwrap());
     assert_eq!(status, 200, "{body}");
     assert_eq!(up.requests.load(Ordering::SeqCst), 1);
     // The circuit trips while a request is held: approving it afterwards sends nothing.
-    let gateway = s.gateway.clone();
-    let late = std::thread::spawn(move || {
-        for _ in 0..200 {
-            if let Some(held) = gateway.approvals().list().first() {
-                gateway.breaker().trip("tripped during the hold".into());
-                return gateway.approvals().decide(held.id, true);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        false
+    let late = approve_when_held(&s.gateway, |_, gateway| {
+        gateway.breaker().trip("tripped during the hold".into())
     });
     let (status, body) = curl(s.proxy, &["-X", "POST", &url]);
     assert!(late.join().unwrap());
