@@ -269,6 +269,22 @@ fn curl(proxy: SocketAddr, args: &[&str]) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+/// A JSON POST through the gateway; returns (status, body).
+fn post_json(proxy: SocketAddr, url: &str, body: &str) -> (u16, String) {
+    curl(
+        proxy,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            url,
+        ],
+    )
+}
+
 #[test]
 fn allowed_requests_get_the_credential_the_agent_never_sees() {
     let up = Upstream::start();
@@ -432,20 +448,7 @@ fn a_body_that_repeats_a_key_is_not_judged_by_either_copy() {
     let up = Upstream::start();
     let s = start(up.addr, "", None);
     let url = format!("http://127.0.0.1:{}/api/v3/order", up.addr.port());
-    let post = |body: &str| {
-        curl(
-            s.proxy,
-            &[
-                "-X",
-                "POST",
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                body,
-                &url,
-            ],
-        )
-    };
+    let post = |body: &str| post_json(s.proxy, &url, body);
     assert_eq!(post(r#"{"quantity": 1}"#).0, 200);
     // An upstream that keeps the first key would order 500 while the last one passed the
     // constraint here.
@@ -516,15 +519,10 @@ fn requests_outside_every_capability_and_ambiguous_ones_are_refused() {
         ],
     );
     assert_eq!((status, body.contains("malformed")), (400, true), "{body}");
-    let (status, body) = curl(
+    let (status, body) = post_json(
         s.proxy,
-        &[
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            "{\"quantity\": 5}",
-            &format!("http://127.0.0.1:{port}/api/v3/order"),
-        ],
+        &format!("http://127.0.0.1:{port}/api/v3/order"),
+        "{\"quantity\": 5}",
     );
     assert_eq!(
         (status, body.contains("scope_violation")),
@@ -609,17 +607,10 @@ fn spend_counts_against_the_capability_and_the_envelope_total() {
     );
     let s = start_with(up.addr, &payments, None, options);
     let post = |path: &str, amount: u32| {
-        curl(
+        post_json(
             s.proxy,
-            &[
-                "-X",
-                "POST",
-                "-H",
-                "Content-Type: application/json",
-                "-d",
-                &format!("{{\"amount\":{amount}}}"),
-                &format!("http://127.0.0.1:{}{path}", up.addr.port()),
-            ],
+            &format!("http://127.0.0.1:{}{path}", up.addr.port()),
+            &format!("{{\"amount\":{amount}}}"),
         )
     };
     assert_eq!(post("/api/v3/order", 60).0, 200);
