@@ -196,10 +196,16 @@ impl PathPattern {
         self.matches_segments(path, <[u8]>::eq)
     }
 
-    /// Like [`matches_normalized`](Self::matches_normalized), but literal segments match
-    /// without regard to ASCII case. For rules that refuse or hold: some servers route
-    /// `/API/Withdraw` as `/api/withdraw`, and such a rule must not be dodged by spelling.
-    fn matches_normalized_ignoring_case(&self, path: &str) -> bool {
+    /// Like [`matches_normalized`](Self::matches_normalized), but loosened the ways servers
+    /// loosen routing: literal segments match without regard to ASCII case (`/API/Withdraw`
+    /// is routed as `/api/withdraw` by some), and a trailing `/` is ignored (`/withdraw/` is
+    /// routed as `/withdraw` by many). For rules that refuse or hold, which must not be
+    /// dodged by spelling; patterns themselves never end in `/`.
+    fn matches_normalized_loosely(&self, path: &str) -> bool {
+        let path = match path.strip_suffix('/') {
+            Some(trimmed) if !trimmed.is_empty() => trimmed,
+            _ => path,
+        };
         self.matches_segments(path, <[u8]>::eq_ignore_ascii_case)
     }
 
@@ -514,14 +520,50 @@ fn parse_decimal(s: &str) -> Option<f64> {
     s.parse().ok().filter(|n: &f64| n.is_finite())
 }
 
+/// The exact value of an integer written without fraction or exponent.
+fn exact_integer(v: &Value) -> Option<i128> {
+    match v {
+        Value::Number(n) => n
+            .as_i64()
+            .map(i128::from)
+            .or_else(|| n.as_u64().map(i128::from)),
+        Value::String(s) => {
+            let digits = s.strip_prefix('-').unwrap_or(s);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            s.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+/// Numeric equality that never lets two different integers meet as the same `f64` (ids
+/// beyond 2^53 do): integers compare exactly; an integer too large for an `f64` against a
+/// number with a fraction cannot be judged.
+fn numbers_equal(expected: &Value, actual: &Value) -> Result<bool, String> {
+    const EXACT_IN_F64: i128 = 1 << 53;
+    let (e, a) = (exact_integer(expected), exact_integer(actual));
+    if let (Some(e), Some(a)) = (e, a) {
+        return Ok(e == a);
+    }
+    if [e, a].into_iter().flatten().any(|n| n.abs() > EXACT_IN_F64) {
+        return Err("an integer beyond 2^53 cannot be compared exactly with a fraction".into());
+    }
+    match (numeric(expected), numeric(actual)) {
+        (Some(e), Some(a)) => Ok(e == a),
+        _ => Err("value is not a number".to_owned()),
+    }
+}
+
 fn values_equal(expected: &Value, actual: &Value, from_query: bool) -> Result<bool, String> {
     match (expected, actual) {
         (Value::Number(_), _) if from_query => match numeric(actual) {
-            Some(a) => Ok(numeric(expected) == Some(a)),
+            Some(_) => numbers_equal(expected, actual),
             None => Err("query value is not a number".to_owned()),
         },
         (Value::String(e), Value::String(a)) => Ok(e == a),
-        (Value::Number(_), Value::Number(_)) => Ok(numeric(expected) == numeric(actual)),
+        (Value::Number(_), Value::Number(_)) => numbers_equal(expected, actual),
         _ if from_query => {
             Err("query values are text; compare them with strings or numbers".into())
         }
@@ -664,9 +706,9 @@ fn pattern_matches(
         return false;
     }
     if let Some(p) = path {
-        // A path we cannot judge counts as matching, and case does not count: forbidden
-        // effects and approvals must not be dodged with an odd spelling.
-        if path_normalized && !p.matches_normalized_ignoring_case(req.path) {
+        // A path we cannot judge counts as matching, and neither case nor a trailing slash
+        // counts: forbidden effects and approvals must not be dodged with an odd spelling.
+        if path_normalized && !p.matches_normalized_loosely(req.path) {
             return false;
         }
     }
@@ -807,6 +849,38 @@ mod tests {
             }
         }
         i == parts.len()
+    }
+
+    #[test]
+    fn large_integers_are_compared_exactly_never_as_the_same_f64() {
+        use serde_json::json;
+        let id = json!(9_007_199_254_740_993_u64);
+        // Both round to 9007199254740992.0.
+        assert_eq!(
+            values_equal(&id, &json!(9_007_199_254_740_992_u64), false),
+            Ok(false)
+        );
+        assert_eq!(
+            values_equal(&id, &json!(9_007_199_254_740_993_u64), false),
+            Ok(true)
+        );
+        assert_eq!(
+            values_equal(&id, &json!("9007199254740992"), true),
+            Ok(false)
+        );
+        assert_eq!(
+            values_equal(&id, &json!("9007199254740993"), true),
+            Ok(true)
+        );
+        // A fraction next to an integer an f64 cannot hold is not judged either way.
+        assert!(values_equal(&id, &json!(9_007_199_254_740_992.0_f64), false).is_err());
+        assert!(values_equal(&id, &json!("9007199254740993.0"), true).is_err());
+        // Small numbers still compare by value, whatever their spelling.
+        assert_eq!(values_equal(&json!(2), &json!(2.0), false), Ok(true));
+        assert_eq!(values_equal(&json!(2), &json!("2.00"), true), Ok(true));
+        assert_eq!(values_equal(&json!(-3), &json!("-3"), true), Ok(true));
+        assert_eq!(values_equal(&json!(0.5), &json!("0.50"), true), Ok(true));
+        assert_eq!(values_equal(&json!(2), &json!(3), false), Ok(false));
     }
 
     proptest! {

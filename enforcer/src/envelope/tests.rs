@@ -366,6 +366,14 @@ fn each_verification_failure_kind() {
         ..Revocations::default()
     });
     assert_eq!(kind(revoked.verify(&good, &none)), "revoked_key");
+    // The file form, with the id as an operator might paste it: upper case still revokes.
+    let listed = Revocations::parse(&format!(
+        "# compromised\nkey {}\n",
+        key_id(&k.verifying_key()).to_ascii_uppercase()
+    ))
+    .unwrap();
+    let from_file = v.clone().with_revocations(listed);
+    assert_eq!(kind(from_file.verify(&good, &none)), "revoked_key");
 
     // A signature by `other` presented under `k`'s key id.
     let mut w: SignedEnvelope = serde_json::from_slice(&good).unwrap();
@@ -764,6 +772,10 @@ fn forbidden_effects_match_when_unsure() {
     assert!(!market.matches(&req("POST", "/api/v3/order", &[], Body::Json(&l))));
     assert!(market.matches(&req("POST", "/api/v3/order", &[], Body::Opaque)));
     assert!(!market.matches(&req("POST", "/api/v3/order", &[], Body::Absent)));
+    // Most servers route a trailing slash to the same handler.
+    assert!(market.matches(&req("POST", "/api/v3/order/", &[], Body::Json(&m))));
+    assert!(market.matches(&req("POST", "/API/v3/Order/", &[], Body::Json(&m))));
+    assert!(!market.matches(&req("POST", "/api/v3/order/x", &[], Body::Json(&m))));
     let withdraw = &env.forbidden_effects[0];
     assert!(withdraw.matches(&req("POST", "/api/v3/withdraw/btc", &[], Body::Absent)));
     assert!(withdraw.matches(&req("POST", "/api/v3/%77ithdraw", &[], Body::Absent)));
@@ -775,6 +787,7 @@ fn forbidden_effects_match_when_unsure() {
     let small = json!({"quantity": 0.1});
     assert!(approval.matches(&req("POST", "/api/v3/order", &[], Body::Json(&big))));
     assert!(approval.matches(&req("POST", "/api/v3/ORDER", &[], Body::Json(&big))));
+    assert!(approval.matches(&req("POST", "/api/v3/order/", &[], Body::Json(&big))));
     assert!(!approval.matches(&req("POST", "/api/v3/order", &[], Body::Json(&small))));
 }
 
@@ -879,5 +892,23 @@ proptest! {
         let k = key(1);
         let w = dsse::sign_payload(PAYLOAD_TYPE, s.as_bytes(), &k);
         prop_assert!(verifier(&k, T0).verify(w.to_json().as_bytes(), &UsedIds::in_memory()).is_err());
+    }
+}
+
+#[test]
+fn a_revocation_that_names_nothing_is_an_error_not_a_no_op() {
+    let id = "ab".repeat(32);
+    assert!(Revocations::parse(&format!("key {id}\nenvelope task-42:a.b_c\n")).is_ok());
+    for bad in [
+        "key af6678e4eeb7c121",
+        "key sha256:abababababababababababababababababababababababababababababababab",
+        &format!("key {id}0"),
+        &format!("key {}zz", &id[2..]),
+        "envelope two words",
+        "envelope ",
+        "envelope caf\u{e9}",
+    ] {
+        let err = Revocations::parse(bad).expect_err(bad);
+        assert!(err.starts_with("line 1: "), "{err}");
     }
 }

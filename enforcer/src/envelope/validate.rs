@@ -329,7 +329,7 @@ fn is_text(s: &str, max: usize) -> bool {
 
 /// `extra` holds ASCII punctuation only, so the test can go byte by byte: a non-ASCII
 /// byte is neither alphanumeric nor in `extra`, just as its character would not be.
-fn is_word(s: &str, max: usize, extra: &[u8]) -> bool {
+pub(crate) fn is_word(s: &str, max: usize, extra: &[u8]) -> bool {
     !s.is_empty()
         && s.len() <= max
         && s.bytes()

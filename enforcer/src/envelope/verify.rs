@@ -164,9 +164,32 @@ impl Revocations {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
+            // A revocation that names nothing would be no revocation at all: every id is
+            // checked for the form the verifier compares against, so a typo is an error
+            // rather than a key that stays trusted.
             match line.split_once(char::is_whitespace) {
-                Some(("key", id)) => r.keys.insert(id.trim().to_owned()),
-                Some(("envelope", id)) => r.envelopes.insert(id.trim().to_owned()),
+                Some(("key", id)) => {
+                    let id = id.trim();
+                    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(format!(
+                            "line {}: `{}` is not a key id; a key id is the 64 hex digits `enforcer keygen` prints (SHA-256 of the public key)",
+                            n + 1,
+                            id.escape_default()
+                        ));
+                    }
+                    r.keys.insert(id.to_ascii_lowercase())
+                }
+                Some(("envelope", id)) => {
+                    let id = id.trim();
+                    if !super::validate::is_word(id, 128, b"._-:") {
+                        return Err(format!(
+                            "line {}: `{}` is not an envelope id; ids are 1 to 128 characters from A-Z a-z 0-9 . _ - :",
+                            n + 1,
+                            id.escape_default()
+                        ));
+                    }
+                    r.envelopes.insert(id.to_owned())
+                }
                 _ => {
                     return Err(format!(
                         "line {}: expected `key <keyid>` or `envelope <id>`",
