@@ -429,8 +429,10 @@ fn t1_t3_t5_t6_t4_one_agent_tries_everything() {
         .arg(d.path("audit"))
         .output()
         .expect("audit verify");
+    // The daemon is running, so the newest records may wait for their checkpoint: exit 2
+    // says the chain holds and names them; 1 would be damage.
     assert!(
-        verify.status.success(),
+        matches!(verify.status.code(), Some(0 | 2)),
         "audit verify: {}{}",
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)

@@ -25,7 +25,8 @@ pub enum EventKind {
     Expired,
     DaemonStarted,
     DaemonStopped,
-    /// Written by the log itself after it cut a torn tail away on open.
+    /// Written by the log itself when it opens a log its last writer did not close: a
+    /// torn last line cut away, or records that no checkpoint covered.
     LogRecovered,
     /// Anything that has no kind of its own yet; say what in `details`.
     Other,

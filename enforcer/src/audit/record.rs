@@ -442,6 +442,10 @@ impl Checkpoint {
         if cp.seq != cp.tree_size {
             return Err(m("seq differs from tree_size"));
         }
+        // The record after a checkpoint needs a seq of its own.
+        if cp.seq == u64::MAX {
+            return Err(m("seq is out of range"));
+        }
         Ok(cp)
     }
 
@@ -492,6 +496,17 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checkpoint_at_the_last_seq_is_refused() {
+        // No record could follow it; verifiers would overflow counting past it.
+        let frontier = crate::audit::merkle::Frontier::from_parts(u64::MAX, vec![[7; 32]; 64])
+            .expect("64 nodes for a size with 64 bits set");
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let cp = Checkpoint::sign(&frontier, [1; 32], "2026-01-01T00:00:00Z".into(), &key);
+        let err = Checkpoint::parse(&cp.to_line()).expect_err("seq u64::MAX");
+        assert!(err.to_string().contains("out of range"), "{err}");
+    }
     use crate::audit::{event::EventKind, merkle::leaf_hash};
 
     #[test]

@@ -318,6 +318,104 @@ fn a_crash_mid_write_is_recovered_and_recorded() {
 }
 
 #[test]
+fn records_no_checkpoint_covers_are_named_and_signed_when_the_log_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(config(dir.path()), key(1), (0..15).map(event));
+    // Without the checkpoint close wrote, the records after the one before are covered by
+    // nothing but the chain: what a crash leaves, and what anyone who can write the files
+    // could have appended.
+    let mut lines = all_lines(dir.path());
+    lines.pop();
+    rewrite(dir.path(), &lines);
+    let unsigned = verify_with_key(dir.path(), &key(1));
+    assert!(unsigned.ok(), "{:?}", unsigned.failure);
+    let tail = unsigned.unsigned_tail();
+    assert!(tail > 0);
+    let last_seq = seq_of(&lines.last().unwrap().2);
+
+    let (log, report) = AuditLog::open(config(dir.path()), key(1)).unwrap();
+    assert_eq!(
+        report.adopted_unsigned,
+        Some((last_seq + 1 - tail, last_seq))
+    );
+    assert_eq!(report.recovered, None);
+    log.close_blocking().unwrap();
+
+    let after = all_lines(dir.path());
+    let recovered = &after[lines.len()].2;
+    let text = String::from_utf8_lossy(recovered);
+    assert!(text.contains("\"kind\":\"log_recovered\""), "{text}");
+    assert!(
+        text.contains(&format!("\"unsigned_first_seq\":{}", last_seq + 1 - tail)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("\"unsigned_last_seq\":{last_seq}")),
+        "{text}"
+    );
+    // Signed at once, not whenever the next checkpoint falls due.
+    let next = &after[lines.len() + 1].2;
+    assert!(
+        record::parse_head(next.strip_suffix(b"\n").unwrap())
+            .unwrap()
+            .is_checkpoint()
+    );
+    let v = verify_with_key(dir.path(), &key(1));
+    assert!(v.ok() && v.unsigned_tail() == 0, "{:?}", v.failure);
+
+    // A log closed cleanly adopts nothing.
+    let (log, report) = AuditLog::open(config(dir.path()), key(1)).unwrap();
+    assert_eq!(report.adopted_unsigned, None);
+    log.close_blocking().unwrap();
+}
+
+#[test]
+fn open_refuses_a_log_another_key_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(config(dir.path()), key(2), (0..15).map(event));
+    match AuditLog::open(config(dir.path()), key(1)) {
+        Err(AuditError::Trust(m)) => {
+            assert!(
+                m.contains("not by this audit key") && m.contains("move the"),
+                "{m}"
+            )
+        }
+        other => panic!("expected Trust, got {other:?}"),
+    }
+    // A checkpoint by another key after one by this key is damage.
+    let dir = tempfile::tempdir().unwrap();
+    write_log(config(dir.path()), key(1), (0..25).map(event));
+    let mut lines = all_lines(dir.path());
+    let idx = lines.len() - 1;
+    let cp = Checkpoint::parse(lines[idx].2.strip_suffix(b"\n").unwrap()).unwrap();
+    let mut forged =
+        Checkpoint::sign(&cp.frontier().unwrap(), cp.prev, cp.ts.clone(), &key(2)).to_line();
+    forged.push(b'\n');
+    lines[idx].2 = forged;
+    rewrite(dir.path(), &lines);
+    match AuditLog::open(config(dir.path()), key(1)) {
+        Err(AuditError::Trust(m)) => assert!(m.contains("not by this audit key"), "{m}"),
+        other => panic!("appended under a foreign checkpoint: {other:?}"),
+    }
+}
+
+#[test]
+fn open_refuses_an_empty_segment_named_for_another_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(config(dir.path()), key(1), (0..5).map(event));
+    fs::write(dir.path().join(verify::segment_name(999)), b"").unwrap();
+    match AuditLog::open(config(dir.path()), key(1)) {
+        Err(AuditError::Corrupt { failure, .. }) => {
+            assert!(
+                failure.segment.ends_with(verify::segment_name(999)),
+                "{failure}"
+            )
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
 fn open_refuses_a_damaged_tail() {
     let dir = tempfile::tempdir().unwrap();
     write_log(config(dir.path()), key(1), (0..15).map(event));

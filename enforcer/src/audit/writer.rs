@@ -97,6 +97,12 @@ pub struct OpenReport {
     /// The seq the next record gets.
     pub next_seq: u64,
     pub recovered: Option<Recovery>,
+    /// Records no checkpoint covered when the log was opened (first and last seq). A log
+    /// closed cleanly ends with a checkpoint, so these were written by a writer that
+    /// crashed, or by someone with write access to the files: nothing tells the two apart.
+    /// Opening records the range (in a `log_recovered` event) and signs a checkpoint over
+    /// it at once, so the log says which records were taken on without a signature.
+    pub adopted_unsigned: Option<(u64, u64)>,
 }
 
 /// A torn last line (a crash mid-write) that was cut away. The cut is itself recorded as a
@@ -342,20 +348,40 @@ impl AuditLog {
     pub fn open(config: AuditConfig, key: SigningKey) -> Result<(Self, OpenReport), AuditError> {
         config.validate()?;
         let (mut writer, recovered) = Writer::open(&config, key)?;
-        if let Some(r) = &recovered {
-            let mut ev = Event::new(EventKind::LogRecovered)
-                .detail("segment", r.segment.display().to_string())
-                .detail("offset", r.offset)
-                .detail("discarded_bytes", r.discarded_bytes);
-            if let Some(seq) = r.last_good_seq {
-                ev = ev.detail("last_good_seq", seq);
+        let adopted_unsigned = (writer.since_checkpoint > 0).then(|| {
+            (
+                writer.next_seq - writer.since_checkpoint,
+                writer.next_seq - 1,
+            )
+        });
+        if recovered.is_some() || adopted_unsigned.is_some() {
+            let mut ev = Event::new(EventKind::LogRecovered);
+            if let Some(r) = &recovered {
+                ev = ev
+                    .detail("segment", r.segment.display().to_string())
+                    .detail("offset", r.offset)
+                    .detail("discarded_bytes", r.discarded_bytes);
+                if let Some(seq) = r.last_good_seq {
+                    ev = ev.detail("last_good_seq", seq);
+                }
+            }
+            if let Some((first, last)) = adopted_unsigned {
+                ev = ev
+                    .detail("unsigned_first_seq", first)
+                    .detail("unsigned_last_seq", last)
+                    .detail(
+                        "note",
+                        "these records were in the log without a checkpoint when it was opened",
+                    );
             }
             writer.add_event(&ev)?;
+            writer.add_checkpoint();
             writer.dispatch(None)?;
         }
         let report = OpenReport {
             next_seq: writer.next_seq,
             recovered,
+            adopted_unsigned,
         };
         let queue = Arc::new(Queue::default());
         let shared = Arc::new(Shared::default());
@@ -920,9 +946,30 @@ fn corrupt(dir: &Path, segment: &Path, line: u64, seq: Option<u64>, err: StepErr
     }
 }
 
+/// A checkpoint this log's writer did not sign: someone re-signed the log, or the audit key
+/// was changed under it.
+fn foreign_checkpoint(
+    dir: &Path,
+    cp: &Checkpoint,
+    own_key: &ed25519_dalek::VerifyingKey,
+) -> AuditError {
+    AuditError::Trust(format!(
+        "the audit log in {} has a checkpoint (seq {}) signed by key {}, not by this audit key {}: \
+         either someone re-signed it, or the audit key was changed. To start with a new key, move the \
+         directory aside (it stays verifiable with `enforcer audit verify --key OLD.pub`) and start again",
+        dir.display(),
+        cp.seq,
+        cp.key_id,
+        crate::envelope::keys::key_id(own_key),
+    ))
+}
+
 impl Writer {
     fn open(config: &AuditConfig, key: SigningKey) -> Result<(Self, Option<Recovery>), AuditError> {
         let dir = &config.dir;
+        // Only this key's checkpoints are taken as the log's own: appending under a
+        // checkpoint someone else signed would vouch for whatever they wrote.
+        let own_key = key.verifying_key();
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -1016,7 +1063,10 @@ impl Writer {
                 let seg = &segments[*si].path;
                 let cp = Checkpoint::parse(line)
                     .map_err(|e| corrupt(dir, seg, line_no, None, StepError::Checkpoint(e)))?;
-                cp.verify_signature(None).map_err(|e| {
+                if cp.key != own_key {
+                    return Err(foreign_checkpoint(dir, &cp, &own_key));
+                }
+                cp.verify_signature(Some(&own_key)).map_err(|e| {
                     corrupt(dir, seg, line_no, Some(cp.seq), StepError::Checkpoint(e))
                 })?;
                 let chain = Chain::after_checkpoint(cp, line)
@@ -1050,13 +1100,36 @@ impl Writer {
                         },
                     ));
                 }
+                if parse_head(line).is_ok_and(|h| h.is_checkpoint())
+                    && let Ok(cp) = Checkpoint::parse(line)
+                    && cp.key != own_key
+                {
+                    return Err(foreign_checkpoint(dir, &cp, &own_key));
+                }
                 chain
-                    .step(line, None)
+                    .step(line, Some(&own_key))
                     .map_err(|e| corrupt(dir, &seg.path, base_line + n as u64 + 1, Some(seq), e))?;
             }
             first_off = 0;
         }
         let _ = first_off;
+        // The segment appended to may hold no record yet (rotation creates it empty); its
+        // name must still be the seq that comes next, or every record written into it
+        // would later read as a replaced segment.
+        if loaded.last().is_some_and(|(_, data)| data.is_empty())
+            && last.first_seq != chain.next_seq
+        {
+            return Err(corrupt(
+                dir,
+                &last.path,
+                1,
+                Some(chain.next_seq),
+                StepError::Seq {
+                    expected: last.first_seq,
+                    found: chain.next_seq,
+                },
+            ));
+        }
         if let Some(r) = recovered.as_mut() {
             r.last_good_seq = chain.next_seq.checked_sub(1);
         }

@@ -16,6 +16,9 @@ pub struct AuditArgs {
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Check every hash link, seq and checkpoint; report the first bad record.
+    ///
+    /// Exit status: 0 every record is covered by a signed checkpoint; 1 the log fails
+    /// verification; 2 the chain holds but the last records are not yet signed.
     Verify {
         /// A checkpoint line saved earlier (or a proof containing one): start there, and
         /// require the log to still contain it.
@@ -143,16 +146,24 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
                     cp.key_id
                 );
             }
-            if report.unsigned_tail() > 0 {
-                println!(
-                    "note: the last {} records are not yet covered by a checkpoint; only the hash chain protects them",
-                    report.unsigned_tail()
-                );
-            }
             if !report.trusted_key {
                 println!(
                     "warning: no --key given: checkpoints were checked against the key they name, not a trusted one"
                 );
+            }
+            let unsigned = report.unsigned_tail();
+            if unsigned > 0 {
+                // The chain has no key: whoever can write the files can extend it. So these
+                // records are not vouched for, and the exit status says so.
+                println!(
+                    "NOT SIGNED: the last {unsigned} records (seq {} to {}) are not covered by a checkpoint. \
+                     The hash chain holds, but anyone able to write the log could have written them. \
+                     On a running log, verify again after the next checkpoint; a stopped log ends with one, \
+                     unless its writer crashed (the next start records and signs such records).",
+                    report.log_size - unsigned,
+                    report.log_size - 1
+                );
+                return Ok(ExitCode::from(2));
             }
             Ok(ExitCode::SUCCESS)
         }

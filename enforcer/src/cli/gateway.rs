@@ -84,8 +84,13 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let audit = match (&args.audit_dir, &args.audit_key) {
         (Some(dir), Some(key)) => {
             let key = enforcer::envelope::load_signing_key(key)?;
-            let (log, _) = AuditLog::open(AuditConfig::new(dir), key)
+            let (log, report) = AuditLog::open(AuditConfig::new(dir), key)
                 .with_context(|| format!("opening the audit log in {}", dir.display()))?;
+            if let Some((first, last)) = report.adopted_unsigned {
+                tracing::warn!(
+                    "the audit log was not closed cleanly: records {first}..={last} had no checkpoint; recorded and signed now"
+                );
+            }
             Some(log)
         }
         _ => None,

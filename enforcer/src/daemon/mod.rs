@@ -334,6 +334,13 @@ impl Daemon {
         if let Some(recovered) = &report.recovered {
             tracing::warn!(?recovered, "the audit log had a torn tail, cut away");
         }
+        if let Some((first, last)) = report.adopted_unsigned {
+            tracing::warn!(
+                first,
+                last,
+                "the audit log was not closed cleanly: records {first}..={last} had no checkpoint; recorded and signed now"
+            );
+        }
         socket_cgroups_are_told(cfg.gateway_ip)?;
         let parent = CgroupParent::create(&cfg.cgroup_parent)?;
         let enforcement = Enforcement::install_or_adopt(&cfg.pin_dir, parent.path())?;

@@ -1,0 +1,58 @@
+//! `enforcer audit verify` as an auditor runs it: real binary, a real log on disk.
+use std::{path::Path, process::Command};
+
+use enforcer::audit::{AuditConfig, AuditLog, Event, EventKind};
+
+fn verify(dir: &Path, key: &Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_enforcer"))
+        .args(["audit", "verify", "--key"])
+        .arg(key)
+        .arg(dir)
+        .output()
+        .expect("runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn verify_says_by_its_exit_status_whether_every_record_is_signed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key_prefix = tmp.path().join("audit");
+    enforcer::envelope::generate_keypair(&key_prefix).unwrap();
+    let signing = enforcer::envelope::load_signing_key(&tmp.path().join("audit.key")).unwrap();
+    let public = tmp.path().join("audit.pub");
+    let dir = tmp.path().join("log");
+
+    let (log, _) = AuditLog::open(AuditConfig::new(&dir), signing.clone()).unwrap();
+    for i in 0..5 {
+        log.append_blocking(Event::new(EventKind::RequestAllowed).detail("n", i))
+            .unwrap();
+    }
+    // Written, not yet under a checkpoint: a running log between checkpoints, or a tail
+    // anyone able to write the files could have appended.
+    let (code, out) = verify(&dir, &public);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("NOT SIGNED") && out.contains("seq 0 to 4"),
+        "{out}"
+    );
+
+    log.close_blocking().unwrap();
+    let (code, out) = verify(&dir, &public);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("NOT SIGNED"), "{out}");
+
+    // Damage is still a failure of its own.
+    let segment = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .unwrap();
+    let text = std::fs::read_to_string(&segment).unwrap();
+    std::fs::write(&segment, text.replacen("\"n\":3", "\"n\":7", 1)).unwrap();
+    let (code, out) = verify(&dir, &public);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.starts_with("FAILED"), "{out}");
+}
