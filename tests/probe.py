@@ -121,6 +121,99 @@ def probe_packet(name):
         report(name, False, err_name(exc))
 
 
+def probe_vsock(name):
+    """A socket of a family no cgroup hook sees: AF_VSOCK reaches the hypervisor host."""
+    try:
+        with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM):
+            pass
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
+def with_sleeping_child(action):
+    """Runs action(pid) against a child of this process, which is then killed."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    try:
+        return action(pid)
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
+def libc_call(nr, *args):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    rc = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    return rc, ctypes.get_errno()
+
+
+def probe_ptrace(name):
+    """PTRACE_ATTACH to a child of its own uid: how one process takes over another."""
+    def attach(pid):
+        rc, err = libc_call(101, 16, pid, 0, 0)  # ptrace(PTRACE_ATTACH)
+        if rc == 0:
+            libc_call(101, 17, pid, 0, 0)  # PTRACE_DETACH
+            return True, ""
+        return False, errno.errorcode.get(err, err)
+    ok, detail = with_sleeping_child(attach)
+    report(name, ok, detail)
+
+
+def probe_pidfd_getfd(name):
+    """Copies another process's descriptor (its stdin) with pidfd_getfd."""
+    def steal(pid):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            return False, err_name(exc)
+        rc, err = libc_call(438, pidfd, 0, 0)
+        os.close(pidfd)
+        if rc >= 0:
+            os.close(rc)
+            return True, ""
+        return False, errno.errorcode.get(err, err)
+    ok, detail = with_sleeping_child(steal)
+    report(name, ok, detail)
+
+
+def probe_io_uring(name):
+    """io_uring_setup: ring operations (sockets among them) never pass through seccomp."""
+    import ctypes
+
+    params = ctypes.create_string_buffer(120)
+    rc, err = libc_call(425, 8, ctypes.addressof(params))
+    if rc >= 0:
+        os.close(rc)
+        report(name, True)
+    else:
+        report(name, False, errno.errorcode.get(err, err))
+
+
+def probe_fd(name, fd):
+    """ok when descriptor fd is open: something the caller left open reached the agent."""
+    try:
+        os.fstat(int(fd))
+        report(name, True)
+    except OSError as exc:
+        report(name, False, err_name(exc))
+
+
+def probe_env(name, key):
+    report(name, key in os.environ, os.environ.get(key, ""))
+
+
+def probe_identity(name):
+    """ok when this process leads a session of its own (so no controlling terminal to
+    push input into); detail is its uid and gid."""
+    report(name, os.getsid(0) == os.getpid(), f"{os.getuid()} {os.getgid()}")
+
+
 def probe_cgroup_escape(name, procs_path):
     try:
         with open(procs_path, "w") as f:
@@ -246,6 +339,27 @@ def run(args):
             i += 2
         elif cmd == "packet":
             probe_packet("packet")
+            i += 1
+        elif cmd == "vsock":
+            probe_vsock("vsock")
+            i += 1
+        elif cmd == "ptrace":
+            probe_ptrace("ptrace")
+            i += 1
+        elif cmd == "pidfd-getfd":
+            probe_pidfd_getfd("pidfd-getfd")
+            i += 1
+        elif cmd == "io-uring":
+            probe_io_uring("io-uring")
+            i += 1
+        elif cmd == "fd":
+            probe_fd(f"fd {args[i+1]}", args[i + 1])
+            i += 2
+        elif cmd == "env":
+            probe_env(f"env {args[i+1]}", args[i + 1])
+            i += 2
+        elif cmd == "identity":
+            probe_identity("identity")
             i += 1
         elif cmd == "cgroup-escape":
             probe_cgroup_escape(f"cgroup-escape {args[i+1]}", args[i + 1])

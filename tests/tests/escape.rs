@@ -1,4 +1,4 @@
-//! The escape suite: a confined agent (real python3 and curl, as `nobody`, in its own
+//! The escape suite: a confined agent (real python3 and curl, as a uid of its own, in its own
 //! cgroup with the real BPF programs attached) tries every way out it can think of. Each
 //! attempt must fail while its own gateway stays reachable, and each attempt is first shown
 //! to succeed without confinement, so a pass means the enforcer denied it.
@@ -266,6 +266,101 @@ fn children_and_grandchildren_are_confined_too() {
         confined.results
     );
     assert_eq!(other.accepted(), 0);
+}
+
+#[test]
+fn calls_that_reach_past_the_kernel_programs_are_refused() {
+    if !privileged("calls_that_reach_past_the_kernel_programs_are_refused") {
+        return;
+    }
+    let inst = Instance::new("seccomp");
+    let gateway = Server::start("127.0.0.1:0");
+    let probes = args(&["vsock", "ptrace", "pidfd-getfd", "io-uring"]);
+    // Unconfined, a process may take over its own child and copy its descriptors.
+    let control = inst.unconfined(&probes);
+    control.assert_ok("ptrace");
+    control.assert_ok("pidfd-getfd");
+    let (status, confined) = inst.confine(gateway.addr, &[], &probes);
+    assert!(status.success(), "confine failed: {}", confined.stderr);
+    // The answers are the filter's own: a kernel without vsock or io_uring says otherwise.
+    for (probe, answer) in [
+        ("vsock", "EAFNOSUPPORT"),
+        ("ptrace", "EPERM"),
+        ("pidfd-getfd", "EPERM"),
+        ("io-uring", "ENOSYS"),
+    ] {
+        confined.assert_denied(probe);
+        assert_eq!(confined.get(probe).1, answer, "{probe}");
+    }
+}
+
+#[test]
+fn the_agent_starts_with_nothing_of_its_caller_and_a_uid_of_its_own() {
+    if !privileged("the_agent_starts_with_nothing_of_its_caller_and_a_uid_of_its_own") {
+        return;
+    }
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let inst = Instance::new("caller");
+    let gateway = Server::start("127.0.0.1:0");
+    // A socket the caller forgot to mark close-on-exec, opened outside any agent cgroup.
+    let leaked = std::net::TcpStream::connect(gateway.addr).expect("connect");
+    let leaked_fd = leaked.as_raw_fd();
+    let probes = args(&[
+        "fd",
+        "7",
+        "env",
+        "OPERATOR_TOKEN",
+        "env",
+        "GIVEN",
+        "identity",
+        "sleep",
+        "1",
+        "identity",
+    ]);
+    let start = || {
+        let mut cmd = inst.confine_command(gateway.addr, &["--env", "GIVEN=yes"], &probes);
+        cmd.env("OPERATOR_TOKEN", "ghp_operator")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: dup2(2) in the child before exec; the new descriptor is inheritable.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(leaked_fd, 7) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn().expect("confine")
+    };
+    // Two at once, to see that each gets a uid of its own.
+    let (a, b) = (start(), start());
+    let outputs = [a, b].map(|child| child.wait_with_output().expect("confine"));
+    let mut uids = Vec::new();
+    for out in &outputs {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let probes = common::Probes::parse(out);
+        probes.assert_denied("fd 7");
+        probes.assert_denied("env OPERATOR_TOKEN");
+        probes.assert_ok("env GIVEN");
+        probes.assert_ok("identity");
+        let (uid, gid) = probes
+            .get("identity")
+            .1
+            .split_once(' ')
+            .map(|(u, g)| (u.parse::<u32>().unwrap(), g.parse::<u32>().unwrap()))
+            .unwrap();
+        assert!(enforcer::sandbox::AGENT_UIDS.contains(&uid), "uid {uid}");
+        assert_eq!(uid, gid);
+        uids.push(uid);
+    }
+    assert_ne!(uids[0], uids[1], "two agents shared a uid");
+    drop(leaked);
 }
 
 #[test]

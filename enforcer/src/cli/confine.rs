@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Args;
 use enforcer::{
     kernel::{self, Enforcement, events::EventReader},
-    sandbox::{AgentUser, CgroupParent},
+    sandbox::CgroupParent,
 };
 use enforcer_common::{AgentPolicy, NO_DEADLINE, STATE_ACTIVE, STATE_TRIPPED, hook};
 
@@ -24,9 +24,14 @@ pub struct ConfineArgs {
     /// Seconds after which the kernel cuts the command off, even if no enforcer process runs.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     ttl: Option<u64>,
-    /// Unprivileged user the command runs as.
-    #[arg(long, default_value = "nobody")]
-    user: String,
+    /// Run as this account instead of a uid of the agent's own (agents sharing a user can
+    /// reach into each other's processes).
+    #[arg(long)]
+    user: Option<String>,
+    /// Set a variable in the agent's environment, which starts empty but for PATH, HOME,
+    /// TMPDIR, LANG, TERM and the enforcer's own (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
     /// Name of the agent (its cgroup); defaults to agent-<pid of this process>.
     #[arg(long)]
     name: Option<String>,
@@ -76,7 +81,8 @@ pub fn confine(args: ConfineArgs) -> anyhow::Result<ExitCode> {
             args.gateway
         );
     }
-    let user = AgentUser::lookup(&args.user)?;
+    let extra_env = super::parse_env(&args.env)?;
+    let mut identity = super::AgentIdentity::choose(args.user.as_deref())?;
     let name = args
         .name
         .clone()
@@ -97,16 +103,18 @@ pub fn confine(args: ConfineArgs) -> anyhow::Result<ExitCode> {
             None => NO_DEADLINE,
         };
         enforcement.set_agent(agent.id, &AgentPolicy::for_gateway(args.gateway, deadline))?;
-        let env = vec![
-            ("ENFORCER_AGENT".to_owned(), name.clone()),
-            ("ENFORCER_GATEWAY".to_owned(), args.gateway.to_string()),
-        ];
+        let mut env = extra_env;
+        env.push(("ENFORCER_AGENT".to_owned(), name.clone()));
+        env.push(("ENFORCER_GATEWAY".to_owned(), args.gateway.to_string()));
+        let env = enforcer::sandbox::agent_env(identity.home.path(), &env);
         let (program, rest) = args.command.split_first().context("no command given")?;
-        let child = agent.spawn(program, rest, &user, &env)?;
+        let child = agent.spawn(program, rest, &identity.user, &env)?;
+        // The agent runs as the uid now, so no other chooser can take it.
+        identity.lease = None;
         eprintln!(
             "enforcer: agent {name} (cgroup id {}) confined as {}; only {} is reachable{}",
             agent.id,
-            user.name,
+            identity.user.name,
             args.gateway,
             args.ttl.map(|t| format!(", for {t}s")).unwrap_or_default()
         );

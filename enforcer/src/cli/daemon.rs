@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use enforcer::{
     control::{self, Op},
     daemon::{Daemon, DaemonConfig},
-    sandbox::{AgentCgroup, AgentUser},
+    sandbox::AgentCgroup,
 };
 
 use super::require_root;
@@ -39,9 +39,14 @@ pub struct RunArgs {
     /// The signed Envelope to run under.
     #[arg(long)]
     envelope: PathBuf,
-    /// Unprivileged user for the agent (default: the daemon's agent_user, `nobody`).
-    #[arg(long, default_value = "nobody")]
-    user: String,
+    /// Run as this account instead of a uid of the agent's own (agents sharing a user can
+    /// reach into each other's processes).
+    #[arg(long)]
+    user: Option<String>,
+    /// Set a variable in the agent's environment, which starts empty but for PATH, HOME,
+    /// TMPDIR, LANG, TERM, the proxy and CA variables and ENFORCER_AGENT (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -152,7 +157,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     require_root("run")?;
     let envelope = std::fs::read_to_string(&args.envelope)
         .with_context(|| format!("reading {}", args.envelope.display()))?;
-    let user = AgentUser::lookup(&args.user)?;
+    let extra_env = super::parse_env(&args.env)?;
+    let mut identity = super::AgentIdentity::choose(args.user.as_deref())?;
     let activated = call(&args.socket, Op::Activate { envelope })?;
     let field = |name: &str| {
         activated
@@ -175,26 +181,29 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     let cgroup = AgentCgroup::at(PathBuf::from(cgroup), agent.clone())?;
     let proxy = format!("http://{gateway}");
-    let env: Vec<(String, String)> = [
-        ("HTTP_PROXY", proxy.as_str()),
-        ("HTTPS_PROXY", proxy.as_str()),
-        ("http_proxy", proxy.as_str()),
-        ("https_proxy", proxy.as_str()),
-        ("NO_PROXY", ""),
-        ("no_proxy", ""),
-        ("SSL_CERT_FILE", ca.as_str()),
-        ("CURL_CA_BUNDLE", ca.as_str()),
-        ("REQUESTS_CA_BUNDLE", ca.as_str()),
-        ("ENFORCER_AGENT", agent.as_str()),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let mut env = extra_env;
+    env.extend(
+        [
+            ("HTTP_PROXY", proxy.as_str()),
+            ("HTTPS_PROXY", proxy.as_str()),
+            ("http_proxy", proxy.as_str()),
+            ("https_proxy", proxy.as_str()),
+            ("NO_PROXY", ""),
+            ("no_proxy", ""),
+            ("SSL_CERT_FILE", ca.as_str()),
+            ("CURL_CA_BUNDLE", ca.as_str()),
+            ("REQUESTS_CA_BUNDLE", ca.as_str()),
+            ("ENFORCER_AGENT", agent.as_str()),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let env = enforcer::sandbox::agent_env(identity.home.path(), &env);
     let (program, rest) = args.command.split_first().context("no command given")?;
-    let status = match cgroup.spawn(program, rest, &user, &env) {
-        Ok(mut child) => {
-            // Ctrl-C reaches the agent's process group through the terminal; wait for it.
-            child.wait().context("waiting for the agent")
+    let status = match cgroup.spawn(program, rest, &identity.user, &env) {
+        Ok(child) => {
+            identity.lease = None;
+            wait_ending_on_signals(child)
         }
         Err(e) => Err(anyhow::Error::from(e)),
     };
@@ -216,6 +225,48 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
         (None, Some(sig)) => ExitCode::from((128 + sig).clamp(0, 255) as u8),
         _ => ExitCode::FAILURE,
+    })
+}
+
+/// Waits for the agent. It leads a session of its own, so Ctrl-C at the terminal reaches
+/// this process, not it: SIGINT and SIGTERM are passed on (SIGTERM, then SIGKILL), and
+/// the daemon's deactivation ends whatever is left in the cgroup.
+fn wait_ending_on_signals(
+    mut child: std::process::Child,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let pid = child.id() as i32;
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
+    runtime.block_on(async move {
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        // The first signal asks; an agent that ignores it is killed at the second.
+        let mut signal = libc::SIGTERM;
+        loop {
+            tokio::select! {
+                _ = sigint.recv() => {
+                    // SAFETY: plain kill(2) of our own child, not yet reaped.
+                    unsafe { libc::kill(pid, signal) };
+                    signal = libc::SIGKILL;
+                }
+                _ = sigterm.recv() => {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(pid, signal) };
+                    signal = libc::SIGKILL;
+                }
+                status = &mut done_rx => {
+                    return status
+                        .map_err(|_| anyhow::anyhow!("the agent waiter vanished"))?
+                        .context("waiting for the agent");
+                }
+            }
+        }
     })
 }
 

@@ -7,6 +7,7 @@ mod gateway;
 
 use std::{path::PathBuf, process::ExitCode};
 
+use anyhow::Context as _;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// Runs AI agents inside signed, expiring Execution Envelopes: the kernel leaves an agent
@@ -116,4 +117,50 @@ pub fn require_root(what: &str) -> anyhow::Result<()> {
              and manages cgroups (CAP_SYS_ADMIN)"
         )
     }
+}
+
+/// Who an agent runs as, and its home, for `run` and `confine`.
+pub struct AgentIdentity {
+    pub user: enforcer::sandbox::AgentUser,
+    /// Held until the agent runs as the uid; see [`enforcer::sandbox::lease_agent_uid`].
+    pub lease: Option<enforcer::sandbox::UidLease>,
+    pub home: enforcer::sandbox::AgentHome,
+}
+
+impl AgentIdentity {
+    /// A uid of the agent's own unless `--user` names an account.
+    pub fn choose(user: Option<&str>) -> anyhow::Result<Self> {
+        let (user, lease) = match user {
+            Some(name) => {
+                let user = enforcer::sandbox::AgentUser::lookup(name)?;
+                eprintln!(
+                    "enforcer: warning: agents that share the user {name} can reach into each other's \
+                     processes; leave out --user to give this agent a uid of its own"
+                );
+                (user, None)
+            }
+            None => {
+                let (user, lease) = enforcer::sandbox::lease_agent_uid()?;
+                (user, Some(lease))
+            }
+        };
+        let home = enforcer::sandbox::AgentHome::create(&user)?;
+        Ok(Self { user, lease, home })
+    }
+}
+
+/// `--env KEY=VALUE` arguments, checked.
+pub fn parse_env(pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            let (key, value) = pair
+                .split_once('=')
+                .with_context(|| format!("--env {pair:?}: give KEY=VALUE"))?;
+            if key.is_empty() || key.bytes().any(|b| b == 0 || b.is_ascii_whitespace()) {
+                anyhow::bail!("--env {pair:?}: {key:?} is not a usable variable name");
+            }
+            Ok((key.to_owned(), value.to_owned()))
+        })
+        .collect()
 }

@@ -15,7 +15,6 @@ use crate::{
         Floor, Keyring, Revocations, SystemClock, Verifier, VerifyOptions, load_signing_key,
     },
     gateway::secrets::SecretStore,
-    sandbox::AgentUser,
 };
 
 /// The default location of the daemon's configuration.
@@ -49,9 +48,6 @@ pub struct DaemonConfig {
     /// The first and last port gateways may use.
     #[serde(default = "default_gateway_ports")]
     pub gateway_ports: [u16; 2],
-    /// The unprivileged user agents run as unless `enforcer run --user` says otherwise.
-    #[serde(default = "default_agent_user")]
-    pub agent_user: String,
     /// bpffs directory of the pinned programs and maps.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
@@ -86,9 +82,6 @@ fn default_gateway_ip() -> IpAddr {
 }
 fn default_gateway_ports() -> [u16; 2] {
     [18_000, 18_999]
-}
-fn default_agent_user() -> String {
-    "nobody".into()
 }
 fn default_pin_dir() -> PathBuf {
     PathBuf::from(crate::kernel::DEFAULT_PIN_DIR)
@@ -131,7 +124,6 @@ pub struct Loaded {
     pub path: PathBuf,
     pub grants: Grants,
     pub audit_key: ed25519_dalek::SigningKey,
-    pub agent_user: AgentUser,
 }
 
 /// How Envelopes are judged and where credentials come from: the part of the config a
@@ -166,7 +158,6 @@ impl DaemonConfig {
             control_socket,
             gateway_ip,
             gateway_ports,
-            agent_user,
             pin_dir,
             cgroup_parent,
             metrics_listen,
@@ -183,7 +174,6 @@ impl DaemonConfig {
             ("control_socket", *control_socket == new.control_socket),
             ("gateway_ip", *gateway_ip == new.gateway_ip),
             ("gateway_ports", *gateway_ports == new.gateway_ports),
-            ("agent_user", *agent_user == new.agent_user),
             ("pin_dir", *pin_dir == new.pin_dir),
             ("cgroup_parent", *cgroup_parent == new.cgroup_parent),
             ("metrics_listen", *metrics_listen == new.metrics_listen),
@@ -307,8 +297,6 @@ impl DaemonConfig {
                 "is not owned by root; `chown root` it".into(),
             ));
         }
-        let agent_user = AgentUser::lookup(&self.agent_user)
-            .map_err(|e| field("agent_user", &self.agent_user, e.to_string()))?;
         for root in &self.upstream_roots {
             if !root.is_file() {
                 return Err(field(
@@ -323,7 +311,6 @@ impl DaemonConfig {
             path: path.to_owned(),
             grants: Grants { verifier, secrets },
             audit_key,
-            agent_user,
         })
     }
 }
@@ -397,12 +384,12 @@ mod tests {
             p,
             &text
                 .replace("[18000, 18999]", "[19000, 19999]")
-                .replace("\"nobody\"", "\"agent\""),
+                .replace("/sys/fs/bpf/enforcer", "/sys/fs/bpf/other"),
         )
         .unwrap();
         assert_eq!(
             base.fixed_fields_changed(&fixed),
-            ["gateway_ports", "agent_user"]
+            ["gateway_ports", "pin_dir"]
         );
     }
 }

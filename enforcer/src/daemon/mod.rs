@@ -353,7 +353,6 @@ impl Daemon {
             path: config_path,
             grants,
             audit_key,
-            agent_user: _,
         } = loaded;
         let daemon = Arc::new_cyclic(|me| Daemon {
             config,

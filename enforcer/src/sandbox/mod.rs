@@ -13,6 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod identity;
+mod seccomp;
+
+pub use identity::{AGENT_UIDS, AgentHome, UidLease, lease_agent_uid};
+pub use seccomp::AgentFilter;
+
 /// The enforcer's parent cgroup, relative to the cgroup v2 mount, unless told otherwise.
 pub const DEFAULT_CGROUP_PARENT: &str = "enforcer";
 
@@ -47,6 +53,15 @@ pub enum SandboxError {
     UnknownUser(String),
     #[error("refusing to run the agent as root (uid 0): pass --user with an unprivileged user")]
     RootAgent,
+    #[error(
+        "no free agent uid in {first}..={last}: every one is in use by a process or named by an account"
+    )]
+    NoFreeUid { first: u32, last: u32 },
+    #[error(
+        "standard {0} is a network socket, which the agent would inherit past the kernel programs; \
+         give it a pipe, a file or a terminal"
+    )]
+    NetworkStdio(&'static str),
     #[error("agent processes in {path} did not exit within {seconds}s")]
     StillRunning { path: PathBuf, seconds: u64 },
 }
@@ -235,6 +250,53 @@ pub fn validate_agent_name(name: &str) -> Result<(), SandboxError> {
     }
 }
 
+/// A network socket as stdin, stdout or stderr (a command started by inetd, or with its
+/// output sent to a socket) would reach the agent opened outside its cgroup, where no
+/// kernel program judges it.
+fn refuse_network_stdio() -> Result<(), SandboxError> {
+    for (fd, name) in [(0, "input"), (1, "output"), (2, "error")] {
+        let mut domain: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt(2) writes at most `len` bytes into `domain`; on a descriptor
+        // that is not a socket (or not open) it fails with ENOTSOCK / EBADF.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_DOMAIN,
+                (&mut domain as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 && domain != libc::AF_UNIX {
+            return Err(SandboxError::NetworkStdio(name));
+        }
+    }
+    Ok(())
+}
+
+/// The environment an agent starts with: nothing of the caller's (an operator's shell
+/// holds tokens), only what a program needs to run, then `extra`.
+pub fn agent_env(home: &Path, extra: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env = vec![
+        (
+            "PATH".to_owned(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+        ),
+        ("HOME".to_owned(), home.display().to_string()),
+        ("TMPDIR".to_owned(), home.display().to_string()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+    ];
+    if let Ok(term) = std::env::var("TERM") {
+        env.push(("TERM".to_owned(), term));
+    }
+    for (key, value) in extra {
+        env.retain(|(k, _)| k != key);
+        env.push((key.clone(), value.clone()));
+    }
+    env
+}
+
 /// One agent's cgroup. Its inode number is the cgroup id the kernel programs see.
 #[derive(Clone, Debug)]
 pub struct AgentCgroup {
@@ -290,8 +352,14 @@ impl AgentCgroup {
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
-    /// Starts `program` inside this cgroup as `user`, with `no_new_privs` set, so neither it
-    /// nor anything it starts can regain privileges or leave the cgroup.
+    /// Starts `program` inside this cgroup as `user`, with exactly the environment `env`.
+    ///
+    /// Before the agent's first instruction: it is in the cgroup; `no_new_privs` is set,
+    /// so neither it nor anything it starts can regain privileges; it leads a session of
+    /// its own, so it has no controlling terminal to push input into (`TIOCSTI`) once it
+    /// exits; every descriptor but stdio is closed at exec, so no socket opened outside
+    /// the cgroup reaches it; its umask is 077; and [`AgentFilter`] refuses the system
+    /// calls that reach past the kernel programs.
     pub fn spawn(
         &self,
         program: &OsString,
@@ -299,18 +367,20 @@ impl AgentCgroup {
         user: &AgentUser,
         env: &[(String, String)],
     ) -> Result<Child, SandboxError> {
+        refuse_network_stdio()?;
         let procs_path = self.path.join("cgroup.procs");
         let procs = OpenOptions::new()
             .write(true)
             .open(&procs_path)
             .map_err(io_err(format!("opening {}", procs_path.display())))?;
         let mut command = Command::new(program);
-        command.args(args);
+        command.args(args).env_clear();
         for (key, value) in env {
             command.env(key, value);
         }
         let (uid, gid) = (user.uid, user.gid);
         let procs_fd = procs.as_raw_fd();
+        let filter = AgentFilter::new();
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls on values copied in, allocating nothing.
         unsafe {
@@ -321,6 +391,21 @@ impl AgentCgroup {
                 if libc::write(procs_fd, zero.as_ptr().cast(), zero.len()) != zero.len() as isize {
                     return Err(io::Error::last_os_error());
                 }
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // Close-on-exec rather than closed: the standard library still reports a
+                // failed exec through a descriptor of its own.
+                if libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::umask(0o077);
                 if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -333,7 +418,7 @@ impl AgentCgroup {
                 if libc::setresuid(uid, uid, uid) != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                Ok(())
+                filter.install()
             });
         }
         let child = command.spawn().map_err(io_err(format!(
