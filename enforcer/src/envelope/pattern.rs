@@ -271,13 +271,49 @@ fn is_dns_name(host: &str) -> bool {
 }
 
 /// Checks an exact host: a lowercase DNS name or an IP literal (IPv6 without brackets).
+///
+/// Hosts are compared as text, so each address has one spelling only: resolvers read
+/// `2852039166`, `0251.0376.0251.0376` and `0xa9.0xfe.0xa9.0xfe` as 169.254.169.254, and
+/// `::ffff:169.254.169.254` reaches it too, each of which would slip past a floor rule
+/// naming it. Such names are refused (top-level domains never start with a digit), and
+/// IPv6 literals must be in canonical form and not carry an IPv4 address.
 pub fn check_host(host: &str) -> Result<(), String> {
-    // Names are the common case and far cheaper to check than parsing an address, and
-    // either form passing is enough.
-    if is_dns_name(host) || host.parse::<std::net::IpAddr>().is_ok() {
-        return Ok(());
+    // Names are the common case and far cheaper to check than parsing an address.
+    if is_dns_name(host) {
+        // Dotted-decimal IPv4 passes the name rules too; nothing else numeric may.
+        if host.parse::<std::net::Ipv4Addr>().is_ok() {
+            return Ok(());
+        }
+        return check_not_numeric(host);
     }
-    check_dns_name(host)
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => Ok(()),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return Err(format!(
+                    "host `{host}` is an IPv4 address in IPv6 form; write `{v4}`"
+                ));
+            }
+            let canonical = v6.to_string();
+            if canonical != host {
+                return Err(format!(
+                    "host `{host}` is not written the one way IPv6 addresses are compared; write `{canonical}`"
+                ));
+            }
+            Ok(())
+        }
+        Err(_) => check_dns_name(host).and_then(|()| check_not_numeric(host)),
+    }
+}
+
+fn check_not_numeric(host: &str) -> Result<(), String> {
+    let last = host.rsplit('.').next().unwrap_or(host);
+    if last.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(format!(
+            "host `{host}` reads as a numeric address to resolvers; write an IPv4 address in dotted decimal (like `192.0.2.7`) or a DNS name"
+        ));
+    }
+    Ok(())
 }
 
 /// The DNS name rules of [`check_host`], with the first one broken as the error.
@@ -849,6 +885,33 @@ mod tests {
             }
         }
         i == parts.len()
+    }
+
+    #[test]
+    fn each_address_has_one_spelling() {
+        for ok in [
+            "api.example.com",
+            "192.0.2.7",
+            "169.254.169.254",
+            "2001:db8::1",
+            "::1",
+            "x1.example",
+        ] {
+            assert!(check_host(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "2852039166",
+            "0251.0376.0251.0376",
+            "0xa9.0xfe.0xa9.0xfe",
+            "169.254.43518",
+            "example.123",
+            "::ffff:169.254.169.254",
+            "::ffff:a9fe:a9fe",
+            "2001:0db8::1",
+            "2001:db8:0:0::1",
+        ] {
+            assert!(check_host(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
