@@ -49,6 +49,10 @@ pub enum KeyError {
          add a trusted key — run `chmod go-w {path}`"
     )]
     TrustWritable { path: PathBuf, mode: u32 },
+    #[error(
+        "{path} is owned by uid {uid}, not root: its owner could add a trusted key — run `chown root {path}`"
+    )]
+    TrustOwner { path: PathBuf, uid: u32 },
     #[error("{path}: not a {what}: {reason}")]
     Format {
         path: PathBuf,
@@ -249,6 +253,13 @@ impl Keyring {
                 return Err(KeyError::TrustWritable {
                     path: path.to_owned(),
                     mode,
+                });
+            }
+            // Run by root (the daemon), another owner could chmod it writable again.
+            if meta.uid() != 0 && nix::unistd::geteuid().is_root() {
+                return Err(KeyError::TrustOwner {
+                    path: path.to_owned(),
+                    uid: meta.uid(),
                 });
             }
             Ok(())

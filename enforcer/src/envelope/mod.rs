@@ -28,8 +28,8 @@ pub use pattern::{Body, HostPattern, Outcome, PathPattern, RequestView, is_norma
 pub use text::Text;
 pub use validate::{EnvelopeError, Location, Problem, from_json, from_toml, validate};
 pub use verify::{
-    Clock, FixedClock, Floor, Revocations, SystemClock, UsedIds, VerifiedEnvelope, Verifier,
-    VerifyError, VerifyOptions, decode_unverified,
+    Clock, FixedClock, Floor, FloorError, Revocations, SystemClock, UsedIds, VerifiedEnvelope,
+    Verifier, VerifyError, VerifyOptions, decode_unverified,
 };
 
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};

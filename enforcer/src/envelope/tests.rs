@@ -617,6 +617,46 @@ fn keyring_rotation_and_trust_dir_permissions() {
         Keyring::load_dir(&trust),
         Err(KeyError::TrustWritable { .. })
     ));
+    std::fs::set_permissions(&trust, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        // Its owner could make it writable again: read by root, trust only root's.
+        std::os::unix::fs::chown(trust.join("new.pub"), Some(65534), None).unwrap();
+        assert!(matches!(
+            Keyring::load_dir(&trust),
+            Err(KeyError::TrustOwner { uid: 65534, .. })
+        ));
+    }
+}
+
+#[test]
+fn policy_files_others_could_write_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let floor = dir.path().join("floor.toml");
+    let revocations = dir.path().join("revocations");
+    std::fs::write(&floor, FLOOR).unwrap();
+    std::fs::write(&revocations, "# none\n").unwrap();
+    for path in [&floor, &revocations] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    assert!(Floor::load(&floor).is_ok());
+    assert!(Revocations::load(&revocations).is_ok());
+    for path in [&floor, &revocations] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    assert!(matches!(
+        Floor::load(&floor),
+        Err(FloorError::Unsafe { .. })
+    ));
+    assert!(matches!(
+        Revocations::load(&revocations),
+        Err(FloorError::Unsafe { .. })
+    ));
+    if nix::unistd::geteuid().is_root() {
+        std::fs::set_permissions(&floor, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::chown(&floor, Some(65534), None).unwrap();
+        let err = Floor::load(&floor).unwrap_err().to_string();
+        assert!(err.contains("owned by uid 65534"), "{err}");
+    }
 }
 
 #[test]

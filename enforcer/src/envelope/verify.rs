@@ -202,10 +202,7 @@ impl Revocations {
     }
 
     pub fn load(path: &Path) -> Result<Revocations, FloorError> {
-        let text = std::fs::read_to_string(path).map_err(|source| FloorError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read_policy_file(path)?;
         Revocations::parse(&text).map_err(|message| FloorError::Invalid {
             path: path.to_owned(),
             message,
@@ -356,6 +353,38 @@ pub enum FloorError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{path}: {reason}: whoever can write it decides what is allowed")]
+    Unsafe { path: PathBuf, reason: String },
+}
+
+/// Reads a policy file (floor, revocations) only if no one but its owner can write it,
+/// and, when the reader is root, only if root owns it.
+fn read_policy_file(path: &Path) -> Result<String, FloorError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |source| FloorError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let unsafe_because = |reason: String| FloorError::Unsafe {
+        path: path.to_owned(),
+        reason,
+    };
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_because(format!(
+            "mode {:o} lets group or others write it; run `chmod go-w {}`",
+            meta.mode() & 0o7777,
+            path.display()
+        )));
+    }
+    if meta.uid() != 0 && nix::unistd::geteuid().is_root() {
+        return Err(unsafe_because(format!(
+            "owned by uid {}, not root; run `chown root {}`",
+            meta.uid(),
+            path.display()
+        )));
+    }
+    std::fs::read_to_string(path).map_err(io)
 }
 
 impl Floor {
@@ -406,10 +435,7 @@ impl Floor {
     }
 
     pub fn load(path: &Path) -> Result<Floor, FloorError> {
-        let text = std::fs::read_to_string(path).map_err(|source| FloorError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read_policy_file(path)?;
         Floor::from_toml(&text).map_err(|e| FloorError::Invalid {
             path: path.to_owned(),
             message: e.to_string(),

@@ -51,7 +51,9 @@ pub enum SandboxError {
     NoSuchAgent { name: String, path: PathBuf },
     #[error("unknown user {0:?}: create it, or pass --user with an existing unprivileged user")]
     UnknownUser(String),
-    #[error("refusing to run the agent as root (uid 0): pass --user with an unprivileged user")]
+    #[error(
+        "refusing to run the agent as root (uid 0 or primary group 0): pass --user with an unprivileged user, or leave it out"
+    )]
     RootAgent,
     #[error(
         "no free agent uid in {first}..={last}: every one is in use by a process or named by an account"
@@ -318,7 +320,8 @@ impl AgentUser {
         let user = nix::unistd::User::from_name(name)
             .map_err(|e| io_err(format!("looking up user {name}"))(e.into()))?
             .ok_or_else(|| SandboxError::UnknownUser(name.to_owned()))?;
-        if user.uid.is_root() {
+        // Group 0 owns files root means to share with no one else.
+        if user.uid.is_root() || user.gid.as_raw() == 0 {
             return Err(SandboxError::RootAgent);
         }
         Ok(Self {
