@@ -53,6 +53,18 @@ def probe_udp_sendto(name, host, port, family):
         report(name, False, err_name(exc))
 
 
+def probe_udp_flood(name, count, host, port):
+    """count sendto calls in a tight loop; ok if any went out, detail: how many failed."""
+    failed = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _ in range(int(count)):
+            try:
+                s.sendto(b"x", (host, int(port)))
+            except OSError:
+                failed += 1
+    report(name, failed < int(count), failed)
+
+
 def probe_udp_connect(name, host, port):
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -325,6 +337,9 @@ def run(args):
         elif cmd == "udp6":
             probe_udp_sendto(f"udp6 [{args[i+1]}]:{args[i+2]}", args[i + 1], args[i + 2], socket.AF_INET6)
             i += 3
+        elif cmd == "udp-flood":
+            probe_udp_flood(f"udp-flood {args[i+1]}", args[i + 1], args[i + 2], args[i + 3])
+            i += 4
         elif cmd == "udp-connect":
             probe_udp_connect(f"udp-connect {args[i+1]}:{args[i+2]}", args[i + 1], args[i + 2])
             i += 3

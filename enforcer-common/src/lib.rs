@@ -27,6 +27,11 @@ pub const MAX_AGENTS: u32 = 16_384;
 /// Size of the deny-event ring buffer in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
+/// Deny events reported per agent cgroup and CPU in one window; the rest are only counted.
+pub const EVENTS_PER_WINDOW: u64 = 100;
+/// The length of that window.
+pub const EVENT_WINDOW_NS: u64 = 1_000_000_000;
+
 /// The agent may use its gateway.
 pub const STATE_ACTIVE: u32 = 1;
 /// The circuit is open: everything is denied, the gateway included.
@@ -206,6 +211,14 @@ pub struct AgentCounters {
     pub denied: [u64; hook::COUNT],
 }
 
+/// How many deny events one cgroup reported on one CPU since `start_ns` (monotonic).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventWindow {
+    pub start_ns: u64,
+    pub sent: u64,
+}
+
 /// One deny, sent to userspace through the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,6 +248,7 @@ mod pod {
     unsafe impl aya::Pod for super::AgentPolicy {}
     unsafe impl aya::Pod for super::AgentCounters {}
     unsafe impl aya::Pod for super::DenyEvent {}
+    unsafe impl aya::Pod for super::EventWindow {}
 }
 
 #[cfg(test)]

@@ -17,13 +17,13 @@ use aya_ebpf::{
         },
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use core::ptr::{addr_of, read_volatile};
 use enforcer_common::{
-    AgentCounters, AgentPolicy, DenyEvent, EVENTS_RING_BYTES, MAX_AGENTS, STATE_ACTIVE,
-    STATE_TRIPPED, hook, ipv4_mapped, reason,
+    AgentCounters, AgentPolicy, DenyEvent, EVENT_WINDOW_NS, EVENTS_PER_WINDOW, EVENTS_RING_BYTES,
+    EventWindow, MAX_AGENTS, STATE_ACTIVE, STATE_TRIPPED, hook, ipv4_mapped, reason,
 };
 
 /// Kernel verdicts for cgroup programs.
@@ -51,6 +51,12 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
 #[map(name = "ENFORCER_LOST_EVENTS")]
 static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Deny events reported per cgroup and CPU in the current window. A denial loop makes
+/// hundreds of thousands a second; past the budget they are only counted (COUNTERS stays
+/// exact), so one agent cannot drown the others' events or the daemon's CPU.
+#[map(name = "ENFORCER_EVENT_WINDOWS")]
+static EVENT_WINDOWS: LruPerCpuHashMap<u64, EventWindow> = LruPerCpuHashMap::pinned(MAX_AGENTS, 0);
 
 /// What a hook decided, with enough to report a denial.
 struct Verdict {
@@ -107,6 +113,11 @@ fn finish(cgroup_id: u64, hook_id: u8, pid: u32, verdict: Verdict) -> i32 {
     if verdict.allow {
         return ALLOW;
     }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !event_budget_left(cgroup_id, now) {
+        return DENY;
+    }
     let event = DenyEvent {
         cgroup_id,
         pid,
@@ -117,8 +128,7 @@ fn finish(cgroup_id: u64, hook_id: u8, pid: u32, verdict: Verdict) -> i32 {
         dst_port: verdict.dst_port,
         _pad0: [0; 6],
         dst_addr: verdict.dst_addr,
-        // SAFETY: helper without arguments.
-        at_monotonic_ns: unsafe { bpf_ktime_get_ns() },
+        at_monotonic_ns: now,
     };
     if EVENTS.output::<DenyEvent>(&event, 0).is_err() {
         if let Some(lost) = LOST_EVENTS.get_ptr_mut(0) {
@@ -127,6 +137,35 @@ fn finish(cgroup_id: u64, hook_id: u8, pid: u32, verdict: Verdict) -> i32 {
         }
     }
     DENY
+}
+
+/// Takes one event from the cgroup's budget on this CPU, if any is left in the window.
+#[inline(always)]
+fn event_budget_left(cgroup_id: u64, now: u64) -> bool {
+    match EVENT_WINDOWS.get_ptr_mut(&cgroup_id) {
+        // SAFETY: per-CPU value of this CPU; no other writer while the program runs.
+        Some(window) => unsafe {
+            if now.wrapping_sub((*window).start_ns) >= EVENT_WINDOW_NS {
+                (*window).start_ns = now;
+                (*window).sent = 1;
+                true
+            } else if (*window).sent < EVENTS_PER_WINDOW {
+                (*window).sent += 1;
+                true
+            } else {
+                false
+            }
+        },
+        None => {
+            // A full map evicts the least recently used cgroup: it starts a new window.
+            let first = EventWindow {
+                start_ns: now,
+                sent: 1,
+            };
+            let _ = EVENT_WINDOWS.insert(&cgroup_id, &first, 0);
+            true
+        }
+    }
 }
 
 #[inline(always)]

@@ -163,6 +163,35 @@ fn udp_dns_and_connected_udp_are_denied() {
 }
 
 #[test]
+fn a_denial_loop_is_counted_exactly_but_reported_within_a_budget() {
+    if !privileged("a_denial_loop_is_counted_exactly_but_reported_within_a_budget") {
+        return;
+    }
+    let inst = Instance::new("flood");
+    let gateway = Server::start("127.0.0.1:0");
+    let sink = UdpServer::start("127.0.0.1:0");
+    let port = sink.addr.port().to_string();
+    let flood = 20_000;
+    let (status, confined) = inst.confine(
+        gateway.addr,
+        &[],
+        &args(&["udp-flood", &flood.to_string(), "127.0.0.1", &port]),
+    );
+    assert!(status.success(), "confine failed: {}", confined.stderr);
+    confined.assert_denied("udp-flood");
+    assert_eq!(confined.get("udp-flood").1, flood.to_string(), "every send denied");
+    // Each CPU reports at most EVENTS_PER_WINDOW a second per agent; the loop may span a
+    // window boundary, and a second.
+    let reported = confined.stderr.matches("kernel denied").count() as u64;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let bound = 3 * enforcer_common::EVENTS_PER_WINDOW * cpus;
+    assert!(
+        (1..=bound).contains(&reported),
+        "{reported} deny events reported for {flood} denials (bound {bound})"
+    );
+}
+
+#[test]
 fn raw_icmp_ping_and_packet_sockets_are_denied() {
     if !privileged("raw_icmp_ping_and_packet_sockets_are_denied") {
         return;

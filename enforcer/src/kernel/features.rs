@@ -19,9 +19,10 @@ const PROGRAM_TYPES: [(ProgramType, &str); 3] = [
     (ProgramType::CgroupSock, "cgroup_sock programs"),
 ];
 
-const MAP_TYPES: [(MapType, &str); 4] = [
+const MAP_TYPES: [(MapType, &str); 5] = [
     (MapType::Hash, "hash maps"),
     (MapType::PerCpuHash, "per-CPU hash maps"),
+    (MapType::LruPerCpuHash, "LRU per-CPU hash maps"),
     (MapType::PerCpuArray, "per-CPU array maps"),
     (MapType::RingBuf, "ring buffer maps (Linux 5.8)"),
 ];
