@@ -1,5 +1,5 @@
 //! End-to-end: the real daemon (real BPF programs, cgroups, gateway, audit log), agents
-//! started with `enforcer run` as `nobody`, a real upstream on loopback, and python's
+//! started with `enforcer run` as a uid of its own, a real upstream on loopback, and python's
 //! urllib as the agent's HTTP client. One test per threat of the seed model and per
 //! property, plus a restart with `kill -9`.
 mod common;
@@ -129,7 +129,7 @@ impl Daemon {
         std::fs::copy(d.join("issuer.pub"), d.join("trust/issuer.pub")).expect("trust");
         std::fs::write(d.join("secrets/exchange-key"), SECRET).expect("secret");
         set_mode(&d.join("secrets/exchange-key"), 0o600);
-        // The agent (nobody) must read the probe script, and nothing else here.
+        // The agent (an unprivileged uid) must read the probe script, and nothing else here.
         set_mode(d, 0o711);
         let probe = d.join("probe.py");
         std::fs::copy(common::probe_source(), &probe).expect("probe");

@@ -179,7 +179,11 @@ fn a_denial_loop_is_counted_exactly_but_reported_within_a_budget() {
     );
     assert!(status.success(), "confine failed: {}", confined.stderr);
     confined.assert_denied("udp-flood");
-    assert_eq!(confined.get("udp-flood").1, flood.to_string(), "every send denied");
+    assert_eq!(
+        confined.get("udp-flood").1,
+        flood.to_string(),
+        "every send denied"
+    );
     // Each CPU reports at most EVENTS_PER_WINDOW a second per agent; the loop may span a
     // window boundary, and a second.
     let reported = confined.stderr.matches("kernel denied").count() as u64;

@@ -204,7 +204,9 @@ pub fn run() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    println!("== 5. the agent: examples/demo/agent.py, as nobody, through `enforcer run`");
+    println!(
+        "== 5. the agent: examples/demo/agent.py, as a uid of its own, through `enforcer run`"
+    );
     let agent = d.join("agent.py");
     std::fs::copy(examples.join("agent.py"), &agent)?;
     set_mode(&agent, 0o644)?;

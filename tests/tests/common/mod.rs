@@ -88,7 +88,7 @@ impl Instance {
             .prefix("enforcer-test-")
             .tempdir()
             .expect("tempdir");
-        // The agent runs as `nobody`: it must be able to read the probe script.
+        // The agent runs as an unprivileged uid: it must be able to read the probe script.
         let probe = scratch.path().join("probe.py");
         std::fs::copy(probe_source(), &probe).expect("copy probe");
         set_mode(scratch.path(), 0o755);
