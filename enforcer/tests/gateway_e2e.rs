@@ -1210,3 +1210,98 @@ fn a_retired_gateway_refuses_on_connections_already_open() {
     );
     assert_eq!(up.requests.load(Ordering::SeqCst), 1);
 }
+
+/// Sends `head`, runs `meanwhile` while the gateway waits for the body, sends `body`, and
+/// returns everything the gateway answers until it closes.
+fn head_then_body(proxy: SocketAddr, head: &str, body: &str, meanwhile: impl FnOnce()) -> String {
+    let mut stream = TcpStream::connect(proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    // Long enough for the gateway to have judged the head and be reading the body.
+    std::thread::sleep(Duration::from_millis(300));
+    meanwhile();
+    let _ = stream.write_all(body.as_bytes());
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[test]
+fn a_grant_that_ends_while_the_body_is_held_back_forwards_nothing() {
+    let up = Upstream::start();
+    let authority = format!("127.0.0.1:{}", up.addr.port());
+    let body = "{\"quantity\": 1}";
+    let head = format!(
+        "POST http://{authority}/api/v3/order HTTP/1.1\r\nHost: {authority}\r\n\
+         Content-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let s = start(up.addr, "", None);
+    let reply = head_then_body(s.proxy, &head, body, || {});
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+
+    // The circuit trips while the body is on its way.
+    let reply = head_then_body(s.proxy, &head, body, || {
+        s.gateway
+            .breaker()
+            .trip("tripped while a body was held".into())
+    });
+    assert!(
+        reply.starts_with("HTTP/1.1 403") && reply.contains("circuit_open"),
+        "{reply}"
+    );
+
+    // A newer Envelope takes over while the body is on its way.
+    let s = start(up.addr, "", None);
+    let reply = head_then_body(s.proxy, &head, body, || s.gateway.retire());
+    assert!(
+        reply.starts_with("HTTP/1.1 403") && reply.contains("envelope_replaced"),
+        "{reply}"
+    );
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        1,
+        "nothing was forwarded after the grant ended"
+    );
+}
+
+#[test]
+fn a_body_held_back_past_the_request_timeout_is_refused() {
+    let up = Upstream::start();
+    let s = start_with(
+        up.addr,
+        "",
+        None,
+        Options {
+            limits: Limits {
+                request_timeout: Duration::from_secs(1),
+                ..Limits::default()
+            },
+            ..Options::default()
+        },
+    );
+    let authority = format!("127.0.0.1:{}", up.addr.port());
+    let started = std::time::Instant::now();
+    // Ten bytes announced, three sent, and then nothing.
+    let reply = raw(
+        s.proxy,
+        format!(
+            "POST http://{authority}/api/v3/order HTTP/1.1\r\nHost: {authority}\r\n\
+             Content-Type: application/json\r\nContent-Length: 10\r\n\r\n{{\"q"
+        )
+        .as_bytes(),
+    );
+    assert!(
+        reply.starts_with("HTTP/1.1 408") && reply.contains("body_timeout"),
+        "{reply}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the gateway closed the connection: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+}

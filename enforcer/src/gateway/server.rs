@@ -717,10 +717,25 @@ impl Gateway {
         decision.url = url;
         let method = req.method().clone();
         let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, self.limits.max_body_bytes)
-            .collect()
-            .await
-        {
+        // The head's read timeout does not cover the body: without a deadline of its own
+        // an agent could hold a body back for as long as it likes.
+        let collected = tokio::time::timeout(
+            self.limits.request_timeout,
+            Limited::new(body, self.limits.max_body_bytes).collect(),
+        )
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {}s",
+                    self.limits.request_timeout.as_secs_f64()
+                ),
+            )
+            .closing()
+        })?;
+        let body = match collected {
             Ok(collected) => collected.to_bytes(),
             Err(e) => {
                 let too_large = e
@@ -744,6 +759,9 @@ impl Gateway {
                 });
             }
         };
+        // The grant may have ended (a trip, a replacement, the deadline) while the body
+        // was on its way.
+        self.grant_in_force(decision)?;
         normalize::form_body(&parts.headers, &body).map_err(Refusal::malformed)?;
         let json = if body.is_empty() {
             None
@@ -975,6 +993,9 @@ impl Gateway {
                 "the decision could not be recorded".into(),
             ));
         }
+
+        // Waiting for the record gave the grant time to end: nothing leaves after it did.
+        self.grant_in_force(decision)?;
 
         // 7. Inject the credential and forward.
         decision.step = "upstream";
