@@ -1305,3 +1305,54 @@ fn a_body_held_back_past_the_request_timeout_is_refused() {
     );
     assert_eq!(up.requests.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn concurrent_spend_never_takes_the_velocity_window_over_its_max() {
+    let up = Upstream::start();
+    let options = Options {
+        edit: |toml| {
+            toml.replace(
+                "[budget]\nrequests = 100\n",
+                "[budget]\nrequests = 100\nspend = { currency = \"USD\", max = 10000 }\n",
+            )
+            .replace(
+                "[[forbidden_effects]]",
+                "[capabilities.budget]\n\
+                 spend = { currency = \"USD\", amount = \"/amount\" }\n\n\
+                 [[forbidden_effects]]",
+            )
+        },
+        ..Options::default()
+    };
+    let s = start_with(
+        up.addr,
+        "spend_velocity = { currency = \"USD\", max = 100, window_secs = 60 }",
+        None,
+        options,
+    );
+    let url = format!("http://127.0.0.1:{}/api/v3/order", up.addr.port());
+    let proxy = s.proxy;
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || post_json(proxy, &url, "{\"amount\": 90}").0)
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let forwarded = up.requests.load(Ordering::SeqCst);
+    assert!(
+        forwarded * 90 <= 100,
+        "{forwarded} requests of 90 went out under a velocity limit of 100: {statuses:?}"
+    );
+    assert_eq!(forwarded, 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 1);
+    assert!(
+        s.gateway
+            .breaker()
+            .open_reason()
+            .is_some_and(|r| r.contains("would exceed")),
+        "the request that did not fit opened the circuit"
+    );
+}

@@ -647,11 +647,7 @@ impl Gateway {
     fn grant_in_force(&self, decision: &mut Decision) -> Result<(), Refusal> {
         if let Some(reason) = self.breaker.open_reason() {
             decision.step = "breaker";
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "circuit_open",
-                format!("the circuit is open: {reason}"),
-            ));
+            return Err(Refusal::circuit_open(&reason));
         }
         if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
             decision.step = "retired";
@@ -975,9 +971,14 @@ impl Gateway {
         }
         decision.spend = spend;
         decision.bytes_up = body.len() as u64;
-        if spend > 0.0 {
-            self.breaker.record_spend(spend);
+        if spend > 0.0
+            && let Err(reason) = self.breaker.record_spend(spend)
+        {
+            decision.step = "breaker";
+            return Err(Refusal::circuit_open(&reason));
         }
+        // Another request may have opened the circuit while this one was judged.
+        self.grant_in_force(decision)?;
 
         // No action without a record.
         let (outcome, step) = (decision.outcome, decision.step);
@@ -1482,6 +1483,14 @@ impl Refusal {
     fn closing(mut self) -> Self {
         self.close = true;
         self
+    }
+
+    fn circuit_open(reason: &str) -> Self {
+        Refusal::new(
+            StatusCode::FORBIDDEN,
+            "circuit_open",
+            format!("the circuit is open: {reason}"),
+        )
     }
 
     fn malformed(m: normalize::Malformed) -> Self {
