@@ -1356,3 +1356,73 @@ fn concurrent_spend_never_takes_the_velocity_window_over_its_max() {
         "the request that did not fit opened the circuit"
     );
 }
+
+/// Opens a CONNECT tunnel through the gateway and returns it once the gateway said 200,
+/// before any TLS byte is sent.
+fn open_tunnel(proxy: SocketAddr, authority: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "{head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stream
+}
+
+#[test]
+fn tunnels_count_against_the_connection_limit_and_a_silent_handshake_times_out() {
+    let up = Upstream::start();
+    let s = start_with(
+        up.addr,
+        &https_capability(4443),
+        None,
+        Options {
+            limits: Limits {
+                max_connections: 2,
+                request_timeout: Duration::from_secs(2),
+                ..Limits::default()
+            },
+            ..Options::default()
+        },
+    );
+    let url = format!("http://127.0.0.1:{}/api/v3/ticker", up.addr.port());
+    let get = format!("GET {url} HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let started = std::time::Instant::now();
+    // Two tunnels that never send a ClientHello take both places.
+    let mut tunnels = [
+        open_tunnel(s.proxy, "127.0.0.1:4443"),
+        open_tunnel(s.proxy, "127.0.0.1:4443"),
+    ];
+    std::thread::sleep(Duration::from_millis(200));
+    let reply = raw(s.proxy, get.as_bytes());
+    assert_eq!(reply, "", "a third connection is over the limit: {reply}");
+    // Each is closed once its handshake has not come within the request timeout.
+    for tunnel in &mut tunnels {
+        let mut rest = Vec::new();
+        let read = tunnel.read_to_end(&mut rest);
+        assert!(
+            matches!(read, Ok(0)),
+            "the gateway closed the tunnel: {read:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "closed after the timeout: {:?}",
+        started.elapsed()
+    );
+    // Their places are free again.
+    std::thread::sleep(Duration::from_millis(200));
+    let reply = raw(s.proxy, get.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}

@@ -18,7 +18,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 
 use super::{
     approval::{Approvals, Held, Verdict},
@@ -486,13 +489,12 @@ impl Gateway {
             let _ = stream.set_nodelay(true);
             let gateway = self.clone();
             tokio::spawn(async move {
-                let _permit = permit;
                 if !gateway.opened_by_the_agent(&stream, peer) {
                     return;
                 }
                 let (stream, verdicts) = Inspect::new(stream, gateway.head_limit());
                 gateway
-                    .serve_connection(TokioIo::new(stream), None, verdicts)
+                    .serve_connection(TokioIo::new(stream), None, verdicts, Arc::new(permit))
                     .await;
             });
         }
@@ -526,11 +528,15 @@ impl Gateway {
         self.limits.max_header_bytes.max(8192)
     }
 
+    /// Serves one agent connection, or one intercepted tunnel. `permit` is its place
+    /// among `max_connections`: a tunnel a CONNECT opens keeps it for as long as it lives,
+    /// since the connection the CONNECT came on ends when it is upgraded.
     async fn serve_connection<I>(
         self: Arc<Self>,
         io: I,
         tunnel: Option<(String, u16)>,
         verdicts: Verdicts,
+        permit: Arc<OwnedSemaphorePermit>,
     ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -539,12 +545,13 @@ impl Gateway {
         let service = hyper::service::service_fn(move |req| {
             let gateway = gateway.clone();
             let tunnel = tunnel.clone();
+            let permit = permit.clone();
             // Taken here, in request order, before anything else can run.
             let framing = verdicts.next();
             async move {
                 Ok::<_, Infallible>(
                     gateway
-                        .handle(req, tunnel.as_deref().cloned(), framing)
+                        .handle(req, tunnel.as_deref().cloned(), framing, permit)
                         .await,
                 )
             }
@@ -564,6 +571,7 @@ impl Gateway {
         req: Request<Incoming>,
         tunnel: Option<(String, u16)>,
         framing: Option<HeadVerdict>,
+        permit: Arc<OwnedSemaphorePermit>,
     ) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let raw_target = req.uri().clone();
@@ -591,7 +599,7 @@ impl Gateway {
         let outcome = match framing {
             Some(HeadVerdict::Ok) => {
                 self.clone()
-                    .decide_and_forward(req, tunnel, &mut decision)
+                    .decide_and_forward(req, tunnel, permit, &mut decision)
                     .await
             }
             other => Err(Refusal::new(
@@ -675,11 +683,12 @@ impl Gateway {
         self: Arc<Self>,
         req: Request<Incoming>,
         tunnel: Option<(String, u16)>,
+        permit: Arc<OwnedSemaphorePermit>,
         decision: &mut Decision,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
         self.grant_in_force(decision)?;
         if req.method() == Method::CONNECT {
-            return self.connect(req, tunnel.is_some(), decision);
+            return self.connect(req, tunnel.is_some(), permit, decision);
         }
 
         // 1. Parse strictly and normalize.
@@ -1044,6 +1053,7 @@ impl Gateway {
         self: &Arc<Self>,
         req: Request<Incoming>,
         in_tunnel: bool,
+        permit: Arc<OwnedSemaphorePermit>,
         decision: &mut Decision,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
         decision.step = "capability";
@@ -1094,15 +1104,23 @@ impl Gateway {
                 }
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            match acceptor.accept(TokioIo::new(upgraded)).await {
-                Ok(tls) => {
+            // An agent that never finishes its handshake must not hold a connection slot
+            // for ever.
+            let accepted = tokio::time::timeout(
+                gateway.limits.request_timeout,
+                acceptor.accept(TokioIo::new(upgraded)),
+            )
+            .await;
+            match accepted {
+                Ok(Ok(tls)) => {
                     // Requests inside the tunnel get the same framing check.
                     let (tls, verdicts) = Inspect::new(tls, gateway.head_limit());
                     gateway
-                        .serve_connection(TokioIo::new(tls), Some((host, port)), verdicts)
+                        .serve_connection(TokioIo::new(tls), Some((host, port)), verdicts, permit)
                         .await
                 }
-                Err(e) => tracing::debug!(error = %e, "agent TLS handshake failed"),
+                Ok(Err(e)) => tracing::debug!(error = %e, "agent TLS handshake failed"),
+                Err(_) => tracing::debug!("agent TLS handshake timed out; tunnel closed"),
             }
         });
         decision.outcome = "allowed";
