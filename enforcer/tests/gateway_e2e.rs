@@ -1426,3 +1426,34 @@ fn tunnels_count_against_the_connection_limit_and_a_silent_handshake_times_out()
     let reply = raw(s.proxy, get.as_bytes());
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }
+
+#[test]
+fn a_secret_in_the_upstreams_reason_phrase_does_not_reach_the_agent() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let _ = write!(
+                reader.get_mut(),
+                "HTTP/1.1 400 Bad key {SECRET}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    let s = start(addr, "", None);
+    let reply = raw(
+        s.proxy,
+        format!(
+            "GET http://127.0.0.1:{}/api/v3/ticker HTTP/1.1\r\nConnection: close\r\n\r\n",
+            addr.port()
+        )
+        .as_bytes(),
+    );
+    let status_line = reply.lines().next().unwrap_or_default();
+    assert!(status_line.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(!reply.contains(SECRET), "{reply}");
+}

@@ -1288,6 +1288,9 @@ impl Gateway {
         }
         let bytes_down = body.len() as u64;
         let scrubbed = self.scrub(body);
+        // hyper keeps the upstream's reason phrase as an extension and writes it back
+        // verbatim, where it could carry a secret; the agent gets the status's own phrase.
+        parts.extensions = http::Extensions::new();
         strip_hop_by_hop(&mut parts.headers);
         self.scrub_headers(&mut parts.headers);
         parts
