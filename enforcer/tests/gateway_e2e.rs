@@ -1457,3 +1457,59 @@ fn a_secret_in_the_upstreams_reason_phrase_does_not_reach_the_agent() {
     assert!(status_line.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(!reply.contains(SECRET), "{reply}");
 }
+
+/// Keeps every decision's outcome and code.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(&'static str, &'static str)>>);
+
+impl DecisionSink for Recorder {
+    fn record(&self, d: &enforcer::gateway::server::Decision) -> Result<(), String> {
+        self.0.lock().unwrap().push((d.outcome, d.code));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_held_request_whose_agent_goes_away_is_no_longer_pending() {
+    let up = Upstream::start();
+    let recorder = Arc::new(Recorder::default());
+    let s = start_with(
+        up.addr,
+        "",
+        None,
+        Options {
+            sink: recorder.clone(),
+            edit: |toml| toml.replace("timeout_secs = 1\n", "timeout_secs = 600\n"),
+            ..Options::default()
+        },
+    );
+    let authority = format!("127.0.0.1:{}", up.addr.port());
+    let mut stream = TcpStream::connect(s.proxy).unwrap();
+    write!(
+        stream,
+        "POST http://{authority}/api/v3/big HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let held = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        !s.gateway.approvals().list().is_empty()
+    });
+    assert!(held, "the request was held");
+    drop(stream);
+    let gone = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        s.gateway.approvals().list().is_empty()
+    });
+    assert!(
+        gone,
+        "still pending after its agent went away: {:?}",
+        s.gateway.approvals().list()
+    );
+    let recorded = recorder.0.lock().unwrap().clone();
+    assert_eq!(
+        recorded,
+        [("held", ""), ("denied", "approval_abandoned")],
+        "the hold and its end are on record"
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+}

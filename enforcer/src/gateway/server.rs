@@ -883,11 +883,20 @@ impl Gateway {
                 ..decision.clone()
             };
             let _ = self.sink.record(&held_event);
-            match self
+            let mut abandoned = Abandoned {
+                sink: self.sink.as_ref(),
+                decision: Some(Decision {
+                    code: "approval_abandoned",
+                    reason: "the agent closed its connection while the request was held".into(),
+                    ..decision.clone()
+                }),
+            };
+            let verdict = self
                 .approvals
                 .hold(held, Duration::from_secs(approval.timeout_secs))
-                .await
-            {
+                .await;
+            abandoned.decision = None;
+            match verdict {
                 Verdict::Approved => {
                     decision.outcome = "approved";
                     // The hold may have lasted minutes: an approval does not outlive a
@@ -1421,6 +1430,24 @@ where
         let _ = connection.await;
     });
     Ok(sender)
+}
+
+/// Records how a held request ended when it ended by being dropped (its agent went
+/// away): the hold is on record, and so is its end, though no answer was sent.
+struct Abandoned<'a> {
+    sink: &'a dyn DecisionSink,
+    /// Taken once the hold ends by itself; then the request's own decision follows.
+    decision: Option<Decision>,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(decision) = self.decision.take()
+            && let Err(e) = self.sink.record(&decision)
+        {
+            tracing::error!(error = %e, "could not record an abandoned hold");
+        }
+    }
 }
 
 /// Whether `cap` is the upstream `target` names. An `http://` request may name an https
