@@ -161,6 +161,7 @@ struct Options {
     upstream_roots: Vec<std::path::PathBuf>,
     /// Rewrites the test Envelope's TOML before it is signed.
     edit: fn(String) -> String,
+    allow_internal_upstreams: bool,
 }
 
 impl Default for Options {
@@ -173,6 +174,7 @@ impl Default for Options {
             sink: Arc::new(TracingSink),
             upstream_roots: Vec::new(),
             edit: |toml| toml,
+            allow_internal_upstreams: false,
         }
     }
 }
@@ -231,6 +233,7 @@ fn start_with(
         sink: options.sink,
         trip_hook: Arc::new(LogOnly),
         agent_cgroup: None,
+        allow_internal_upstreams: options.allow_internal_upstreams,
     })
     .expect("gateway");
     let listener = runtime
@@ -1512,4 +1515,53 @@ fn a_held_request_whose_agent_goes_away_is_no_longer_pending() {
         "the hold and its end are on record"
     );
     assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+}
+
+/// A capability whose host is a name for 127.0.0.1 that is neither `localhost` nor an IP
+/// literal: `127.1`, which the system resolver reads as 127.0.0.1 (as it does `2130706433`
+/// or `0x7f.1`).
+fn loopback_by_name(port: u16) -> String {
+    format!(
+        "[[capabilities]]\nname = \"by-name\"\n\
+         upstream = {{ scheme = \"http\", host = \"127.1\", port = {port} }}\n\
+         [[capabilities.routes]]\nmethods = [\"GET\"]\npath = \"/api/v3/**\"\n"
+    )
+}
+
+#[test]
+fn a_host_name_that_resolves_to_an_internal_address_is_not_dialled() {
+    let up = Upstream::start();
+    let port = up.addr.port();
+    let get = format!(
+        "GET http://127.1:{port}/api/v3/ticker HTTP/1.1\r\nHost: 127.1:{port}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let s = start(up.addr, &loopback_by_name(port), None);
+    let reply = raw(s.proxy, get.as_bytes());
+    assert!(
+        reply.starts_with("HTTP/1.1 502") && reply.contains("upstream_address_refused"),
+        "{reply}"
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+    // The same upstream named by its IP literal is what the issuer wrote: dialled.
+    let (status, body) = curl(
+        s.proxy,
+        &[&format!("http://127.0.0.1:{port}/api/v3/ticker")],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+
+    // An operator who allows internal upstreams gets the name dialled.
+    let s = start_with(
+        up.addr,
+        &loopback_by_name(port),
+        None,
+        Options {
+            allow_internal_upstreams: true,
+            ..Options::default()
+        },
+    );
+    let reply = raw(s.proxy, get.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 2);
 }

@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
     future::Future,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -135,6 +135,13 @@ pub struct GatewaySetup {
     /// The agent's cgroup id: only connections opened from it are served. `None` (the
     /// standalone gateway, which confines nothing) serves whoever connects.
     pub agent_cgroup: Option<u64>,
+    /// Whether a capability whose host is a DNS name may be dialled at an internal address
+    /// (loopback, private, link-local, …; see [`internal_address`]). Off, such addresses
+    /// are refused: the gateway dials from outside the agent's confinement, so a name an
+    /// issuer meant as public but that resolves inward would open the host's own network
+    /// (a cloud metadata service, say) to the agent. Hosts written as an IP literal or
+    /// `localhost` are dialled whatever they are: the issuer named them.
+    pub allow_internal_upstreams: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +193,7 @@ pub struct Gateway {
     retired: std::sync::atomic::AtomicBool,
     /// Only connections whose socket belongs to this cgroup are served.
     agent_cgroup: Option<u64>,
+    allow_internal_upstreams: bool,
     /// Idle keep-alive connections to each capability's upstream, by capability name.
     pool: Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
 }
@@ -412,6 +420,7 @@ impl Gateway {
             retired: std::sync::atomic::AtomicBool::new(false),
             pool: Mutex::new(HashMap::new()),
             agent_cgroup: setup.agent_cgroup,
+            allow_internal_upstreams: setup.allow_internal_upstreams,
         }))
     }
 
@@ -1338,15 +1347,52 @@ impl Gateway {
             |what: String| Refusal::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", what);
         let host = &cap.upstream.host;
         let port = cap.upstream.port();
-        // Resolve once and dial exactly the address that was resolved.
-        let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
+        // Resolve once, check, and dial exactly an address that was resolved and checked.
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
             .await
             .map_err(|e| upstream_refusal(format!("resolving {host}: {e}")))?
-            .next()
-            .ok_or_else(|| upstream_refusal(format!("{host} has no address")))?;
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| upstream_refusal(format!("connecting to {host}:{port}: {e}")))?;
+            .collect();
+        if resolved.is_empty() {
+            return Err(upstream_refusal(format!("{host} has no address")));
+        }
+        let named = host.parse::<IpAddr>().is_ok()
+            || host
+                .strip_suffix('.')
+                .unwrap_or(host)
+                .eq_ignore_ascii_case("localhost");
+        let (usable, refused): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            resolved.into_iter().partition(|addr| {
+                named || self.allow_internal_upstreams || !internal_address(addr.ip())
+            });
+        if usable.is_empty() {
+            let refused: Vec<String> = refused.iter().map(|a| a.ip().to_string()).collect();
+            return Err(Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_address_refused",
+                format!(
+                    "{host} resolves only to internal addresses ({}), which the gateway does \
+                     not dial for a host name",
+                    refused.join(", ")
+                ),
+            ));
+        }
+        let mut failed = Vec::new();
+        let mut connected = None;
+        for addr in usable {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(tcp) => {
+                    connected = Some(tcp);
+                    break;
+                }
+                Err(e) => failed.push(format!("{addr}: {e}")),
+            }
+        }
+        let tcp = connected.ok_or_else(|| {
+            upstream_refusal(format!(
+                "connecting to {host}:{port}: {}",
+                failed.join("; ")
+            ))
+        })?;
         let _ = tcp.set_nodelay(true);
         match cap.upstream.scheme.as_str() {
             "https" => {
@@ -1448,6 +1494,46 @@ impl Drop for Abandoned<'_> {
             tracing::error!(error = %e, "could not record an abandoned hold");
         }
     }
+}
+
+/// Whether an address is one of the host's own or its private networks' rather than the
+/// public internet's: loopback, unspecified (`0.0.0.0/8`, `::`), private (`10/8`,
+/// `172.16/12`, `192.168/16`, `fc00::/7`), shared (`100.64/10`, where some clouds keep
+/// their metadata service), link-local (`169.254/16`, `fe80::/10`), site-local
+/// (`fec0::/10`), multicast and broadcast; IPv4 written as IPv6 (mapped, compatible or
+/// behind the NAT64 prefix `64:ff9b::/96`) is judged as the IPv4 address it carries.
+pub fn internal_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => internal_v4(v4),
+        IpAddr::V6(v6) => internal_v6(v6),
+    }
+}
+
+fn internal_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    a == 0
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || (a == 100 && (64..128).contains(&b))
+}
+
+fn internal_v6(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    if let Some(v4) = ip.to_ipv4() {
+        // `::` and `::1` read as IPv4-compatible too, and land in 0/8.
+        return internal_v4(v4);
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        let [.., hi, lo] = s;
+        return internal_v4(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)));
+    }
+    ip.is_multicast()
+        || (s[0] & 0xfe00) == 0xfc00
+        || (s[0] & 0xffc0) == 0xfe80
+        || (s[0] & 0xffc0) == 0xfec0
 }
 
 /// Whether `cap` is the upstream `target` names. An `http://` request may name an https
@@ -1569,6 +1655,57 @@ impl Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_addresses_in_every_spelling_are_told_from_public_ones() {
+        for internal in [
+            "127.0.0.1",
+            "127.255.0.9",
+            "0.0.0.0",
+            "0.1.2.3",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "100.100.100.200",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:10.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "fe80::1",
+            "febf::1",
+            "fec0::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "ff02::1",
+        ] {
+            let ip: IpAddr = internal.parse().unwrap();
+            assert!(internal_address(ip), "{internal} is internal");
+        }
+        for public in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "172.32.0.1",
+            "172.15.255.255",
+            "192.169.0.1",
+            "100.128.0.1",
+            "169.255.0.1",
+            "::ffff:93.184.216.34",
+            "64:ff9b::5db8:d822",
+            "2606:4700:4700::1111",
+            "2001:db8::1",
+        ] {
+            let ip: IpAddr = public.parse().unwrap();
+            assert!(!internal_address(ip), "{public} is public");
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
