@@ -161,6 +161,7 @@ struct Options {
     upstream_roots: Vec<std::path::PathBuf>,
     /// Rewrites the test Envelope's TOML before it is signed.
     edit: fn(String) -> String,
+    allow_internal_upstreams: bool,
 }
 
 impl Default for Options {
@@ -173,6 +174,7 @@ impl Default for Options {
             sink: Arc::new(TracingSink),
             upstream_roots: Vec::new(),
             edit: |toml| toml,
+            allow_internal_upstreams: false,
         }
     }
 }
@@ -231,6 +233,7 @@ fn start_with(
         sink: options.sink,
         trip_hook: Arc::new(LogOnly),
         agent_cgroup: None,
+        allow_internal_upstreams: options.allow_internal_upstreams,
     })
     .expect("gateway");
     let listener = runtime
@@ -1209,4 +1212,356 @@ fn a_retired_gateway_refuses_on_connections_already_open() {
         "{second}"
     );
     assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+}
+
+/// Sends `head`, runs `meanwhile` while the gateway waits for the body, sends `body`, and
+/// returns everything the gateway answers until it closes.
+fn head_then_body(proxy: SocketAddr, head: &str, body: &str, meanwhile: impl FnOnce()) -> String {
+    let mut stream = TcpStream::connect(proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    // Long enough for the gateway to have judged the head and be reading the body.
+    std::thread::sleep(Duration::from_millis(300));
+    meanwhile();
+    let _ = stream.write_all(body.as_bytes());
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[test]
+fn a_grant_that_ends_while_the_body_is_held_back_forwards_nothing() {
+    let up = Upstream::start();
+    let authority = format!("127.0.0.1:{}", up.addr.port());
+    let body = "{\"quantity\": 1}";
+    let head = format!(
+        "POST http://{authority}/api/v3/order HTTP/1.1\r\nHost: {authority}\r\n\
+         Content-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let s = start(up.addr, "", None);
+    let reply = head_then_body(s.proxy, &head, body, || {});
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+
+    // The circuit trips while the body is on its way.
+    let reply = head_then_body(s.proxy, &head, body, || {
+        s.gateway
+            .breaker()
+            .trip("tripped while a body was held".into())
+    });
+    assert!(
+        reply.starts_with("HTTP/1.1 403") && reply.contains("circuit_open"),
+        "{reply}"
+    );
+
+    // A newer Envelope takes over while the body is on its way.
+    let s = start(up.addr, "", None);
+    let reply = head_then_body(s.proxy, &head, body, || s.gateway.retire());
+    assert!(
+        reply.starts_with("HTTP/1.1 403") && reply.contains("envelope_replaced"),
+        "{reply}"
+    );
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        1,
+        "nothing was forwarded after the grant ended"
+    );
+}
+
+#[test]
+fn a_body_held_back_past_the_request_timeout_is_refused() {
+    let up = Upstream::start();
+    let s = start_with(
+        up.addr,
+        "",
+        None,
+        Options {
+            limits: Limits {
+                request_timeout: Duration::from_secs(1),
+                ..Limits::default()
+            },
+            ..Options::default()
+        },
+    );
+    let authority = format!("127.0.0.1:{}", up.addr.port());
+    let started = std::time::Instant::now();
+    // Ten bytes announced, three sent, and then nothing.
+    let reply = raw(
+        s.proxy,
+        format!(
+            "POST http://{authority}/api/v3/order HTTP/1.1\r\nHost: {authority}\r\n\
+             Content-Type: application/json\r\nContent-Length: 10\r\n\r\n{{\"q"
+        )
+        .as_bytes(),
+    );
+    assert!(
+        reply.starts_with("HTTP/1.1 408") && reply.contains("body_timeout"),
+        "{reply}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the gateway closed the connection: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn concurrent_spend_never_takes_the_velocity_window_over_its_max() {
+    let up = Upstream::start();
+    let options = Options {
+        edit: |toml| {
+            toml.replace(
+                "[budget]\nrequests = 100\n",
+                "[budget]\nrequests = 100\nspend = { currency = \"USD\", max = 10000 }\n",
+            )
+            .replace(
+                "[[forbidden_effects]]",
+                "[capabilities.budget]\n\
+                 spend = { currency = \"USD\", amount = \"/amount\" }\n\n\
+                 [[forbidden_effects]]",
+            )
+        },
+        ..Options::default()
+    };
+    let s = start_with(
+        up.addr,
+        "spend_velocity = { currency = \"USD\", max = 100, window_secs = 60 }",
+        None,
+        options,
+    );
+    let url = format!("http://127.0.0.1:{}/api/v3/order", up.addr.port());
+    let proxy = s.proxy;
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || post_json(proxy, &url, "{\"amount\": 90}").0)
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let forwarded = up.requests.load(Ordering::SeqCst);
+    assert!(
+        forwarded * 90 <= 100,
+        "{forwarded} requests of 90 went out under a velocity limit of 100: {statuses:?}"
+    );
+    assert_eq!(forwarded, 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 1);
+    assert!(
+        s.gateway
+            .breaker()
+            .open_reason()
+            .is_some_and(|r| r.contains("would exceed")),
+        "the request that did not fit opened the circuit"
+    );
+}
+
+/// Opens a CONNECT tunnel through the gateway and returns it once the gateway said 200,
+/// before any TLS byte is sent.
+fn open_tunnel(proxy: SocketAddr, authority: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "{head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stream
+}
+
+#[test]
+fn tunnels_count_against_the_connection_limit_and_a_silent_handshake_times_out() {
+    let up = Upstream::start();
+    let s = start_with(
+        up.addr,
+        &https_capability(4443),
+        None,
+        Options {
+            limits: Limits {
+                max_connections: 2,
+                request_timeout: Duration::from_secs(2),
+                ..Limits::default()
+            },
+            ..Options::default()
+        },
+    );
+    let url = format!("http://127.0.0.1:{}/api/v3/ticker", up.addr.port());
+    let get = format!("GET {url} HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let started = std::time::Instant::now();
+    // Two tunnels that never send a ClientHello take both places.
+    let mut tunnels = [
+        open_tunnel(s.proxy, "127.0.0.1:4443"),
+        open_tunnel(s.proxy, "127.0.0.1:4443"),
+    ];
+    std::thread::sleep(Duration::from_millis(200));
+    let reply = raw(s.proxy, get.as_bytes());
+    assert_eq!(reply, "", "a third connection is over the limit: {reply}");
+    // Each is closed once its handshake has not come within the request timeout.
+    for tunnel in &mut tunnels {
+        let mut rest = Vec::new();
+        let read = tunnel.read_to_end(&mut rest);
+        assert!(
+            matches!(read, Ok(0)),
+            "the gateway closed the tunnel: {read:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "closed after the timeout: {:?}",
+        started.elapsed()
+    );
+    // Their places are free again.
+    std::thread::sleep(Duration::from_millis(200));
+    let reply = raw(s.proxy, get.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[test]
+fn a_secret_in_the_upstreams_reason_phrase_does_not_reach_the_agent() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let _ = write!(
+                reader.get_mut(),
+                "HTTP/1.1 400 Bad key {SECRET}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    let s = start(addr, "", None);
+    let reply = raw(
+        s.proxy,
+        format!(
+            "GET http://127.0.0.1:{}/api/v3/ticker HTTP/1.1\r\nConnection: close\r\n\r\n",
+            addr.port()
+        )
+        .as_bytes(),
+    );
+    let status_line = reply.lines().next().unwrap_or_default();
+    assert!(status_line.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(!reply.contains(SECRET), "{reply}");
+}
+
+/// Keeps every decision's outcome and code.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(&'static str, &'static str)>>);
+
+impl DecisionSink for Recorder {
+    fn record(&self, d: &enforcer::gateway::server::Decision) -> Result<(), String> {
+        self.0.lock().unwrap().push((d.outcome, d.code));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_held_request_whose_agent_goes_away_is_no_longer_pending() {
+    let up = Upstream::start();
+    let recorder = Arc::new(Recorder::default());
+    let s = start_with(
+        up.addr,
+        "",
+        None,
+        Options {
+            sink: recorder.clone(),
+            edit: |toml| toml.replace("timeout_secs = 1\n", "timeout_secs = 600\n"),
+            ..Options::default()
+        },
+    );
+    let authority = format!("127.0.0.1:{}", up.addr.port());
+    let mut stream = TcpStream::connect(s.proxy).unwrap();
+    write!(
+        stream,
+        "POST http://{authority}/api/v3/big HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let held = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        !s.gateway.approvals().list().is_empty()
+    });
+    assert!(held, "the request was held");
+    drop(stream);
+    let gone = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        s.gateway.approvals().list().is_empty()
+    });
+    assert!(
+        gone,
+        "still pending after its agent went away: {:?}",
+        s.gateway.approvals().list()
+    );
+    let recorded = recorder.0.lock().unwrap().clone();
+    assert_eq!(
+        recorded,
+        [("held", ""), ("denied", "approval_abandoned")],
+        "the hold and its end are on record"
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+}
+
+/// A capability whose host is a name for 127.0.0.1 that is neither `localhost` nor an IP
+/// literal: `127.1`, which the system resolver reads as 127.0.0.1 (as it does `2130706433`
+/// or `0x7f.1`).
+fn loopback_by_name(port: u16) -> String {
+    format!(
+        "[[capabilities]]\nname = \"by-name\"\n\
+         upstream = {{ scheme = \"http\", host = \"127.1\", port = {port} }}\n\
+         [[capabilities.routes]]\nmethods = [\"GET\"]\npath = \"/api/v3/**\"\n"
+    )
+}
+
+#[test]
+fn a_host_name_that_resolves_to_an_internal_address_is_not_dialled() {
+    let up = Upstream::start();
+    let port = up.addr.port();
+    let get = format!(
+        "GET http://127.1:{port}/api/v3/ticker HTTP/1.1\r\nHost: 127.1:{port}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let s = start(up.addr, &loopback_by_name(port), None);
+    let reply = raw(s.proxy, get.as_bytes());
+    assert!(
+        reply.starts_with("HTTP/1.1 502") && reply.contains("upstream_address_refused"),
+        "{reply}"
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+    // The same upstream named by its IP literal is what the issuer wrote: dialled.
+    let (status, body) = curl(
+        s.proxy,
+        &[&format!("http://127.0.0.1:{port}/api/v3/ticker")],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+
+    // An operator who allows internal upstreams gets the name dialled.
+    let s = start_with(
+        up.addr,
+        &loopback_by_name(port),
+        None,
+        Options {
+            allow_internal_upstreams: true,
+            ..Options::default()
+        },
+    );
+    let reply = raw(s.proxy, get.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 2);
 }

@@ -45,6 +45,10 @@ pub struct GatewayArgs {
     /// Trust only --upstream-root certificates, not the system store.
     #[arg(long)]
     no_system_roots: bool,
+    /// Dial a capability's host name even where it resolves to an internal address
+    /// (loopback, private, link-local, …), which is otherwise refused.
+    #[arg(long)]
+    allow_internal_upstreams: bool,
     /// Largest request body the gateway inspects, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
@@ -113,6 +117,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         sink,
         trip_hook: Arc::new(LogOnly),
         agent_cgroup: None,
+        allow_internal_upstreams: args.allow_internal_upstreams,
     })?;
     if let Some(path) = &args.ca_out {
         std::fs::write(path, gateway.ca_pem())

@@ -63,6 +63,10 @@ pub struct DaemonConfig {
     /// Trust only `upstream_roots` for upstream TLS.
     #[serde(default)]
     pub no_system_roots: bool,
+    /// Let gateways dial a capability's host name at an internal address (loopback,
+    /// private, link-local, …), which they otherwise refuse.
+    #[serde(default)]
+    pub allow_internal_upstreams: bool,
     /// How far issuers' clocks may disagree with this host's, in seconds.
     #[serde(default = "default_skew")]
     pub clock_skew_secs: u32,
@@ -163,6 +167,7 @@ impl DaemonConfig {
             metrics_listen,
             upstream_roots,
             no_system_roots,
+            allow_internal_upstreams,
             clock_skew_secs: _,
             max_lifetime_secs: _,
             shutdown_grace_secs,
@@ -179,6 +184,10 @@ impl DaemonConfig {
             ("metrics_listen", *metrics_listen == new.metrics_listen),
             ("upstream_roots", *upstream_roots == new.upstream_roots),
             ("no_system_roots", *no_system_roots == new.no_system_roots),
+            (
+                "allow_internal_upstreams",
+                *allow_internal_upstreams == new.allow_internal_upstreams,
+            ),
             (
                 "shutdown_grace_secs",
                 *shutdown_grace_secs == new.shutdown_grace_secs,

@@ -455,6 +455,7 @@ impl Daemon {
                 cgroup_id,
             }),
             agent_cgroup: Some(cgroup_id),
+            allow_internal_upstreams: self.config().allow_internal_upstreams,
         })?;
         Ok((gateway, counts))
     }

@@ -48,15 +48,18 @@ impl Approvals {
             }
             Err(_) => return Verdict::Denied,
         }
-        let verdict = match tokio::time::timeout(timeout, rx).await {
+        // Removes the entry however the wait ends, also when the agent goes away and its
+        // request is dropped mid-wait: operators are not shown requests nobody waits for,
+        // and abandoned holds do not pile up.
+        let _pending = Pending {
+            approvals: self,
+            id,
+        };
+        match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(true)) => Verdict::Approved,
             Ok(Ok(false)) | Ok(Err(_)) => Verdict::Denied,
             Err(_) => Verdict::TimedOut,
-        };
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.remove(&id);
         }
-        verdict
     }
 
     pub fn list(&self) -> Vec<Held> {
@@ -73,6 +76,22 @@ impl Approvals {
             Some((_, tx)) => tx.send(approve).is_ok(),
             None => false,
         }
+    }
+}
+
+struct Pending<'a> {
+    approvals: &'a Approvals,
+    id: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        // A poisoned map still holds the entry; it is removed all the same.
+        self.approvals
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
     }
 }
 
@@ -113,5 +132,18 @@ mod tests {
         );
         assert!(approvals.list().is_empty());
         assert!(!approvals.decide(999, true));
+    }
+
+    #[tokio::test]
+    async fn a_hold_dropped_mid_wait_leaves_nothing_pending() {
+        let approvals = Arc::new(Approvals::default());
+        let a = approvals.clone();
+        let waiter = tokio::spawn(async move { a.hold(held(), Duration::from_secs(60)).await });
+        while approvals.list().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        assert!(approvals.list().is_empty());
     }
 }

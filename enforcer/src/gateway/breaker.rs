@@ -79,7 +79,8 @@ impl Window {
         }
     }
 
-    fn add(&mut self, now: Instant, bad: bool, amount: f64) {
+    /// Drops the slots that have left the window by `now`.
+    fn forget_before(&mut self, now: Instant) {
         while let Some(front) = self.slots.front()
             && now.duration_since(front.start) > self.span
         {
@@ -92,6 +93,10 @@ impl Window {
             // No rounding left over from slots that are gone.
             self.sum = 0.0;
         }
+    }
+
+    fn add(&mut self, now: Instant, bad: bool, amount: f64) {
+        self.forget_before(now);
         let bad = u64::from(bad);
         match self.slots.back_mut() {
             Some(last) if now.duration_since(last.start) < self.slot => {
@@ -136,6 +141,8 @@ impl Windows {
     }
 }
 
+const POISONED: &str = "breaker state poisoned";
+
 pub struct Breaker {
     config: Breakers,
     state: Mutex<Windows>,
@@ -174,7 +181,7 @@ impl Breaker {
     pub fn open_reason(&self) -> Option<String> {
         match self.state.lock() {
             Ok(state) => state.open.clone(),
-            Err(_) => Some("breaker state poisoned".into()),
+            Err(_) => Some(POISONED.into()),
         }
     }
 
@@ -199,24 +206,40 @@ impl Breaker {
         }
     }
 
-    pub fn record_spend(&self, amount: f64) {
-        let Some(rule) = &self.config.spend_velocity else {
-            return;
+    /// Counts a request's spend against the spend-velocity window, if it fits: a spend
+    /// that would take the window over `max` is not counted, and it opens the circuit in
+    /// the same step, so no interleaving of concurrent requests gets more than `max`
+    /// through. `Err` (why the circuit is open) means the request must not be forwarded.
+    pub fn record_spend(&self, amount: f64) -> Result<(), String> {
+        let tripped = {
+            let mut state = self.state.lock().map_err(|_| POISONED.to_owned())?;
+            if let Some(reason) = &state.open {
+                return Err(reason.clone());
+            }
+            let Some((rule, w)) = self
+                .config
+                .spend_velocity
+                .as_ref()
+                .zip(state.spend.as_mut())
+            else {
+                return Ok(());
+            };
+            let now = Instant::now();
+            w.forget_before(now);
+            let total = w.sum + amount;
+            if total <= rule.max {
+                w.add(now, false, amount);
+                return Ok(());
+            }
+            let reason = format!(
+                "spend {total} {} within {}s would exceed {}",
+                rule.currency, rule.window_secs, rule.max
+            );
+            state.open = Some(reason.clone());
+            reason
         };
-        let reason = self.with_state(|s| {
-            let w = s.spend.as_mut()?;
-            w.add(Instant::now(), false, amount);
-            let total = w.sum;
-            (total > rule.max).then(|| {
-                format!(
-                    "spend {total} {} within {}s exceeds {}",
-                    rule.currency, rule.window_secs, rule.max
-                )
-            })
-        });
-        if let Some(reason) = reason {
-            self.trip(reason);
-        }
+        self.tripped(&tripped);
+        Err(tripped)
     }
 
     pub fn record_upstream(&self, ok: bool) {
@@ -252,9 +275,13 @@ impl Breaker {
             }
             Err(_) => true,
         };
-        if !first {
-            return;
+        if first {
+            self.tripped(&reason);
         }
+    }
+
+    /// Persists a trip that was just marked open in the state, then runs the hook.
+    fn tripped(&self, reason: &str) {
         if let Some(path) = &self.path {
             let written = std::fs::File::create(path).and_then(|mut f| {
                 f.write_all(reason.as_bytes())?;
@@ -264,7 +291,7 @@ impl Breaker {
                 tracing::error!(path = %path.display(), error = %e, "could not persist the trip; it holds until this process exits");
             }
         }
-        self.hook.tripped(&reason);
+        self.hook.tripped(reason);
     }
 
     /// Closes the circuit on an operator's word.
@@ -349,6 +376,23 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_spend_never_gets_more_than_max_through() {
+        let b = Arc::new(Breaker::open(
+            Some(config()),
+            None,
+            Arc::new(Count::default()),
+        ));
+        let admitted: f64 = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| b.record_spend(30.0).map_or(0.0, |()| 30.0)))
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 90.0, "three of 30 fit in 100, the fourth trips");
+        assert!(b.open_reason().unwrap().contains("would exceed"));
+    }
+
+    #[test]
     fn each_condition_trips_once_and_the_trip_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("breaker");
@@ -378,9 +422,19 @@ mod tests {
     fn spend_velocity_forbidden_and_upstream_errors_trip() {
         let hook: Arc<dyn TripHook> = Arc::new(Count::default());
         let b = Breaker::open(Some(config()), None, hook.clone());
-        b.record_spend(60.0);
-        b.record_spend(50.0);
-        assert!(b.open_reason().unwrap().contains("spend"));
+        assert!(b.record_spend(60.0).is_ok());
+        assert!(b.record_spend(40.0).is_ok(), "up to max fits");
+        let refused = b.record_spend(0.5).unwrap_err();
+        assert!(refused.contains("spend"), "{refused}");
+        assert_eq!(
+            b.open_reason(),
+            Some(refused),
+            "the refusal opened the circuit"
+        );
+        assert!(
+            b.record_spend(0.5).is_err(),
+            "an open circuit admits nothing"
+        );
         let b = Breaker::open(Some(config()), None, hook.clone());
         b.record_forbidden("withdrawal");
         assert!(b.open_reason().unwrap().contains("withdrawal"));

@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
     future::Future,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -18,7 +18,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 
 use super::{
     approval::{Approvals, Held, Verdict},
@@ -132,6 +135,13 @@ pub struct GatewaySetup {
     /// The agent's cgroup id: only connections opened from it are served. `None` (the
     /// standalone gateway, which confines nothing) serves whoever connects.
     pub agent_cgroup: Option<u64>,
+    /// Whether a capability whose host is a DNS name may be dialled at an internal address
+    /// (loopback, private, link-local, …; see [`internal_address`]). Off, such addresses
+    /// are refused: the gateway dials from outside the agent's confinement, so a name an
+    /// issuer meant as public but that resolves inward would open the host's own network
+    /// (a cloud metadata service, say) to the agent. Hosts written as an IP literal or
+    /// `localhost` are dialled whatever they are: the issuer named them.
+    pub allow_internal_upstreams: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +193,7 @@ pub struct Gateway {
     retired: std::sync::atomic::AtomicBool,
     /// Only connections whose socket belongs to this cgroup are served.
     agent_cgroup: Option<u64>,
+    allow_internal_upstreams: bool,
     /// Idle keep-alive connections to each capability's upstream, by capability name.
     pool: Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
 }
@@ -409,6 +420,7 @@ impl Gateway {
             retired: std::sync::atomic::AtomicBool::new(false),
             pool: Mutex::new(HashMap::new()),
             agent_cgroup: setup.agent_cgroup,
+            allow_internal_upstreams: setup.allow_internal_upstreams,
         }))
     }
 
@@ -486,13 +498,12 @@ impl Gateway {
             let _ = stream.set_nodelay(true);
             let gateway = self.clone();
             tokio::spawn(async move {
-                let _permit = permit;
                 if !gateway.opened_by_the_agent(&stream, peer) {
                     return;
                 }
                 let (stream, verdicts) = Inspect::new(stream, gateway.head_limit());
                 gateway
-                    .serve_connection(TokioIo::new(stream), None, verdicts)
+                    .serve_connection(TokioIo::new(stream), None, verdicts, Arc::new(permit))
                     .await;
             });
         }
@@ -526,11 +537,15 @@ impl Gateway {
         self.limits.max_header_bytes.max(8192)
     }
 
+    /// Serves one agent connection, or one intercepted tunnel. `permit` is its place
+    /// among `max_connections`: a tunnel a CONNECT opens keeps it for as long as it lives,
+    /// since the connection the CONNECT came on ends when it is upgraded.
     async fn serve_connection<I>(
         self: Arc<Self>,
         io: I,
         tunnel: Option<(String, u16)>,
         verdicts: Verdicts,
+        permit: Arc<OwnedSemaphorePermit>,
     ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -539,12 +554,13 @@ impl Gateway {
         let service = hyper::service::service_fn(move |req| {
             let gateway = gateway.clone();
             let tunnel = tunnel.clone();
+            let permit = permit.clone();
             // Taken here, in request order, before anything else can run.
             let framing = verdicts.next();
             async move {
                 Ok::<_, Infallible>(
                     gateway
-                        .handle(req, tunnel.as_deref().cloned(), framing)
+                        .handle(req, tunnel.as_deref().cloned(), framing, permit)
                         .await,
                 )
             }
@@ -564,6 +580,7 @@ impl Gateway {
         req: Request<Incoming>,
         tunnel: Option<(String, u16)>,
         framing: Option<HeadVerdict>,
+        permit: Arc<OwnedSemaphorePermit>,
     ) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let raw_target = req.uri().clone();
@@ -591,7 +608,7 @@ impl Gateway {
         let outcome = match framing {
             Some(HeadVerdict::Ok) => {
                 self.clone()
-                    .decide_and_forward(req, tunnel, &mut decision)
+                    .decide_and_forward(req, tunnel, permit, &mut decision)
                     .await
             }
             other => Err(Refusal::new(
@@ -647,11 +664,7 @@ impl Gateway {
     fn grant_in_force(&self, decision: &mut Decision) -> Result<(), Refusal> {
         if let Some(reason) = self.breaker.open_reason() {
             decision.step = "breaker";
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "circuit_open",
-                format!("the circuit is open: {reason}"),
-            ));
+            return Err(Refusal::circuit_open(&reason));
         }
         if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
             decision.step = "retired";
@@ -679,11 +692,12 @@ impl Gateway {
         self: Arc<Self>,
         req: Request<Incoming>,
         tunnel: Option<(String, u16)>,
+        permit: Arc<OwnedSemaphorePermit>,
         decision: &mut Decision,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
         self.grant_in_force(decision)?;
         if req.method() == Method::CONNECT {
-            return self.connect(req, tunnel.is_some(), decision);
+            return self.connect(req, tunnel.is_some(), permit, decision);
         }
 
         // 1. Parse strictly and normalize.
@@ -717,10 +731,25 @@ impl Gateway {
         decision.url = url;
         let method = req.method().clone();
         let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, self.limits.max_body_bytes)
-            .collect()
-            .await
-        {
+        // The head's read timeout does not cover the body: without a deadline of its own
+        // an agent could hold a body back for as long as it likes.
+        let collected = tokio::time::timeout(
+            self.limits.request_timeout,
+            Limited::new(body, self.limits.max_body_bytes).collect(),
+        )
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {}s",
+                    self.limits.request_timeout.as_secs_f64()
+                ),
+            )
+            .closing()
+        })?;
+        let body = match collected {
             Ok(collected) => collected.to_bytes(),
             Err(e) => {
                 let too_large = e
@@ -744,6 +773,9 @@ impl Gateway {
                 });
             }
         };
+        // The grant may have ended (a trip, a replacement, the deadline) while the body
+        // was on its way.
+        self.grant_in_force(decision)?;
         normalize::form_body(&parts.headers, &body).map_err(Refusal::malformed)?;
         let json = if body.is_empty() {
             None
@@ -860,11 +892,20 @@ impl Gateway {
                 ..decision.clone()
             };
             let _ = self.sink.record(&held_event);
-            match self
+            let mut abandoned = Abandoned {
+                sink: self.sink.as_ref(),
+                decision: Some(Decision {
+                    code: "approval_abandoned",
+                    reason: "the agent closed its connection while the request was held".into(),
+                    ..decision.clone()
+                }),
+            };
+            let verdict = self
                 .approvals
                 .hold(held, Duration::from_secs(approval.timeout_secs))
-                .await
-            {
+                .await;
+            abandoned.decision = None;
+            match verdict {
                 Verdict::Approved => {
                     decision.outcome = "approved";
                     // The hold may have lasted minutes: an approval does not outlive a
@@ -957,9 +998,14 @@ impl Gateway {
         }
         decision.spend = spend;
         decision.bytes_up = body.len() as u64;
-        if spend > 0.0 {
-            self.breaker.record_spend(spend);
+        if spend > 0.0
+            && let Err(reason) = self.breaker.record_spend(spend)
+        {
+            decision.step = "breaker";
+            return Err(Refusal::circuit_open(&reason));
         }
+        // Another request may have opened the circuit while this one was judged.
+        self.grant_in_force(decision)?;
 
         // No action without a record.
         let (outcome, step) = (decision.outcome, decision.step);
@@ -975,6 +1021,9 @@ impl Gateway {
                 "the decision could not be recorded".into(),
             ));
         }
+
+        // Waiting for the record gave the grant time to end: nothing leaves after it did.
+        self.grant_in_force(decision)?;
 
         // 7. Inject the credential and forward.
         decision.step = "upstream";
@@ -1022,6 +1071,7 @@ impl Gateway {
         self: &Arc<Self>,
         req: Request<Incoming>,
         in_tunnel: bool,
+        permit: Arc<OwnedSemaphorePermit>,
         decision: &mut Decision,
     ) -> Result<Response<Full<Bytes>>, Refusal> {
         decision.step = "capability";
@@ -1072,15 +1122,23 @@ impl Gateway {
                 }
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            match acceptor.accept(TokioIo::new(upgraded)).await {
-                Ok(tls) => {
+            // An agent that never finishes its handshake must not hold a connection slot
+            // for ever.
+            let accepted = tokio::time::timeout(
+                gateway.limits.request_timeout,
+                acceptor.accept(TokioIo::new(upgraded)),
+            )
+            .await;
+            match accepted {
+                Ok(Ok(tls)) => {
                     // Requests inside the tunnel get the same framing check.
                     let (tls, verdicts) = Inspect::new(tls, gateway.head_limit());
                     gateway
-                        .serve_connection(TokioIo::new(tls), Some((host, port)), verdicts)
+                        .serve_connection(TokioIo::new(tls), Some((host, port)), verdicts, permit)
                         .await
                 }
-                Err(e) => tracing::debug!(error = %e, "agent TLS handshake failed"),
+                Ok(Err(e)) => tracing::debug!(error = %e, "agent TLS handshake failed"),
+                Err(_) => tracing::debug!("agent TLS handshake timed out; tunnel closed"),
             }
         });
         decision.outcome = "allowed";
@@ -1248,6 +1306,9 @@ impl Gateway {
         }
         let bytes_down = body.len() as u64;
         let scrubbed = self.scrub(body);
+        // hyper keeps the upstream's reason phrase as an extension and writes it back
+        // verbatim, where it could carry a secret; the agent gets the status's own phrase.
+        parts.extensions = http::Extensions::new();
         strip_hop_by_hop(&mut parts.headers);
         self.scrub_headers(&mut parts.headers);
         parts
@@ -1286,15 +1347,52 @@ impl Gateway {
             |what: String| Refusal::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", what);
         let host = &cap.upstream.host;
         let port = cap.upstream.port();
-        // Resolve once and dial exactly the address that was resolved.
-        let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
+        // Resolve once, check, and dial exactly an address that was resolved and checked.
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
             .await
             .map_err(|e| upstream_refusal(format!("resolving {host}: {e}")))?
-            .next()
-            .ok_or_else(|| upstream_refusal(format!("{host} has no address")))?;
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| upstream_refusal(format!("connecting to {host}:{port}: {e}")))?;
+            .collect();
+        if resolved.is_empty() {
+            return Err(upstream_refusal(format!("{host} has no address")));
+        }
+        let named = host.parse::<IpAddr>().is_ok()
+            || host
+                .strip_suffix('.')
+                .unwrap_or(host)
+                .eq_ignore_ascii_case("localhost");
+        let (usable, refused): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            resolved.into_iter().partition(|addr| {
+                named || self.allow_internal_upstreams || !internal_address(addr.ip())
+            });
+        if usable.is_empty() {
+            let refused: Vec<String> = refused.iter().map(|a| a.ip().to_string()).collect();
+            return Err(Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_address_refused",
+                format!(
+                    "{host} resolves only to internal addresses ({}), which the gateway does \
+                     not dial for a host name",
+                    refused.join(", ")
+                ),
+            ));
+        }
+        let mut failed = Vec::new();
+        let mut connected = None;
+        for addr in usable {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(tcp) => {
+                    connected = Some(tcp);
+                    break;
+                }
+                Err(e) => failed.push(format!("{addr}: {e}")),
+            }
+        }
+        let tcp = connected.ok_or_else(|| {
+            upstream_refusal(format!(
+                "connecting to {host}:{port}: {}",
+                failed.join("; ")
+            ))
+        })?;
         let _ = tcp.set_nodelay(true);
         match cap.upstream.scheme.as_str() {
             "https" => {
@@ -1380,6 +1478,64 @@ where
     Ok(sender)
 }
 
+/// Records how a held request ended when it ended by being dropped (its agent went
+/// away): the hold is on record, and so is its end, though no answer was sent.
+struct Abandoned<'a> {
+    sink: &'a dyn DecisionSink,
+    /// Taken once the hold ends by itself; then the request's own decision follows.
+    decision: Option<Decision>,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(decision) = self.decision.take()
+            && let Err(e) = self.sink.record(&decision)
+        {
+            tracing::error!(error = %e, "could not record an abandoned hold");
+        }
+    }
+}
+
+/// Whether an address is one of the host's own or its private networks' rather than the
+/// public internet's: loopback, unspecified (`0.0.0.0/8`, `::`), private (`10/8`,
+/// `172.16/12`, `192.168/16`, `fc00::/7`), shared (`100.64/10`, where some clouds keep
+/// their metadata service), link-local (`169.254/16`, `fe80::/10`), site-local
+/// (`fec0::/10`), multicast and broadcast; IPv4 written as IPv6 (mapped, compatible or
+/// behind the NAT64 prefix `64:ff9b::/96`) is judged as the IPv4 address it carries.
+pub fn internal_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => internal_v4(v4),
+        IpAddr::V6(v6) => internal_v6(v6),
+    }
+}
+
+fn internal_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    a == 0
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || (a == 100 && (64..128).contains(&b))
+}
+
+fn internal_v6(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    if let Some(v4) = ip.to_ipv4() {
+        // `::` and `::1` read as IPv4-compatible too, and land in 0/8.
+        return internal_v4(v4);
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        let [.., hi, lo] = s;
+        return internal_v4(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)));
+    }
+    ip.is_multicast()
+        || (s[0] & 0xfe00) == 0xfc00
+        || (s[0] & 0xffc0) == 0xfe80
+        || (s[0] & 0xffc0) == 0xfec0
+}
+
 /// Whether `cap` is the upstream `target` names. An `http://` request may name an https
 /// capability by its host with the default ports; the upstream leg then uses TLS.
 fn serves(cap: &Capability, target: &Target) -> bool {
@@ -1463,6 +1619,14 @@ impl Refusal {
         self
     }
 
+    fn circuit_open(reason: &str) -> Self {
+        Refusal::new(
+            StatusCode::FORBIDDEN,
+            "circuit_open",
+            format!("the circuit is open: {reason}"),
+        )
+    }
+
     fn malformed(m: normalize::Malformed) -> Self {
         Refusal::new(StatusCode::BAD_REQUEST, "malformed", m.to_string())
     }
@@ -1491,6 +1655,57 @@ impl Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_addresses_in_every_spelling_are_told_from_public_ones() {
+        for internal in [
+            "127.0.0.1",
+            "127.255.0.9",
+            "0.0.0.0",
+            "0.1.2.3",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "100.100.100.200",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:10.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "fe80::1",
+            "febf::1",
+            "fec0::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "ff02::1",
+        ] {
+            let ip: IpAddr = internal.parse().unwrap();
+            assert!(internal_address(ip), "{internal} is internal");
+        }
+        for public in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "172.32.0.1",
+            "172.15.255.255",
+            "192.169.0.1",
+            "100.128.0.1",
+            "169.255.0.1",
+            "::ffff:93.184.216.34",
+            "64:ff9b::5db8:d822",
+            "2606:4700:4700::1111",
+            "2001:db8::1",
+        ] {
+            let ip: IpAddr = public.parse().unwrap();
+            assert!(!internal_address(ip), "{public} is public");
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
