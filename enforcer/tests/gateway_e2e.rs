@@ -1517,27 +1517,121 @@ fn a_held_request_whose_agent_goes_away_is_no_longer_pending() {
     assert_eq!(up.requests.load(Ordering::SeqCst), 0);
 }
 
-/// A capability whose host is a name for 127.0.0.1 that is neither `localhost` nor an IP
-/// literal: `127.1`, which the system resolver reads as 127.0.0.1 (as it does `2130706433`
-/// or `0x7f.1`).
+/// The name the tests' own `/etc/hosts` gives 127.0.0.1: neither `localhost` nor an IP
+/// literal, so what the issuer wrote is a name and the address comes from resolving it.
+const INTERNAL_NAME: &str = "exchange.internal.test";
+
 fn loopback_by_name(port: u16) -> String {
     format!(
         "[[capabilities]]\nname = \"by-name\"\n\
-         upstream = {{ scheme = \"http\", host = \"127.1\", port = {port} }}\n\
+         upstream = {{ scheme = \"http\", host = \"{INTERNAL_NAME}\", port = {port} }}\n\
          [[capabilities.routes]]\nmethods = [\"GET\"]\npath = \"/api/v3/**\"\n"
     )
 }
 
+/// `enforcer gateway` (standalone) in a mount namespace of its own whose `/etc/hosts`
+/// names 127.0.0.1 [`INTERNAL_NAME`]: the real resolver, reading a file only it sees.
+struct NamedGateway {
+    child: std::process::Child,
+    proxy: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl NamedGateway {
+    fn start(upstream: SocketAddr, extra_args: &[&str]) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        let hosts = path("hosts");
+        std::fs::write(
+            &hosts,
+            format!("127.0.0.1 localhost\n127.0.0.1 {INTERNAL_NAME}\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (trust, secrets) = (path("trust"), path("secrets"));
+        std::fs::create_dir(&trust).unwrap();
+        std::fs::create_dir(&secrets).unwrap();
+        std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(secrets.join("exchange-key"), SECRET).unwrap();
+        std::fs::set_permissions(
+            secrets.join("exchange-key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        enforcer::envelope::generate_keypair(&trust.join("issuer")).unwrap();
+        let key = enforcer::envelope::load_signing_key(&trust.join("issuer.key")).unwrap();
+        std::fs::remove_file(trust.join("issuer.key")).unwrap();
+        let env = from_toml(&envelope_toml(upstream, &loopback_by_name(upstream.port())))
+            .expect("test envelope is valid");
+        let signed = path("envelope.json");
+        std::fs::write(&signed, sign_envelope(&env, &key).unwrap().to_json()).unwrap();
+        let proxy = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+            .arg(&hosts)
+            .arg(env!("CARGO_BIN_EXE_enforcer"))
+            .arg("gateway")
+            .arg("--envelope")
+            .arg(&signed)
+            .arg("--trust")
+            .arg(&trust)
+            .arg("--secrets")
+            .arg(&secrets)
+            .arg("--listen")
+            .arg(proxy.to_string())
+            .args(extra_args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("unshare");
+        let gateway = NamedGateway {
+            child,
+            proxy,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(proxy).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gateway did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gateway
+    }
+}
+
+impl Drop for NamedGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn a_host_name_that_resolves_to_an_internal_address_is_not_dialled() {
+    // A mount namespace and a bind mount need root.
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "needs root (a mount namespace of its own) and CI is set"
+        );
+        eprintln!("skipped: needs root for a mount namespace with its own /etc/hosts");
+        return;
+    }
     let up = Upstream::start();
     let port = up.addr.port();
     let get = format!(
-        "GET http://127.1:{port}/api/v3/ticker HTTP/1.1\r\nHost: 127.1:{port}\r\n\
+        "GET http://{INTERNAL_NAME}:{port}/api/v3/ticker HTTP/1.1\r\nHost: {INTERNAL_NAME}:{port}\r\n\
          Connection: close\r\n\r\n"
     );
-    let s = start(up.addr, &loopback_by_name(port), None);
-    let reply = raw(s.proxy, get.as_bytes());
+    let g = NamedGateway::start(up.addr, &[]);
+    let reply = raw(g.proxy, get.as_bytes());
     assert!(
         reply.starts_with("HTTP/1.1 502") && reply.contains("upstream_address_refused"),
         "{reply}"
@@ -1545,23 +1639,16 @@ fn a_host_name_that_resolves_to_an_internal_address_is_not_dialled() {
     assert_eq!(up.requests.load(Ordering::SeqCst), 0);
     // The same upstream named by its IP literal is what the issuer wrote: dialled.
     let (status, body) = curl(
-        s.proxy,
+        g.proxy,
         &[&format!("http://127.0.0.1:{port}/api/v3/ticker")],
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+    drop(g);
 
     // An operator who allows internal upstreams gets the name dialled.
-    let s = start_with(
-        up.addr,
-        &loopback_by_name(port),
-        None,
-        Options {
-            allow_internal_upstreams: true,
-            ..Options::default()
-        },
-    );
-    let reply = raw(s.proxy, get.as_bytes());
+    let g = NamedGateway::start(up.addr, &["--allow-internal-upstreams"]);
+    let reply = raw(g.proxy, get.as_bytes());
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert_eq!(up.requests.load(Ordering::SeqCst), 2);
 }
