@@ -117,6 +117,11 @@ pub enum ControlError {
     Protocol(String),
     #[error("the daemon refused ({kind}): {error}")]
     Refused { kind: String, error: String },
+    #[error(
+        "the process answering at {path} runs as uid {uid}, not root: it is not the enforcer \
+         daemon (check ENFORCER_CONTROL_SOCKET and --socket)"
+    )]
+    NotTheDaemon { path: PathBuf, uid: u32 },
 }
 
 /// Sends one request and returns the result of a successful response.
@@ -133,6 +138,14 @@ pub fn call(
         path: socket.to_owned(),
         source,
     })?;
+    // `run` starts the agent in whatever cgroup the answer names: only root's word counts.
+    let server = peer(&stream).map_err(io)?;
+    if server.uid != 0 {
+        return Err(ControlError::NotTheDaemon {
+            path: socket.to_owned(),
+            uid: server.uid,
+        });
+    }
     stream.set_read_timeout(timeout).map_err(io)?;
     let mut line = serde_json::to_vec(&Request {
         version: VERSION,
@@ -197,6 +210,61 @@ pub fn authorize(peer: Peer, agents_cgroup: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_from_anyone_but_root_is_not_taken() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "needs root and CI is set");
+            eprintln!("skipped: needs root to run a listener as another user");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let socket = dir.path().join("control.sock");
+        // An impostor as nobody, answering every request with a cgroup of its choice.
+        let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+c.recv(65536)
+c.sendall(b'{"ok":true,"result":{"cgroup":"/sys/fs/cgroup"}}\n')
+"#;
+        let mut impostor = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ])
+            .arg(script)
+            .arg(&socket)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(impostor.stdout.take().unwrap()),
+            &mut ready,
+        )
+        .unwrap();
+        assert_eq!(ready.trim(), "ready", "the impostor did not start");
+        let answer = call(
+            &socket,
+            Op::Status { agent: None },
+            Some(Duration::from_secs(5)),
+        );
+        let _ = impostor.kill();
+        let _ = impostor.wait();
+        match answer {
+            Err(ControlError::NotTheDaemon { uid: 65534, .. }) => {}
+            other => panic!("took the impostor's answer: {other:?}"),
+        }
+    }
 
     #[test]
     fn requests_are_versioned_and_strict() {
