@@ -195,6 +195,27 @@ impl Daemon {
         }
     }
 
+    /// `enforcer shutdown`, then waits for the daemon to exit.
+    fn shutdown(&mut self) {
+        let out = self.ctl(&["shutdown"]);
+        assert!(
+            out.status.success(),
+            "shutdown: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(mut child) = self.child.take() {
+            let started = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if started.elapsed() > Duration::from_secs(20) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the daemon did not stop:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
     }
@@ -833,4 +854,141 @@ fn kill_9_of_the_daemon_keeps_agents_confined_and_budgets_spent() {
         d.log()
     );
     assert_eq!(up.count(), 3);
+}
+
+/// One request on the control socket, as the operator's tools send it.
+fn control(d: &Daemon, request: &serde_json::Value) -> serde_json::Value {
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(d.path("run/control.sock")).expect("control");
+    let mut line = serde_json::to_vec(request).expect("request");
+    line.push(b'\n');
+    stream.write_all(&line).expect("send");
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .expect("answer");
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+/// The agent's gateway address, from `enforcer agents NAME`.
+fn gateway_of(d: &Daemon, agent: &str) -> SocketAddr {
+    let out = d.ctl(&["agents", agent]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "agents {agent}: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    status["gateway"]
+        .as_str()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("gateway address in {status}"))
+}
+
+#[test]
+fn a_gateway_address_taken_while_the_daemon_is_down_leaves_the_agent_cut_off() {
+    if !privileged("a_gateway_address_taken_while_the_daemon_is_down_leaves_the_agent_cut_off") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("taken");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("taken", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    let gateway = gateway_of(&d, "agent-taken");
+    d.shutdown();
+    // Another local process takes the address while no gateway holds it, and answers
+    // like a gateway would.
+    let impostor = common::Server::start(&gateway.to_string());
+    d.spawn();
+
+    // The agent's proxy is that address: it must not reach it.
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, false], "{:?}\n{}", probes.results, d.log());
+    assert_eq!(impostor.accepted(), 0, "the agent reached the impostor");
+    assert_eq!(up.count(), 1);
+    let log = d.log();
+    assert!(log.contains("cut off in the kernel"), "{log}");
+}
+
+#[test]
+fn an_agent_without_a_gateway_is_listed_as_failed() {
+    if !privileged("an_agent_without_a_gateway_is_listed_as_failed") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("failed");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("failed", up.addr, 600, "");
+    let port = up.addr.port().to_string();
+    let (child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["wait", "tcp4", "127.0.0.1", &port, "http", "GET", &url, ""]),
+    );
+    let gateway = gateway_of(&d, "agent-failed");
+    d.kill9();
+    let _impostor = TcpListener::bind(gateway).expect("take the gateway address");
+    d.spawn();
+    let out = d.ctl(&["agents", "agent-failed"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["state"], "failed", "{status}");
+    let failure = status["failure"].as_str().unwrap_or_default();
+    assert!(failure.contains(&gateway.to_string()), "{status}");
+    let all = d.ctl(&["agents"]);
+    assert!(
+        String::from_utf8_lossy(&all.stdout).contains("agent-failed"),
+        "{}",
+        String::from_utf8_lossy(&all.stdout)
+    );
+    // Not resettable into an open kernel entry with nobody of ours behind the address.
+    let reset = d.ctl(&["reset", "agent-failed"]);
+    assert!(!reset.status.success(), "a failed agent was reset");
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![false, false], "{:?}", probes.results);
+    // The agent's end (its `enforcer run` deactivates it) removes it.
+    let after = d.ctl(&["agents", "agent-failed"]);
+    assert!(!after.status.success(), "still listed after its end");
+    assert!(d.audit_text().contains("gateway_unavailable"));
+}
+
+#[test]
+fn a_new_envelope_serves_the_same_socket_and_a_failed_replacement_keeps_the_old_gateway() {
+    if !privileged(
+        "a_new_envelope_serves_the_same_socket_and_a_failed_replacement_keeps_the_old_gateway",
+    ) {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("replace");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let first = d.envelope("replace", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(
+        &first,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    let gateway = gateway_of(&d, "agent-replace");
+    // A replacement that fails half-way (its interception CA cannot be written) must
+    // leave the running gateway serving.
+    let blocker = d.path("state/public/agent-replace-ca.tmp");
+    std::fs::create_dir(&blocker).expect("block the CA file");
+    let second = d.envelope("replace", up.addr, 600, "");
+    let answer = control(
+        &d,
+        &serde_json::json!({
+            "version": 1,
+            "op": "activate",
+            "envelope": std::fs::read_to_string(&second).expect("envelope"),
+        }),
+    );
+    std::fs::remove_dir(&blocker).expect("unblock");
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert_eq!(gateway_of(&d, "agent-replace"), gateway);
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, true], "{:?}\n{}", probes.results, d.log());
 }

@@ -17,13 +17,18 @@ pub(super) fn render(daemon: &Daemon) -> String {
         out,
         "# HELP enforcer_agents Agents by state.\n# TYPE enforcer_agents gauge"
     );
+    let failed = daemon.stranded.lock().map(|s| s.len()).unwrap_or(0);
     for state in [
         AgentState::Active,
         AgentState::Tripped,
         AgentState::Expired,
         AgentState::Revoked,
+        AgentState::Failed,
     ] {
-        let n = agents.values().filter(|a| a.state() == state).count();
+        let n = match state {
+            AgentState::Failed => failed,
+            _ => agents.values().filter(|a| a.state() == state).count(),
+        };
         let label = serde_json::to_value(state)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))

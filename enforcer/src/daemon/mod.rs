@@ -72,6 +72,11 @@ pub enum DaemonError {
     },
     #[error("no agent named {0}")]
     UnknownAgent(String),
+    #[error(
+        "agent {agent} has no gateway ({reason}), so it stays cut off in the kernel; \
+         a new Envelope for it, or its end, clears this"
+    )]
+    NoGateway { agent: String, reason: String },
     #[error("the Envelope {0} was revoked on this host")]
     Revoked(String),
     #[error(
@@ -97,6 +102,7 @@ impl DaemonError {
         match self {
             DaemonError::Verify(e) => e.kind(),
             DaemonError::UnknownAgent(_) => "unknown_agent",
+            DaemonError::NoGateway { .. } => "no_gateway",
             DaemonError::Revoked(_) => "revoked",
             DaemonError::ReloadRefused { .. } | DaemonError::ReloadSecrets { .. } => {
                 "reload_refused"
@@ -144,6 +150,8 @@ enum AgentState {
     Tripped,
     Expired,
     Revoked,
+    /// Its cgroup exists but its gateway could not be started: cut off in the kernel.
+    Failed,
 }
 
 /// What is persisted of an agent so a restarted daemon can resume it.
@@ -167,11 +175,27 @@ struct Agent {
     cgroup: AgentCgroup,
     gateway: Arc<Gateway>,
     gateway_addr: SocketAddr,
+    /// The gateway's listening socket, held apart from the gateway that serves it: a new
+    /// Envelope for the agent is served on this very socket, so its address is never
+    /// unbound for another local process to take while the agent may still connect to it.
+    listener: std::net::TcpListener,
     ca_path: PathBuf,
     dir: PathBuf,
     stop: Arc<Notify>,
     counts: Arc<DecisionCounts>,
     revoked: bool,
+}
+
+/// An agent whose cgroup exists but whose gateway could not be started (a failed resume,
+/// an address another process holds, a failed end). Its kernel entry is tripped, so the
+/// address its gateway had leads nowhere, whoever binds it meanwhile.
+struct Stranded {
+    cgroup: AgentCgroup,
+    envelope_id: Option<String>,
+    gateway: Option<SocketAddr>,
+    /// Where its record is, removed when it ends.
+    dir: Option<PathBuf>,
+    reason: String,
 }
 
 impl Agent {
@@ -202,6 +226,7 @@ pub struct Daemon {
     used_ids: Mutex<UsedIds>,
     revoked: Mutex<BTreeSet<String>>,
     agents: Mutex<BTreeMap<String, Agent>>,
+    stranded: Mutex<BTreeMap<String, Stranded>>,
     activation: tokio::sync::Mutex<()>,
     upstream_tls: Arc<rustls::ClientConfig>,
     shutdown: Notify,
@@ -366,6 +391,7 @@ impl Daemon {
             used_ids: Mutex::new(used_ids),
             revoked: Mutex::new(revoked),
             agents: Mutex::new(BTreeMap::new()),
+            stranded: Mutex::new(BTreeMap::new()),
             activation: tokio::sync::Mutex::new(()),
             upstream_tls,
             shutdown: Notify::new(),
@@ -518,10 +544,20 @@ impl Daemon {
         }
         let name = agent_name(&verified.envelope().subject);
         // A new Envelope for a running agent replaces its grant: same cgroup, same gateway
-        // address, fresh budgets and a closed breaker.
+        // socket, fresh budgets and a closed breaker. One for an agent left without a
+        // gateway takes over its cgroup, which stays cut off until the new gateway serves.
         let previous = self.agents.lock().ok().and_then(|mut a| a.remove(&name));
+        let stranded = match &previous {
+            Some(_) => None,
+            None => self
+                .stranded
+                .lock()
+                .map_err(|_| poisoned())?
+                .get(&name)
+                .map(|s| s.cgroup.clone()),
+        };
         let result = self
-            .set_up(&name, verified, envelope_json, previous.as_ref())
+            .set_up(&name, verified, envelope_json, previous.as_ref(), stranded)
             .await;
         match result {
             Ok((agent, notes)) => {
@@ -529,6 +565,9 @@ impl Daemon {
                     prev.gateway.retire();
                     prev.stop.notify_one();
                     tracing::info!(agent = %name, old = prev.envelope.id(), new = agent.envelope.id(), "Envelope replaced");
+                }
+                if let Ok(mut stranded) = self.stranded.lock() {
+                    stranded.remove(&name);
                 }
                 let summary = self.describe(&agent);
                 let _ = self.audit.submit(
@@ -547,6 +586,7 @@ impl Daemon {
                 Ok(summary)
             }
             Err(e) => {
+                // The previous gateway was never stopped: it goes on serving its Envelope.
                 if let (Some(prev), Ok(mut agents)) = (previous, self.agents.lock()) {
                     agents.insert(name, prev);
                 }
@@ -566,10 +606,11 @@ impl Daemon {
         verified: VerifiedEnvelope,
         envelope_json: &str,
         previous: Option<&Agent>,
+        stranded: Option<AgentCgroup>,
     ) -> Result<(Agent, Vec<String>), DaemonError> {
         let mut undo = Undo::default();
         let outcome = self
-            .try_set_up(name, verified, envelope_json, previous, &mut undo)
+            .try_set_up(name, verified, envelope_json, previous, stranded, &mut undo)
             .await;
         if outcome.is_err() {
             undo.run(self);
@@ -583,13 +624,15 @@ impl Daemon {
         verified: VerifiedEnvelope,
         envelope_json: &str,
         previous: Option<&Agent>,
+        stranded: Option<AgentCgroup>,
         undo: &mut Undo,
     ) -> Result<(Agent, Vec<String>), DaemonError> {
         let cfg = self.config();
         let mut notes = Vec::new();
-        let cgroup = match previous {
-            Some(prev) => prev.cgroup.clone(),
-            None => {
+        let cgroup = match (previous, stranded) {
+            (Some(prev), _) => prev.cgroup.clone(),
+            (None, Some(cgroup)) => cgroup,
+            (None, None) => {
                 let cgroup = self.parent.create_agent(name)?;
                 undo.cgroup = Some(cgroup.clone());
                 cgroup
@@ -611,27 +654,36 @@ impl Daemon {
             ));
             std::fs::rename(&dir, &old)
                 .map_err(io_err(format!("moving {} aside", dir.display())))?;
+            undo.moved_aside = Some((old, dir.clone()));
         }
         std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         undo.dir = Some(dir.clone());
+        // A replacement serves the socket the previous gateway serves: the address is
+        // never unbound, and if anything below fails the previous gateway goes on.
         let listener = match previous {
-            Some(prev) => {
-                prev.gateway.retire();
-                prev.stop.notify_one();
-                bind_retry(prev.gateway_addr).await?
-            }
+            Some(prev) => prev.listener.try_clone().map_err(io_err(format!(
+                "sharing the gateway socket {}",
+                prev.gateway_addr
+            )))?,
             None => bind_free_port(cfg.gateway_ip, cfg.gateway_ports, &self.next_port).await?,
         };
         let gateway_addr = listener.local_addr().map_err(io_err("gateway address"))?;
+        let serving = serving_handle(&listener, gateway_addr)?;
         let (gateway, counts) = self.new_gateway(name, &verified, &dir, cgroup.id)?;
         let ca_path = self.write_ca(name, &gateway)?;
 
         let deadline = boottime_deadline(verified.envelope().expires_at.0)?;
         {
             let mut kernel = self.kernel.lock().map_err(|_| poisoned())?;
+            // A cgroup that is not new has an entry of its own (its previous Envelope's, or
+            // the trip of a stranded agent): a failure below puts that back.
+            let before = match undo.cgroup {
+                Some(_) => None,
+                None => kernel.agent(cgroup.id)?,
+            };
             kernel.set_agent(cgroup.id, &AgentPolicy::for_gateway(gateway_addr, deadline))?;
+            undo.kernel_entry = Some((cgroup.id, before));
         }
-        undo.kernel_entry = previous.is_none().then_some(cgroup.id);
 
         // The point of no return: the id is spent only once everything else worked.
         self.used_ids
@@ -644,9 +696,9 @@ impl Daemon {
             gateway: gateway_addr,
         };
         // The record only lets a restarted daemon resume the agent; until it is on disk a
-        // crash leaves the agent cut off (its gateway is gone), never open. So it is made
-        // durable off the activation path: the Envelope first, then the record that points
-        // to it, renamed into place.
+        // restart finds no record and the agent gets no gateway. So it is made durable off
+        // the activation path: the Envelope first, then the record that points to it,
+        // renamed into place.
         let record_dir = dir.clone();
         let envelope_bytes = envelope_json.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -661,7 +713,7 @@ impl Daemon {
         tokio::spawn(
             gateway
                 .clone()
-                .serve(listener, async move { stop2.notified().await }),
+                .serve(serving, async move { stop2.notified().await }),
         );
         *undo = Undo::default();
         Ok((
@@ -671,6 +723,7 @@ impl Daemon {
                 cgroup,
                 gateway,
                 gateway_addr,
+                listener,
                 ca_path,
                 dir,
                 stop,
@@ -681,56 +734,76 @@ impl Daemon {
         ))
     }
 
-    /// Resumes the agents of a previous run from their records.
+    /// Resumes the agents of a previous run from their records. An agent whose cgroup
+    /// still exists but that cannot be resumed is cut off in the kernel and listed as
+    /// failed: its gateway's address is free for anyone to bind now.
     async fn resume(&self) {
         let agents_dir = self.config().state_dir.join("agents");
         let Ok(entries) = std::fs::read_dir(&agents_dir) else {
             return;
         };
         for entry in entries.flatten() {
-            let record_path = entry.path().join("agent.json");
+            let dir = entry.path();
+            let record_path = dir.join("agent.json");
             if !record_path.is_file() {
                 continue;
             }
-            if let Err(e) = self.resume_one(&entry.path()).await {
-                tracing::error!(dir = %entry.path().display(), error = %e, "could not resume an agent; it stays cut off in the kernel");
+            let record: AgentRecord = match read_json(&record_path) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::error!(dir = %dir.display(), error = %e, "unreadable agent record; not resumed");
+                    continue;
+                }
+            };
+            let Ok(cgroup) = self.parent.agent(&record.name) else {
+                // The cgroup is gone (a reboot): nothing left to resume.
+                let _ = std::fs::remove_file(&record_path);
+                continue;
+            };
+            if self
+                .agents
+                .lock()
+                .map(|a| a.contains_key(&record.name))
+                .unwrap_or(false)
+            {
+                tracing::warn!(dir = %dir.display(), agent = %record.name, "a second record for a resumed agent; left alone");
+                continue;
+            }
+            if let Err(e) = self.resume_one(&record, &dir, &cgroup).await {
+                self.strand(
+                    &record.name,
+                    Stranded {
+                        cgroup,
+                        envelope_id: Some(record.envelope_id.clone()),
+                        gateway: Some(record.gateway),
+                        dir: Some(dir.clone()),
+                        reason: format!("could not be resumed: {e}"),
+                    },
+                );
             }
         }
     }
 
-    async fn resume_one(&self, dir: &Path) -> Result<(), DaemonError> {
-        let record: AgentRecord = read_json(&dir.join("agent.json"))?;
+    async fn resume_one(
+        &self,
+        record: &AgentRecord,
+        dir: &Path,
+        cgroup: &AgentCgroup,
+    ) -> Result<(), DaemonError> {
         let envelope_json = std::fs::read_to_string(dir.join("envelope.json"))
             .map_err(io_err("reading a saved Envelope"))?;
-        let cgroup = match self.parent.agent(&record.name) {
-            Ok(cgroup) => cgroup,
-            Err(_) => {
-                // The cgroup is gone (a reboot): nothing left to resume.
-                let _ = std::fs::remove_file(dir.join("agent.json"));
-                return Ok(());
-            }
-        };
         // The id is spent already; everything else is checked again.
-        let verified = match self
+        let verified = self
             .grants()?
             .verifier
-            .verify(envelope_json.as_bytes(), &UsedIds::in_memory())
-        {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(agent = %record.name, kind = e.kind(), "saved Envelope no longer valid; the agent stays cut off");
-                if e.kind() != "expired" {
-                    let _ = self.kernel.lock().map(|mut k| k.trip(cgroup.id));
-                }
-                return Ok(());
-            }
-        };
+            .verify(envelope_json.as_bytes(), &UsedIds::in_memory())?;
         let revoked = self
             .revoked
             .lock()
             .map(|r| r.contains(verified.id()))
             .unwrap_or(true);
         let listener = bind_retry(record.gateway).await?;
+        let serving = serving_handle(&listener, record.gateway)?;
         let (gateway, counts) = self.new_gateway(&record.name, &verified, dir, cgroup.id)?;
         // A new CA: the old one died with the old process, so the agent's file is rewritten.
         let ca_path = self.write_ca(&record.name, &gateway)?;
@@ -745,15 +818,16 @@ impl Daemon {
         tokio::spawn(
             gateway
                 .clone()
-                .serve(listener, async move { stop2.notified().await }),
+                .serve(serving, async move { stop2.notified().await }),
         );
         tracing::info!(agent = %record.name, envelope = verified.id(), "resumed");
         let agent = Agent {
             name: record.name.clone(),
             envelope: verified,
-            cgroup,
+            cgroup: cgroup.clone(),
             gateway,
             gateway_addr: record.gateway,
+            listener,
             ca_path,
             dir: dir.to_owned(),
             stop,
@@ -761,22 +835,128 @@ impl Daemon {
             revoked,
         };
         if let Ok(mut agents) = self.agents.lock() {
-            agents.insert(record.name, agent);
+            agents.insert(record.name.clone(), agent);
         }
         Ok(())
     }
 
-    fn deactivate(&self, name: &str) -> Result<serde_json::Value, DaemonError> {
-        let agent = self
-            .agents
+    /// Cuts off an agent no gateway of ours serves, lists it as failed with the reason
+    /// and records it.
+    fn strand(&self, name: &str, stranded: Stranded) {
+        let cut = self.cut_off(&stranded.cgroup);
+        let mut event = Event::new(EventKind::BreakerTripped)
+            .agent(name)
+            .rule("gateway_unavailable")
+            .detail("reason", stranded.reason.clone());
+        if let Some(id) = &stranded.envelope_id {
+            event = event.envelope(id);
+        }
+        match &cut {
+            Ok(how) => {
+                tracing::error!(agent = %name, reason = %stranded.reason, how, "no gateway for the agent: it is cut off in the kernel");
+                event = event.detail("cut", *how);
+            }
+            Err(e) => {
+                tracing::error!(agent = %name, reason = %stranded.reason, error = %e, "no gateway for the agent, and it could not be cut off");
+                event = event.detail("cut_failed", e.clone());
+            }
+        }
+        if self.audit.submit(event).is_err() {
+            tracing::error!(agent = %name, "could not record a failed agent in the audit log");
+        }
+        if let Ok(mut list) = self.stranded.lock() {
+            list.insert(name.to_owned(), stranded);
+        }
+    }
+
+    /// Denies everything the cgroup sends: the map flip a breaker trip does. An entry that
+    /// cannot be flipped is removed (a cgroup without one is denied everything); if even
+    /// that fails the agent's processes are killed, since nothing else would stop them.
+    fn cut_off(&self, cgroup: &AgentCgroup) -> Result<&'static str, String> {
+        let flipped = match self.kernel.lock() {
+            Ok(mut kernel) => match kernel.trip(cgroup.id) {
+                Ok(_) => return Ok("kernel entry tripped"),
+                Err(kernel::KernelError::UnknownAgent(_)) => {
+                    return Ok("no kernel entry: denied everything");
+                }
+                Err(e) => match kernel.remove_agent(cgroup.id) {
+                    Ok(()) => return Ok("kernel entry removed: denied everything"),
+                    Err(removing) => format!("tripping: {e}; removing: {removing}"),
+                },
+            },
+            Err(_) => "the kernel state lock is poisoned".to_owned(),
+        };
+        match cgroup.kill_all(Duration::from_secs(5)) {
+            Ok(()) => Ok("processes killed"),
+            Err(e) => Err(format!("{flipped}; killing its processes: {e}")),
+        }
+    }
+
+    fn describe_stranded(&self, name: &str, s: &Stranded) -> serde_json::Value {
+        json!({
+            "agent": name,
+            "envelope": s.envelope_id,
+            "state": AgentState::Failed,
+            "failure": s.reason,
+            "gateway": s.gateway.map(|g| g.to_string()),
+            "cgroup": s.cgroup.path.display().to_string(),
+        })
+    }
+
+    /// Ends an agent left without a gateway.
+    fn end_stranded(&self, name: &str) -> Result<serde_json::Value, DaemonError> {
+        let stranded = self
+            .stranded
             .lock()
-            .ok()
-            .and_then(|mut a| a.remove(name))
+            .map_err(|_| poisoned())?
+            .remove(name)
             .ok_or_else(|| DaemonError::UnknownAgent(name.into()))?;
+        let summary = self.describe_stranded(name, &stranded);
+        if let Err(e) = stranded.cgroup.remove(Duration::from_secs(5)) {
+            if let Ok(mut list) = self.stranded.lock() {
+                list.insert(name.to_owned(), stranded);
+            }
+            return Err(e.into());
+        }
+        self.kernel
+            .lock()
+            .map_err(|_| poisoned())?
+            .remove_agent(stranded.cgroup.id)?;
+        if let Some(dir) = &stranded.dir {
+            let _ = std::fs::remove_file(dir.join("agent.json"));
+        }
+        let mut event = Event::new(EventKind::Other)
+            .agent(name)
+            .rule("deactivated")
+            .detail("summary", summary.clone());
+        if let Some(id) = &stranded.envelope_id {
+            event = event.envelope(id);
+        }
+        let _ = self.audit.submit(event);
+        Ok(summary)
+    }
+
+    fn deactivate(&self, name: &str) -> Result<serde_json::Value, DaemonError> {
+        let Some(agent) = self.agents.lock().ok().and_then(|mut a| a.remove(name)) else {
+            return self.end_stranded(name);
+        };
         let summary = self.describe(&agent);
         agent.gateway.retire();
         agent.stop.notify_one();
-        agent.cgroup.remove(Duration::from_secs(5))?;
+        if let Err(e) = agent.cgroup.remove(Duration::from_secs(5)) {
+            // Its gateway is gone and its processes live on.
+            self.strand(
+                name,
+                Stranded {
+                    cgroup: agent.cgroup.clone(),
+                    envelope_id: Some(agent.envelope.id().to_owned()),
+                    gateway: Some(agent.gateway_addr),
+                    dir: Some(agent.dir.clone()),
+                    reason: format!("ending it failed: {e}"),
+                },
+            );
+            return Err(e.into());
+        }
         self.kernel
             .lock()
             .map_err(|_| poisoned())?
@@ -794,10 +974,26 @@ impl Daemon {
 
     fn with_agent<T>(&self, name: &str, f: impl FnOnce(&mut Agent) -> T) -> Result<T, DaemonError> {
         let mut agents = self.agents.lock().map_err(|_| poisoned())?;
-        let agent = agents
-            .get_mut(name)
-            .ok_or_else(|| DaemonError::UnknownAgent(name.into()))?;
-        Ok(f(agent))
+        match agents.get_mut(name) {
+            Some(agent) => Ok(f(agent)),
+            None => Err(self.not_running(name)),
+        }
+    }
+
+    /// Why `name` is not a running agent: unknown, or left without a gateway.
+    fn not_running(&self, name: &str) -> DaemonError {
+        match self
+            .stranded
+            .lock()
+            .map(|s| s.get(name).map(|x| x.reason.clone()))
+        {
+            Ok(Some(reason)) => DaemonError::NoGateway {
+                agent: name.into(),
+                reason,
+            },
+            Ok(None) => DaemonError::UnknownAgent(name.into()),
+            Err(_) => poisoned(),
+        }
     }
 
     fn trip(&self, name: &str, peer: control::Peer) -> Result<serde_json::Value, DaemonError> {
@@ -1000,6 +1196,18 @@ impl Daemon {
             .as_ref()
             .and_then(|k| k.counters(agent.cgroup.id).ok())
             .unwrap_or_default();
+        // The kernel's word wins: an agent cut off there (say, left without a gateway by
+        // an earlier start) is not active, whatever its breaker says.
+        let kernel_entry = match kernel.as_ref().map(|k| k.agent(agent.cgroup.id)) {
+            Some(Ok(Some(policy))) if policy.state == STATE_ACTIVE => "active",
+            Some(Ok(Some(_))) => "tripped",
+            Some(Ok(None)) => "missing",
+            Some(Err(_)) | None => "unreadable",
+        };
+        let state = match agent.state() {
+            AgentState::Active if kernel_entry != "active" => AgentState::Tripped,
+            state => state,
+        };
         let hooks = enforcer_common::hook::NAMES;
         let budgets: serde_json::Value = agent
             .gateway
@@ -1026,7 +1234,8 @@ impl Daemon {
             "agent": agent.name,
             "envelope": agent.envelope.id(),
             "subject": agent.envelope.envelope().subject,
-            "state": agent.state(),
+            "state": state,
+            "kernel_entry": kernel_entry,
             "breaker": agent.gateway.breaker().open_reason(),
             "gateway": agent.gateway_addr.to_string(),
             "cgroup": agent.cgroup.path.display().to_string(),
@@ -1046,6 +1255,29 @@ impl Daemon {
         })
     }
 
+    /// One agent, or all, those left without a gateway included.
+    fn status(&self, name: Option<&str>) -> Result<serde_json::Value, DaemonError> {
+        let agents = self.agents.lock().map_err(|_| poisoned())?;
+        let stranded = self.stranded.lock().map_err(|_| poisoned())?;
+        match name {
+            Some(name) => match (agents.get(name), stranded.get(name)) {
+                (Some(a), _) => Ok(self.describe(a)),
+                (None, Some(s)) => Ok(self.describe_stranded(name, s)),
+                (None, None) => Err(DaemonError::UnknownAgent(name.into())),
+            },
+            None => {
+                let mut list: Vec<serde_json::Value> =
+                    agents.values().map(|a| self.describe(a)).collect();
+                list.extend(
+                    stranded
+                        .iter()
+                        .map(|(name, s)| self.describe_stranded(name, s)),
+                );
+                Ok(json!({ "agents": list }))
+            }
+        }
+    }
+
     async fn handle(&self, request: Request, peer: control::Peer) -> Response {
         if request.version != control::VERSION {
             return Response::err(
@@ -1056,17 +1288,7 @@ impl Daemon {
         let result = match request.op {
             Op::Activate { envelope } => self.activate(&envelope).await,
             Op::Deactivate { agent } => self.deactivate(&agent),
-            Op::Status { agent } => match agent {
-                Some(name) => self.with_agent(&name, |a| a.name.clone()).and_then(|_| {
-                    let agents = self.agents.lock().map_err(|_| poisoned())?;
-                    Ok(agents.get(&name).map(|a| self.describe(a)).unwrap_or_default())
-                }),
-                None => self
-                    .agents
-                    .lock()
-                    .map_err(|_| poisoned())
-                    .map(|agents| json!({ "agents": agents.values().map(|a| self.describe(a)).collect::<Vec<_>>() })),
-            },
+            Op::Status { agent } => self.status(agent.as_deref()),
             Op::Trip { agent } => self.trip(&agent, peer),
             Op::Reset { agent } => self.reset(&agent, peer),
             Op::Revoke { agent } => self.revoke(&agent, peer),
@@ -1075,7 +1297,13 @@ impl Daemon {
                 let list: Vec<serde_json::Value> = agents
                     .values()
                     .filter(|a| agent.as_deref().is_none_or(|n| n == a.name))
-                    .flat_map(|a| a.gateway.approvals().list().into_iter().map(move |h| json!({ "agent": a.name, "held": h })))
+                    .flat_map(|a| {
+                        a.gateway
+                            .approvals()
+                            .list()
+                            .into_iter()
+                            .map(move |h| json!({ "agent": a.name, "held": h }))
+                    })
                     .collect();
                 json!({ "approvals": list })
             }),
@@ -1183,11 +1411,14 @@ impl Daemon {
         loop {
             match reader.next_batch().await {
                 Ok((events, undecodable)) => {
-                    let names: BTreeMap<u64, String> = self
+                    let mut names: BTreeMap<u64, String> = self
                         .agents
                         .lock()
                         .map(|a| a.values().map(|x| (x.cgroup.id, x.name.clone())).collect())
                         .unwrap_or_default();
+                    if let Ok(stranded) = self.stranded.lock() {
+                        names.extend(stranded.iter().map(|(n, s)| (s.cgroup.id, n.clone())));
+                    }
                     for e in events {
                         let agent = names
                             .get(&e.cgroup_id)
@@ -1271,21 +1502,38 @@ fn poisoned() -> DaemonError {
 struct Undo {
     cgroup: Option<AgentCgroup>,
     dir: Option<PathBuf>,
-    kernel_entry: Option<u64>,
+    /// The previous Envelope's state directory and where it belongs again.
+    moved_aside: Option<(PathBuf, PathBuf)>,
+    /// The cgroup's kernel entry and what it was before: put back, or removed if none.
+    kernel_entry: Option<(u64, Option<AgentPolicy>)>,
 }
 
 impl Undo {
     fn run(self, daemon: &Daemon) {
-        if let Some(id) = self.kernel_entry
+        if let Some((id, before)) = self.kernel_entry
             && let Ok(mut k) = daemon.kernel.lock()
         {
-            let _ = k.remove_agent(id);
+            let restored = match before {
+                Some(policy) => k.set_agent(id, &policy),
+                None => k.remove_agent(id),
+            };
+            if let Err(e) = restored {
+                // A cgroup whose entry is neither the old one nor gone must not keep the new
+                // one: its gateway was never started.
+                tracing::error!(cgroup = id, error = %e, "restoring a kernel entry failed");
+                let _ = k.trip(id);
+            }
         }
         if let Some(cgroup) = self.cgroup {
             let _ = cgroup.remove(Duration::from_secs(2));
         }
         if let Some(dir) = self.dir {
             let _ = std::fs::remove_dir_all(dir);
+        }
+        if let Some((aside, dir)) = self.moved_aside
+            && let Err(e) = std::fs::rename(&aside, &dir)
+        {
+            tracing::error!(from = %aside.display(), to = %dir.display(), error = %e, "moving an agent's state back failed");
         }
     }
 }
@@ -1346,7 +1594,7 @@ async fn bind_free_port(
     ip: std::net::IpAddr,
     [first, last]: [u16; 2],
     cursor: &std::sync::atomic::AtomicU32,
-) -> Result<tokio::net::TcpListener, DaemonError> {
+) -> Result<std::net::TcpListener, DaemonError> {
     let span = u32::from(last - first) + 1;
     let start = cursor.load(Ordering::Relaxed);
     for step in 0..span {
@@ -1354,18 +1602,24 @@ async fn bind_free_port(
         let port = first + offset as u16;
         if let Ok(listener) = tokio::net::TcpListener::bind((ip, port)).await {
             cursor.store((offset + 1) % span, Ordering::Relaxed);
-            return Ok(listener);
+            return listener
+                .into_std()
+                .map_err(io_err(format!("taking the gateway socket {ip}:{port}")));
         }
     }
     Err(DaemonError::NoPort { ip, first, last })
 }
 
-/// Binds an address a gateway that is stopping may still hold for a moment.
-async fn bind_retry(addr: SocketAddr) -> Result<tokio::net::TcpListener, DaemonError> {
+/// Binds an address a gateway of a process that is stopping may still hold for a moment.
+async fn bind_retry(addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
     let mut last = None;
     for _ in 0..50 {
         match tokio::net::TcpListener::bind(addr).await {
-            Ok(listener) => return Ok(listener),
+            Ok(listener) => {
+                return listener
+                    .into_std()
+                    .map_err(io_err(format!("taking the gateway socket {addr}")));
+            }
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1373,6 +1627,20 @@ async fn bind_retry(addr: SocketAddr) -> Result<tokio::net::TcpListener, DaemonE
     Err(io_err(format!("binding the gateway address {addr}"))(
         last.unwrap_or_else(|| std::io::Error::other("bind failed")),
     ))
+}
+
+/// A second handle on a gateway socket, for the gateway to serve and drop when it stops,
+/// while the daemon keeps the socket bound.
+fn serving_handle(
+    listener: &std::net::TcpListener,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, DaemonError> {
+    let context = format!("sharing the gateway socket {addr}");
+    let handle = listener.try_clone().map_err(io_err(context.clone()))?;
+    handle
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(handle))
+        .map_err(io_err(context))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
