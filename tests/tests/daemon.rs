@@ -992,3 +992,37 @@ fn a_new_envelope_serves_the_same_socket_and_a_failed_replacement_keeps_the_old_
     let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
     assert_eq!(oks, vec![true, true], "{:?}\n{}", probes.results, d.log());
 }
+
+#[test]
+fn a_revocation_that_cannot_be_saved_still_cuts_the_agent_off() {
+    if !privileged("a_revocation_that_cannot_be_saved_still_cuts_the_agent_off") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("unsaved");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("unsaved", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    // The revocation list cannot be appended to.
+    let list = d.path("state/revoked-envelopes");
+    let _ = std::fs::remove_file(&list);
+    std::fs::create_dir(&list).expect("block the revocation list");
+    let revoked = d.ctl(&["revoke", "agent-unsaved"]);
+    let stderr = String::from_utf8_lossy(&revoked.stderr);
+    let status = d.ctl(&["agents", "agent-unsaved"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, false], "{:?}\n{}", probes.results, d.log());
+    assert_eq!(up.count(), 1, "a revoked agent reached the upstream");
+    assert!(
+        !revoked.status.success(),
+        "an unsaved revocation was reported as done"
+    );
+    assert!(stderr.contains("cut off"), "{stderr}");
+    assert_eq!(status["state"], "revoked", "{status}");
+    assert_eq!(status["kernel_entry"], "tripped", "{status}");
+}

@@ -80,6 +80,17 @@ pub enum DaemonError {
     #[error("the Envelope {0} was revoked on this host")]
     Revoked(String),
     #[error(
+        "agent {agent} is cut off and its Envelope {id} refused, but the revocation could \
+         not be saved ({source}), so a restart of the daemon would forget it: fix the \
+         state directory and revoke again"
+    )]
+    RevocationNotSaved {
+        agent: String,
+        id: String,
+        #[source]
+        source: Box<DaemonError>,
+    },
+    #[error(
         "{path}: {fields} cannot change while the daemon runs, so nothing was reloaded; \
          restart the daemon to change them (agents stay confined meanwhile)"
     )]
@@ -104,6 +115,7 @@ impl DaemonError {
             DaemonError::UnknownAgent(_) => "unknown_agent",
             DaemonError::NoGateway { .. } => "no_gateway",
             DaemonError::Revoked(_) => "revoked",
+            DaemonError::RevocationNotSaved { .. } => "revocation_not_saved",
             DaemonError::ReloadRefused { .. } | DaemonError::ReloadSecrets { .. } => {
                 "reload_refused"
             }
@@ -1042,24 +1054,63 @@ impl Daemon {
         Ok(json!({ "agent": name, "state": "active" }))
     }
 
+    /// Cuts the agent off first, in the gateway and the kernel, and only then persists the
+    /// revocation: if writing it fails the agent stays cut off and its Envelope refused
+    /// until the daemon restarts, and the operator is told.
     fn revoke(&self, name: &str, peer: control::Peer) -> Result<serde_json::Value, DaemonError> {
-        let (gateway, id) = self.with_agent(name, |a| {
+        let running = self.with_agent(name, |a| {
             a.revoked = true;
-            (a.gateway.clone(), a.envelope.id().to_owned())
+            (
+                Some(a.gateway.clone()),
+                Some(a.envelope.id().to_owned()),
+                a.cgroup.clone(),
+            )
+        });
+        let (gateway, id, cgroup) = match running {
+            Ok(found) => found,
+            Err(DaemonError::NoGateway { .. }) => self
+                .stranded
+                .lock()
+                .map_err(|_| poisoned())?
+                .get(name)
+                .map(|s| (None, s.envelope_id.clone(), s.cgroup.clone()))
+                .ok_or_else(|| DaemonError::UnknownAgent(name.into()))?,
+            Err(e) => return Err(e),
+        };
+        let id = id.ok_or_else(|| DaemonError::NoGateway {
+            agent: name.into(),
+            reason: "its Envelope is unknown, so there is nothing to revoke".into(),
         })?;
-        append_line(&self.config().state_dir.join("revoked-envelopes"), &id)?;
+        if let Some(gateway) = &gateway {
+            gateway
+                .breaker()
+                .trip(format!("Envelope {id} revoked by operator"));
+        }
+        // The breaker flips the kernel entry on its first trip only: an agent tripped
+        // before, whose flip failed then, is cut here.
+        let cut = self.cut_off(&cgroup);
         if let Ok(mut revoked) = self.revoked.lock() {
             revoked.insert(id.clone());
         }
-        let _ = self.audit.submit(
-            Event::new(EventKind::Revoked)
-                .agent(name)
-                .envelope(&id)
-                .detail("pid", peer.pid),
-        );
-        gateway
-            .breaker()
-            .trip(format!("Envelope {id} revoked by operator"));
+        let saved = append_line(&self.config().state_dir.join("revoked-envelopes"), &id);
+        let mut event = Event::new(EventKind::Revoked)
+            .agent(name)
+            .envelope(&id)
+            .detail("pid", peer.pid);
+        if let Err(e) = &cut {
+            tracing::error!(agent = %name, error = %e, "cutting a revoked agent off in the kernel failed; its gateway refuses everything");
+            event = event.detail("kernel_error", e.as_str());
+        }
+        if let Err(e) = &saved {
+            tracing::error!(agent = %name, envelope = %id, error = %e, "the revocation could not be saved; it holds until the daemon restarts");
+            event = event.detail("not_saved", e.to_string());
+        }
+        let _ = self.audit.submit(event);
+        saved.map_err(|source| DaemonError::RevocationNotSaved {
+            agent: name.into(),
+            id: id.clone(),
+            source: Box::new(source),
+        })?;
         Ok(json!({ "agent": name, "state": "revoked" }))
     }
 
