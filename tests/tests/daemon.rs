@@ -1026,3 +1026,46 @@ fn a_revocation_that_cannot_be_saved_still_cuts_the_agent_off() {
     assert_eq!(status["state"], "revoked", "{status}");
     assert_eq!(status["kernel_entry"], "tripped", "{status}");
 }
+
+#[test]
+fn a_restart_resumes_the_last_envelope_of_a_replaced_agent() {
+    if !privileged("a_restart_resumes_the_last_envelope_of_a_replaced_agent") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("replaced");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let first = d.envelope("replaced", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(
+        &first,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    let mut last = String::new();
+    for _ in 0..2 {
+        let next = d.envelope("replaced", up.addr, 600, "");
+        let answer = control(
+            &d,
+            &serde_json::json!({
+                "version": 1,
+                "op": "activate",
+                "envelope": std::fs::read_to_string(&next).expect("envelope"),
+            }),
+        );
+        assert_eq!(answer["ok"], true, "{answer}");
+        last = answer["result"]["envelope"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+    }
+    // Records are saved off the activation path.
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill9();
+    d.spawn();
+    let out = d.ctl(&["agents", "agent-replaced"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["envelope"], last.as_str(), "{status}\n{}", d.log());
+    assert_eq!(status["state"], "active", "{status}");
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, true], "{:?}\n{}", probes.results, d.log());
+}

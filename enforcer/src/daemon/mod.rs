@@ -166,6 +166,11 @@ enum AgentState {
     Failed,
 }
 
+/// The agent record in an agent's state directory, and its name once that directory
+/// holds a replaced Envelope's state.
+const RECORD: &str = "agent.json";
+const REPLACED_RECORD: &str = "replaced-agent.json";
+
 /// What is persisted of an agent so a restarted daemon can resume it.
 #[derive(Debug, Serialize, Deserialize)]
 struct AgentRecord {
@@ -666,7 +671,17 @@ impl Daemon {
             ));
             std::fs::rename(&dir, &old)
                 .map_err(io_err(format!("moving {} aside", dir.display())))?;
-            undo.moved_aside = Some((old, dir.clone()));
+            undo.moved_aside = Some((old.clone(), dir.clone()));
+            // What is moved aside is history, never an agent to resume.
+            match std::fs::rename(old.join(RECORD), old.join(REPLACED_RECORD)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(io_err(format!("retiring the record in {}", old.display()))(
+                        e,
+                    ));
+                }
+            }
         }
         std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         undo.dir = Some(dir.clone());
@@ -715,7 +730,7 @@ impl Daemon {
         let envelope_bytes = envelope_json.to_owned();
         tokio::task::spawn_blocking(move || {
             let saved = write_synced(&record_dir.join("envelope.json"), envelope_bytes.as_bytes())
-                .and_then(|()| write_json(&record_dir.join("agent.json"), &record));
+                .and_then(|()| write_json(&record_dir.join(RECORD), &record));
             if let Err(e) = saved {
                 tracing::error!(error = %e, "saving the agent record failed; a restart will not resume it");
             }
@@ -754,12 +769,24 @@ impl Daemon {
         let Ok(entries) = std::fs::read_dir(&agents_dir) else {
             return;
         };
+        // Only `agents/NAME` holding NAME's record is an agent: anything else (the state of
+        // replaced Envelopes moved aside, stray files) must not bring back a grant.
+        let mut ignored = Vec::new();
         for entry in entries.flatten() {
             let dir = entry.path();
-            let record_path = dir.join("agent.json");
+            let record_path = dir.join(RECORD);
             if !record_path.is_file() {
                 continue;
             }
+            let Some(dir_name) = entry
+                .file_name()
+                .to_str()
+                .filter(|n| crate::sandbox::validate_agent_name(n).is_ok())
+                .map(str::to_owned)
+            else {
+                ignored.push(dir.display().to_string());
+                continue;
+            };
             let record: AgentRecord = match read_json(&record_path) {
                 Ok(record) => record,
                 Err(e) => {
@@ -767,20 +794,15 @@ impl Daemon {
                     continue;
                 }
             };
+            if record.name != dir_name {
+                ignored.push(dir.display().to_string());
+                continue;
+            }
             let Ok(cgroup) = self.parent.agent(&record.name) else {
                 // The cgroup is gone (a reboot): nothing left to resume.
                 let _ = std::fs::remove_file(&record_path);
                 continue;
             };
-            if self
-                .agents
-                .lock()
-                .map(|a| a.contains_key(&record.name))
-                .unwrap_or(false)
-            {
-                tracing::warn!(dir = %dir.display(), agent = %record.name, "a second record for a resumed agent; left alone");
-                continue;
-            }
             if let Err(e) = self.resume_one(&record, &dir, &cgroup).await {
                 self.strand(
                     &record.name,
@@ -793,6 +815,12 @@ impl Daemon {
                     },
                 );
             }
+        }
+        if !ignored.is_empty() {
+            tracing::warn!(
+                dirs = ?ignored,
+                "agent records outside an agent's own directory were not resumed"
+            );
         }
     }
 
@@ -935,7 +963,7 @@ impl Daemon {
             .map_err(|_| poisoned())?
             .remove_agent(stranded.cgroup.id)?;
         if let Some(dir) = &stranded.dir {
-            let _ = std::fs::remove_file(dir.join("agent.json"));
+            let _ = std::fs::remove_file(dir.join(RECORD));
         }
         let mut event = Event::new(EventKind::Other)
             .agent(name)
@@ -973,7 +1001,7 @@ impl Daemon {
             .lock()
             .map_err(|_| poisoned())?
             .remove_agent(agent.cgroup.id)?;
-        let _ = std::fs::remove_file(agent.dir.join("agent.json"));
+        let _ = std::fs::remove_file(agent.dir.join(RECORD));
         let _ = self.audit.submit(
             Event::new(EventKind::Other)
                 .agent(name)
@@ -1581,10 +1609,16 @@ impl Undo {
         if let Some(dir) = self.dir {
             let _ = std::fs::remove_dir_all(dir);
         }
-        if let Some((aside, dir)) = self.moved_aside
-            && let Err(e) = std::fs::rename(&aside, &dir)
-        {
-            tracing::error!(from = %aside.display(), to = %dir.display(), error = %e, "moving an agent's state back failed");
+        if let Some((aside, dir)) = self.moved_aside {
+            let back = std::fs::rename(&aside, &dir).and_then(|()| {
+                match std::fs::rename(dir.join(REPLACED_RECORD), dir.join(RECORD)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            });
+            if let Err(e) = back {
+                tracing::error!(from = %aside.display(), to = %dir.display(), error = %e, "moving an agent's state back failed");
+            }
         }
     }
 }
