@@ -1069,3 +1069,129 @@ fn a_restart_resumes_the_last_envelope_of_a_replaced_agent() {
     let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
     assert_eq!(oks, vec![true, true], "{:?}\n{}", probes.results, d.log());
 }
+
+/// An agent that loops on a denied `sendto` for SECS seconds, prints how many were denied,
+/// then waits for a line on stdin.
+const UDP_FLOOD: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print("flooding", flush=True)
+end = time.time() + float(sys.argv[1])
+denied = 0
+while time.time() < end:
+    try:
+        s.sendto(b"x", ("127.0.0.1", 9))
+    except OSError:
+        denied += 1
+print(denied, flush=True)
+sys.stdin.readline()
+"#;
+
+#[test]
+fn a_kernel_deny_flood_is_summed_up_and_other_agents_stay_served() {
+    if !privileged("a_kernel_deny_flood_is_summed_up_and_other_agents_stay_served") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("flood");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let flood_env = d.envelope("flood", up.addr, 600, "");
+    let busy_env = d.envelope("busy", up.addr, 600, "");
+    let secs = 4u64;
+    let mut flood = d
+        .enforcer()
+        .args(["run", "--envelope"])
+        .arg(&flood_env)
+        .args(["--", "/usr/bin/python3", "-c", UDP_FLOOD, &secs.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("enforcer run");
+    let mut flood_out = BufReader::new(flood.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    wait_for_line(&mut flood_out, "flooding", &mut seen);
+
+    // Meanwhile another agent works.
+    let requests = 40;
+    let mut probe_args = Vec::new();
+    for _ in 0..requests {
+        probe_args.extend(a(&["http", "GET", &url, ""]));
+    }
+    let (out, probes) = d.run(&busy_env, &probe_args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused: Vec<_> = probes.results.iter().filter(|r| !r.1).collect();
+    assert!(
+        refused.is_empty() && probes.results.len() == requests,
+        "refused while another agent flooded: {refused:?}"
+    );
+
+    let mut line = String::new();
+    flood_out.read_line(&mut line).expect("flood count");
+    let denied_by_python: u64 = line.trim().parse().expect("a count");
+    assert!(
+        denied_by_python > 1000,
+        "the flood was too small to mean much"
+    );
+    // The agent still lives: its kernel counters and the lost-event counter, then the last
+    // summaries, a window later.
+    let status = d.ctl(&["agents", "agent-flood"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    let kernel_denied: u64 = status["kernel"]["denied"]
+        .as_object()
+        .map(|hooks| hooks.values().filter_map(|n| n.as_u64()).sum())
+        .unwrap_or_default();
+    let kstatus = d.ctl(&["status", "--json"]);
+    let kstatus: serde_json::Value = serde_json::from_slice(&kstatus.stdout).expect("json");
+    let lost = kstatus["lost_events"].as_u64().expect("lost_events");
+    std::thread::sleep(Duration::from_millis(2500));
+    let shown = Command::new(enforcer_bin())
+        .args([
+            "audit",
+            "show",
+            "--json",
+            "--kind",
+            "kernel_deny",
+            "--agent",
+            "agent-flood",
+        ])
+        .arg(d.path("audit"))
+        .output()
+        .expect("audit show");
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&shown.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let _ = flood.stdin.take().map(|mut s| s.write_all(b"\n"));
+    let _ = flood.wait();
+    let counted: u64 = records
+        .iter()
+        .map(|r| r["details"]["count"].as_u64().unwrap_or(1))
+        .sum();
+    // One record at the start of the burst and one a second after: not one per denial.
+    assert!(
+        !records.is_empty() && records.len() as u64 <= 2 * (secs + 2),
+        "{} kernel_deny records for {denied_by_python} denials",
+        records.len()
+    );
+    assert_eq!(kernel_denied, denied_by_python, "{status}");
+    // The records count the denials the kernel reported (it may report a sample, and its
+    // ring buffer may lose some), and carry its exact counter.
+    assert!(
+        counted > 0 && counted + lost <= kernel_denied,
+        "records count {counted}, the ring buffer lost {lost}, the kernel denied {kernel_denied}"
+    );
+    let totals: Vec<u64> = records
+        .iter()
+        .filter_map(|r| r["details"]["denied_total"].as_u64())
+        .collect();
+    assert_eq!(totals.len(), records.len(), "{records:?}");
+    assert!(
+        totals.windows(2).all(|w| w[0] <= w[1]) && totals.last() <= Some(&kernel_denied),
+        "{totals:?} against {kernel_denied}"
+    );
+}

@@ -122,6 +122,13 @@ pub(super) fn render(daemon: &Daemon) -> String {
             );
         }
     }
+    if let Ok(denials) = daemon.denials.lock() {
+        let _ = writeln!(
+            out,
+            "# HELP enforcer_kernel_denials_pending Kernel denials counted and not yet in the audit log (summed up per second).\n# TYPE enforcer_kernel_denials_pending gauge\nenforcer_kernel_denials_pending {}",
+            denials.pending()
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP enforcer_trips_total Circuit breaker trips.\n# TYPE enforcer_trips_total counter\nenforcer_trips_total {}",

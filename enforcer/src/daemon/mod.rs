@@ -5,6 +5,7 @@
 //! gateway in one step; everything that must survive a restart (budgets, breaker states,
 //! used Envelope ids, revocations, agent records) is on disk before it takes effect.
 pub mod config;
+mod deny_log;
 mod metrics;
 
 use std::{
@@ -166,6 +167,15 @@ enum AgentState {
     Failed,
 }
 
+/// Kernel denials of one agent, hook, reason and destination are summed over this long
+/// into one audit record (the first of a burst is recorded at once).
+const DENY_WINDOW: Duration = Duration::from_secs(1);
+/// Bursts counted apart at most; more are summed with less detail (see `deny_log`).
+const DENY_BURSTS: usize = 1024;
+/// New bursts recorded at their first denial per window at most; the rest wait for
+/// their summary.
+const DENY_AT_ONCE: usize = 64;
+
 /// The agent record in an agent's state directory, and its name once that directory
 /// holds a replaced Envelope's state.
 const RECORD: &str = "agent.json";
@@ -244,6 +254,8 @@ pub struct Daemon {
     revoked: Mutex<BTreeSet<String>>,
     agents: Mutex<BTreeMap<String, Agent>>,
     stranded: Mutex<BTreeMap<String, Stranded>>,
+    /// Kernel denials counted for the audit log (see `deny_log`).
+    denials: Mutex<deny_log::DenyLog>,
     activation: tokio::sync::Mutex<()>,
     upstream_tls: Arc<rustls::ClientConfig>,
     shutdown: Notify,
@@ -409,6 +421,11 @@ impl Daemon {
             revoked: Mutex::new(revoked),
             agents: Mutex::new(BTreeMap::new()),
             stranded: Mutex::new(BTreeMap::new()),
+            denials: Mutex::new(deny_log::DenyLog::new(
+                DENY_WINDOW,
+                DENY_BURSTS,
+                DENY_AT_ONCE,
+            )),
             activation: tokio::sync::Mutex::new(()),
             upstream_tls,
             shutdown: Notify::new(),
@@ -453,6 +470,11 @@ impl Daemon {
             }
         }
         tokio::time::sleep(Duration::from_secs(cfg.shutdown_grace_secs)).await;
+        if let Ok(mut denials) = daemon.denials.lock() {
+            denials.drain(std::time::Instant::now(), |s| {
+                daemon.record_denials(s, true)
+            });
+        }
         let _ = daemon
             .audit
             .append(Event::new(EventKind::DaemonStopped))
@@ -1487,44 +1509,92 @@ impl Daemon {
                 return;
             }
         };
+        let mut tick = tokio::time::interval(DENY_WINDOW / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            match reader.next_batch().await {
-                Ok((events, undecodable)) => {
-                    let mut names: BTreeMap<u64, String> = self
-                        .agents
-                        .lock()
-                        .map(|a| a.values().map(|x| (x.cgroup.id, x.name.clone())).collect())
-                        .unwrap_or_default();
-                    if let Ok(stranded) = self.stranded.lock() {
-                        names.extend(stranded.iter().map(|(n, s)| (s.cgroup.id, n.clone())));
+            tokio::select! {
+                batch = reader.next_batch() => match batch {
+                    Ok((events, undecodable)) => self.count_denials(&events, undecodable),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading kernel events failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
-                    for e in events {
-                        let agent = names
-                            .get(&e.cgroup_id)
-                            .cloned()
-                            .unwrap_or_else(|| format!("cgroup-{}", e.cgroup_id));
-                        let event = Event::new(EventKind::KernelDeny)
-                            .agent(&agent)
-                            .rule(e.reason)
-                            .detail("hook", e.hook)
-                            .detail("pid", e.pid)
-                            .detail("family", e.family)
-                            .detail("protocol", e.protocol)
-                            .detail("destination", e.destination.map(|d| d.to_string()));
-                        if self.audit.submit(event).is_err() {
-                            tracing::error!("audit log refused a kernel deny event");
-                        }
+                },
+                _ = tick.tick() => {
+                    if let Ok(mut denials) = self.denials.lock() {
+                        denials.flush(std::time::Instant::now(), |s| self.record_denials(s, false));
                     }
-                    if undecodable > 0 {
-                        tracing::error!(undecodable, "kernel events that could not be decoded");
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "reading kernel events failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
+    }
+
+    fn count_denials(&self, events: &[kernel::events::KernelDeny], undecodable: usize) {
+        let mut names: BTreeMap<u64, String> = self
+            .agents
+            .lock()
+            .map(|a| a.values().map(|x| (x.cgroup.id, x.name.clone())).collect())
+            .unwrap_or_default();
+        if let Ok(stranded) = self.stranded.lock() {
+            names.extend(stranded.iter().map(|(n, s)| (s.cgroup.id, n.clone())));
+        }
+        let now = std::time::Instant::now();
+        if let Ok(mut denials) = self.denials.lock() {
+            for e in events {
+                let unknown;
+                let agent = match names.get(&e.cgroup_id) {
+                    Some(name) => name.as_str(),
+                    None => {
+                        unknown = format!("cgroup-{}", e.cgroup_id);
+                        unknown.as_str()
+                    }
+                };
+                denials.observe(agent, e, now, |s| self.record_denials(s, false));
+            }
+        }
+        if undecodable > 0 {
+            tracing::error!(undecodable, "kernel events that could not be decoded");
+        }
+    }
+
+    /// Writes one summary of kernel denials; false if it must wait. Kernel records may
+    /// fill a quarter of the audit queue at most: the rest is kept for the records
+    /// gateways wait for before they forward, whatever an agent makes the kernel deny.
+    fn record_denials(&self, s: &deny_log::Summary, stopping: bool) -> bool {
+        let (queued, capacity) = self.audit.queue_load();
+        if !stopping && queued >= capacity / 4 {
+            return false;
+        }
+        let destination = match s.destination {
+            deny_log::Destination::To(addr) => json!(addr.to_string()),
+            deny_log::Destination::None => serde_json::Value::Null,
+            deny_log::Destination::Various => json!("various"),
+        };
+        // The kernel reports a sample of denials when an agent makes many (and its ring
+        // buffer can overflow); its counters are exact, so the record carries the total.
+        let denied_total = enforcer_common::hook::NAMES
+            .iter()
+            .position(|h| *h == s.hook)
+            .filter(|_| s.cgroup_id != 0)
+            .and_then(|i| {
+                let kernel = self.kernel.lock().ok()?;
+                kernel.counters(s.cgroup_id).ok().map(|c| c.denied[i])
+            });
+        let event = Event::new(EventKind::KernelDeny)
+            .agent(&*s.agent)
+            .rule(s.reason)
+            .detail("hook", s.hook)
+            .detail("pid", s.pid)
+            .detail("family", s.family)
+            .detail("protocol", s.protocol)
+            .detail("destination", destination)
+            .detail("count", s.count)
+            .detail("denied_total", denied_total)
+            .detail(
+                "over_ms",
+                u64::try_from(s.over.as_millis()).unwrap_or(u64::MAX),
+            );
+        self.audit.submit(event).is_ok()
     }
 
     /// Records each agent's expiry once; the kernel deadline cuts it off by itself.
