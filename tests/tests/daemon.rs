@@ -101,6 +101,11 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 impl Daemon {
     fn start(test: &str) -> Self {
+        Self::start_with(test, "")
+    }
+
+    /// [`start`](Self::start) with `extra_config` appended to the daemon's config.
+    fn start_with(test: &str, extra_config: &str) -> Self {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let unique = format!("enforcer-dtest-{}-{n}-{test}", std::process::id());
         let dir = tempfile::Builder::new()
@@ -140,7 +145,7 @@ impl Daemon {
             format!(
                 "state_dir = \"{d}/state\"\naudit_dir = \"{d}/audit\"\naudit_key = \"{d}/audit.key\"\n\
                  trust_dir = \"{d}/trust\"\nsecrets = \"{d}/secrets\"\ncontrol_socket = \"{d}/run/control.sock\"\n\
-                 pin_dir = \"{pins}\"\ncgroup_parent = \"{unique}\"\nshutdown_grace_secs = 0\n",
+                 pin_dir = \"{pins}\"\ncgroup_parent = \"{unique}\"\nshutdown_grace_secs = 0\n{extra_config}",
                 d = d.display(),
                 pins = pin_dir.display(),
             ),
@@ -1194,4 +1199,73 @@ fn a_kernel_deny_flood_is_summed_up_and_other_agents_stay_served() {
         totals.windows(2).all(|w| w[0] <= w[1]) && totals.last() <= Some(&kernel_denied),
         "{totals:?} against {kernel_denied}"
     );
+}
+
+#[test]
+fn metrics_connections_are_capped_and_idle_ones_closed() {
+    if !privileged("metrics_connections_are_capped_and_idle_ones_closed") {
+        return;
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let metrics: SocketAddr = ([127, 0, 0, 1], port).into();
+    let d = Daemon::start_with("metrics", &format!("metrics_listen = \"{metrics}\"\n"));
+    let scrape = || -> String {
+        let mut s = TcpStream::connect(metrics).expect("connect to metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    let wait_for = Instant::now();
+    while !scrape().contains("enforcer_agents") {
+        assert!(
+            wait_for.elapsed() < Duration::from_secs(10),
+            "metrics never answered:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Connections that never finish their request head, more than the daemon serves.
+    let cap = 32;
+    let mut idle: Vec<TcpStream> = (0..cap + 8)
+        .map(|_| {
+            let mut s = TcpStream::connect(metrics).expect("connect");
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Past the cap, a connection is closed unserved.
+    let answer = scrape();
+    assert!(
+        answer.is_empty(),
+        "served past the connection cap: {answer}"
+    );
+    // The idle ones are closed after the header timeout (5 s), which frees the slots.
+    let started = Instant::now();
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap_or(0);
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            n == 0 || head.starts_with("HTTP/1.1 408"),
+            "an idle connection got {head:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "idle connections were kept {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(scrape().contains("enforcer_agents"), "{}", d.log());
 }

@@ -151,6 +151,29 @@ fn socket_cgroups_are_told(ip: std::net::IpAddr) -> Result<(), DaemonError> {
     }
 }
 
+/// Every agent's gateway, its connections and their upstream connections, the audit log
+/// and the control socket take descriptors: the soft limit (often 1024) is raised to the
+/// hard one, so running out of descriptors is a limit the operator set.
+fn raise_open_files_limit() -> Result<u64, DaemonError> {
+    let context = "raising the open files limit (RLIMIT_NOFILE) to its hard limit";
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io_err(context)(std::io::Error::last_os_error()));
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(io_err(context)(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     let context = context.into();
     move |source| DaemonError::Io { context, source }
@@ -166,6 +189,9 @@ enum AgentState {
     /// Its cgroup exists but its gateway could not be started: cut off in the kernel.
     Failed,
 }
+
+/// How long an accept loop waits after a failed accept before it tries again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Kernel denials of one agent, hook, reason and destination are summed over this long
 /// into one audit record (the first of a burst is recorded at once).
@@ -370,6 +396,7 @@ impl Daemon {
         if !nix::unistd::geteuid().is_root() {
             return Err(DaemonError::NotRoot);
         }
+        raise_open_files_limit()?;
         let cfg = loaded.config.clone();
         // Agents may reach exactly one thing below the state directory: their CA file in
         // `public/`. The state directory is traversable but not listable; all else is 0700.
@@ -1452,8 +1479,15 @@ impl Daemon {
 
     async fn serve_control(self: Arc<Self>, listener: UnixListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors (or the like): retrying at once would spin a core
+                    // and free nothing.
+                    tracing::warn!(error = %e, "accepting a control connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
             };
             let daemon = self.clone();
             tokio::spawn(async move {
@@ -1851,6 +1885,30 @@ fn append_line(path: &Path, line: &str) -> Result<(), DaemonError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as in `raise_open_files_limit`.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        let hard = limit.rlim_max;
+        limit.rlim_cur = hard.min(256);
+        // SAFETY: as in `raise_open_files_limit`.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        assert_eq!(raise_open_files_limit().unwrap(), hard);
+        // SAFETY: as in `raise_open_files_limit`.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(limit.rlim_cur, hard);
+    }
 
     #[test]
     fn agent_names_come_from_subjects() {
