@@ -1269,3 +1269,70 @@ fn metrics_connections_are_capped_and_idle_ones_closed() {
     std::thread::sleep(Duration::from_millis(200));
     assert!(scrape().contains("enforcer_agents"), "{}", d.log());
 }
+
+#[test]
+fn the_control_socket_directory_must_be_roots_and_is_never_chmodded() {
+    if !privileged("the_control_socket_directory_must_be_roots_and_is_never_chmodded") {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut d = Daemon::start("ctldir");
+    // The default: a directory the daemon made, root's and 0700.
+    let run = d.path("run");
+    let meta = std::fs::metadata(&run).expect("run dir");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o700));
+    d.shutdown();
+
+    // Starts the daemon and expects it to refuse, naming the directory.
+    let refused = |why: &str| {
+        let mut child = Command::new(enforcer_bin())
+            .args(["daemon", "--config"])
+            .arg(d.path("enforcer.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        let started = Instant::now();
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = Command::new(enforcer_bin())
+                    .env("ENFORCER_CONTROL_SOCKET", d.path("run/control.sock"))
+                    .arg("shutdown")
+                    .output();
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the daemon started with a control directory {why}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        let _ = child
+            .stderr
+            .take()
+            .map(|mut e| e.read_to_string(&mut stderr));
+        assert!(!status.success(), "{why}: {stderr}");
+        assert!(
+            stderr.contains(&run.display().to_string()),
+            "{why}: {stderr}"
+        );
+    };
+
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    refused("others may write to");
+    let mode = std::fs::metadata(&run).expect("run dir").mode() & 0o777;
+    assert_eq!(
+        mode, 0o777,
+        "the daemon changed an existing directory's mode"
+    );
+
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    nix::unistd::chown(&run, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    refused("of another user");
+    nix::unistd::chown(&run, Some(nix::unistd::Uid::from_raw(0)), None).expect("chown");
+
+    // Root's and closed to others again: it starts.
+    d.spawn();
+}

@@ -65,6 +65,13 @@ pub enum DaemonError {
     },
     #[error("the daemon must run as root")]
     NotRoot,
+    #[error(
+        "{path}: {problem}, so the control socket cannot go there: only root may write to \
+         its directory. Make it so (`chown root {path} && chmod go-w {path}`), or set \
+         control_socket to a path in a directory that does not exist yet, which the daemon \
+         creates (root's, 0700)"
+    )]
+    ControlDir { path: PathBuf, problem: String },
     #[error("no free gateway port in {first}..={last} on {ip}")]
     NoPort {
         ip: std::net::IpAddr,
@@ -398,6 +405,14 @@ impl Daemon {
         }
         raise_open_files_limit()?;
         let cfg = loaded.config.clone();
+        // Before anything is set up: a directory that refuses the socket stops the start.
+        if let Some(dir) = cfg
+            .control_socket
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            control_dir(dir)?;
+        }
         // Agents may reach exactly one thing below the state directory: their CA file in
         // `public/`. The state directory is traversable but not listable; all else is 0700.
         for (dir, mode) in [
@@ -1757,11 +1772,50 @@ fn apply_resource_limits(
     notes
 }
 
+/// The control socket's directory: created root's and 0700 if missing; one that exists
+/// is used only if it is root's and writable by no one else (whoever could write to it
+/// could put their own socket in the daemon's place), and never changed: it may be a
+/// directory other programs need as it is (`/run`).
+fn control_dir(dir: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(io_err(format!("creating {}", parent.display())))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(format!("creating {}", dir.display()))(e)),
+    }
+    // Checked after creating too: someone else may have made it first.
+    let meta = std::fs::metadata(dir).map_err(io_err(format!("reading {}", dir.display())))?;
+    let problem = if !meta.is_dir() {
+        Some("it is not a directory".to_owned())
+    } else if meta.uid() != 0 {
+        Some(format!("it belongs to uid {}, not root", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "its mode {:o} lets others than root write to it",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(DaemonError::ControlDir {
+            path: dir.to_owned(),
+            problem,
+        }),
+        None => Ok(()),
+    }
+}
+
 fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err(format!("chmod {}", dir.display())))?;
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        control_dir(dir)?;
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(DaemonError::Io {
