@@ -952,6 +952,20 @@ fn an_agent_without_a_gateway_is_listed_as_failed() {
     // Not resettable into an open kernel entry with nobody of ours behind the address.
     let reset = d.ctl(&["reset", "agent-failed"]);
     assert!(!reset.status.success(), "a failed agent was reset");
+    // A new Envelope takes the agent over, with a gateway of its own elsewhere; the old
+    // address stays out of reach.
+    let renewed = d.envelope("failed", up.addr, 600, "");
+    let answer = control(
+        &d,
+        &serde_json::json!({
+            "version": 1,
+            "op": "activate",
+            "envelope": std::fs::read_to_string(&renewed).expect("envelope"),
+        }),
+    );
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["result"]["state"], "active", "{answer}");
+    assert_ne!(gateway_of(&d, "agent-failed"), gateway);
     let (_, probes) = common::go_and_finish(child, reader, seen);
     let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
     assert_eq!(oks, vec![false, false], "{:?}", probes.results);
