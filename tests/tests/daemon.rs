@@ -1350,3 +1350,45 @@ fn the_control_socket_directory_must_be_roots_and_is_never_chmodded() {
     // Root's and closed to others again: it starts.
     d.spawn();
 }
+
+#[test]
+fn a_stopped_daemon_leaves_agents_cut_off_until_it_serves_them_again() {
+    if !privileged("a_stopped_daemon_leaves_agents_cut_off_until_it_serves_them_again") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("suspend");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("suspend", up.addr, 600, "");
+    let (mut child, mut reader, mut seen) = d.run_until_ready(
+        &env,
+        &a(&[
+            "http", "GET", &url, "", "wait", "http", "GET", &url, "", "wait", "http", "GET", &url,
+            "",
+        ]),
+    );
+    let gateway = gateway_of(&d, "agent-suspend");
+    let mut stdin = child.stdin.take().expect("stdin");
+    d.shutdown();
+    // While the daemon is down another process holds the gateway's address.
+    let impostor = common::Server::start(&gateway.to_string());
+    stdin.write_all(b"go\n").expect("go");
+    wait_for_line(&mut reader, "ready", &mut seen);
+    assert_eq!(impostor.accepted(), 0, "the agent reached the impostor");
+    drop(impostor);
+    std::thread::sleep(Duration::from_millis(100));
+    // Back, with the address free: the agent goes on where it was.
+    d.spawn();
+    stdin.write_all(b"go\n").expect("go");
+    drop(stdin);
+    let (_, probes) = common::finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(
+        oks,
+        vec![true, false, true],
+        "{:?}\n{}",
+        probes.results,
+        d.log()
+    );
+    assert_eq!(up.count(), 2);
+}

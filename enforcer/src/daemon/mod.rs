@@ -213,6 +213,8 @@ const DENY_AT_ONCE: usize = 64;
 /// holds a replaced Envelope's state.
 const RECORD: &str = "agent.json";
 const REPLACED_RECORD: &str = "replaced-agent.json";
+/// Marks an agent the daemon cut off itself when it stopped (see `Daemon::suspend`).
+const SUSPENDED: &str = "suspended";
 
 /// What is persisted of an agent so a restarted daemon can resume it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -504,11 +506,12 @@ impl Daemon {
             m.abort();
         }
         let _ = std::fs::remove_file(&cfg.control_socket);
-        // Gateways stop taking connections; requests in flight get the grace period. The
-        // kernel entries stay: agents keep running, confined, with a dead gateway.
+        // Gateways stop taking connections; requests in flight get the grace period.
+        // Agents keep running, cut off until the next start serves their gateways again.
         if let Ok(agents) = daemon.agents.lock() {
             for agent in agents.values() {
                 agent.stop.notify_one();
+                daemon.suspend(agent);
             }
         }
         tokio::time::sleep(Duration::from_secs(cfg.shutdown_grace_secs)).await;
@@ -911,11 +914,30 @@ impl Daemon {
         let (gateway, counts) = self.new_gateway(&record.name, &verified, dir, cgroup.id)?;
         // A new CA: the old one died with the old process, so the agent's file is rewritten.
         let ca_path = self.write_ca(&record.name, &gateway)?;
-        if gateway.breaker().open_reason().is_some() || revoked {
+        let cut = gateway.breaker().open_reason().is_some() || revoked;
+        if cut {
             self.kernel
                 .lock()
                 .map_err(|_| poisoned())?
                 .trip(cgroup.id)?;
+        }
+        // Cut off by the daemon's own stop, and its gateway is bound again to the address
+        // the kernel lets it reach: it may go on.
+        let suspended = dir.join(SUSPENDED);
+        if suspended.exists() {
+            let mut kernel = self.kernel.lock().map_err(|_| poisoned())?;
+            match kernel.agent(cgroup.id)? {
+                Some(mut policy) if !cut && policy.gateway() == Some(record.gateway) => {
+                    policy.state = STATE_ACTIVE;
+                    kernel.set_agent(cgroup.id, &policy)?;
+                }
+                _ => {
+                    tracing::warn!(agent = %record.name, "not lifting the cut of the daemon's stop: the kernel entry is not the one it cut")
+                }
+            }
+            drop(kernel);
+            std::fs::remove_file(&suspended)
+                .map_err(io_err(format!("removing {}", suspended.display())))?;
         }
         let stop = Arc::new(Notify::new());
         let stop2 = stop.clone();
@@ -944,10 +966,33 @@ impl Daemon {
         Ok(())
     }
 
+    /// Cuts a running agent off while the daemon is down: its gateway's address is free
+    /// then, for any local process to bind. A marker says the cut is the daemon's own, so
+    /// the next start lifts it once the gateway serves again; without the marker the agent
+    /// stays cut off, as everything that cannot be proven safe does.
+    fn suspend(&self, agent: &Agent) {
+        if agent.state() != AgentState::Active {
+            return;
+        }
+        if let Err(e) = write_synced(&agent.dir.join(SUSPENDED), b"") {
+            tracing::error!(agent = %agent.name, error = %e, "could not mark the agent as suspended; it stays cut off after the next start until an operator resets it");
+        }
+        match self.cut_off(&agent.cgroup) {
+            Ok(_) => tracing::info!(agent = %agent.name, "cut off until the daemon starts again"),
+            Err(e) => {
+                tracing::error!(agent = %agent.name, error = %e, "could not cut the agent off while the daemon is down");
+            }
+        }
+    }
+
     /// Cuts off an agent no gateway of ours serves, lists it as failed with the reason
     /// and records it.
     fn strand(&self, name: &str, stranded: Stranded) {
         let cut = self.cut_off(&stranded.cgroup);
+        // Whatever serves it later, this cut is lifted by an operator, not by a restart.
+        if let Some(dir) = &stranded.dir {
+            let _ = std::fs::remove_file(dir.join(SUSPENDED));
+        }
         let mut event = Event::new(EventKind::BreakerTripped)
             .agent(name)
             .rule("gateway_unavailable")
