@@ -101,6 +101,11 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 impl Daemon {
     fn start(test: &str) -> Self {
+        Self::start_with(test, "")
+    }
+
+    /// [`start`](Self::start) with `extra_config` appended to the daemon's config.
+    fn start_with(test: &str, extra_config: &str) -> Self {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let unique = format!("enforcer-dtest-{}-{n}-{test}", std::process::id());
         let dir = tempfile::Builder::new()
@@ -140,7 +145,7 @@ impl Daemon {
             format!(
                 "state_dir = \"{d}/state\"\naudit_dir = \"{d}/audit\"\naudit_key = \"{d}/audit.key\"\n\
                  trust_dir = \"{d}/trust\"\nsecrets = \"{d}/secrets\"\ncontrol_socket = \"{d}/run/control.sock\"\n\
-                 pin_dir = \"{pins}\"\ncgroup_parent = \"{unique}\"\nshutdown_grace_secs = 0\n",
+                 pin_dir = \"{pins}\"\ncgroup_parent = \"{unique}\"\nshutdown_grace_secs = 0\n{extra_config}",
                 d = d.display(),
                 pins = pin_dir.display(),
             ),
@@ -192,6 +197,27 @@ impl Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// `enforcer shutdown`, then waits for the daemon to exit.
+    fn shutdown(&mut self) {
+        let out = self.ctl(&["shutdown"]);
+        assert!(
+            out.status.success(),
+            "shutdown: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(mut child) = self.child.take() {
+            let started = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if started.elapsed() > Duration::from_secs(20) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the daemon did not stop:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
@@ -833,4 +859,536 @@ fn kill_9_of_the_daemon_keeps_agents_confined_and_budgets_spent() {
         d.log()
     );
     assert_eq!(up.count(), 3);
+}
+
+/// One request on the control socket, as the operator's tools send it.
+fn control(d: &Daemon, request: &serde_json::Value) -> serde_json::Value {
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(d.path("run/control.sock")).expect("control");
+    let mut line = serde_json::to_vec(request).expect("request");
+    line.push(b'\n');
+    stream.write_all(&line).expect("send");
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .expect("answer");
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+/// The agent's gateway address, from `enforcer agents NAME`.
+fn gateway_of(d: &Daemon, agent: &str) -> SocketAddr {
+    let out = d.ctl(&["agents", agent]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "agents {agent}: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    status["gateway"]
+        .as_str()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("gateway address in {status}"))
+}
+
+#[test]
+fn a_gateway_address_taken_while_the_daemon_is_down_leaves_the_agent_cut_off() {
+    if !privileged("a_gateway_address_taken_while_the_daemon_is_down_leaves_the_agent_cut_off") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("taken");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("taken", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    let gateway = gateway_of(&d, "agent-taken");
+    d.shutdown();
+    // Another local process takes the address while no gateway holds it, and answers
+    // like a gateway would.
+    let impostor = common::Server::start(&gateway.to_string());
+    d.spawn();
+
+    // The agent's proxy is that address: it must not reach it.
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, false], "{:?}\n{}", probes.results, d.log());
+    assert_eq!(impostor.accepted(), 0, "the agent reached the impostor");
+    assert_eq!(up.count(), 1);
+    let log = d.log();
+    assert!(log.contains("cut off in the kernel"), "{log}");
+}
+
+#[test]
+fn an_agent_without_a_gateway_is_listed_as_failed() {
+    if !privileged("an_agent_without_a_gateway_is_listed_as_failed") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("failed");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("failed", up.addr, 600, "");
+    let port = up.addr.port().to_string();
+    let (child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["wait", "tcp4", "127.0.0.1", &port, "http", "GET", &url, ""]),
+    );
+    let gateway = gateway_of(&d, "agent-failed");
+    d.kill9();
+    let _impostor = TcpListener::bind(gateway).expect("take the gateway address");
+    d.spawn();
+    let out = d.ctl(&["agents", "agent-failed"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["state"], "failed", "{status}");
+    let failure = status["failure"].as_str().unwrap_or_default();
+    assert!(failure.contains(&gateway.to_string()), "{status}");
+    let all = d.ctl(&["agents"]);
+    assert!(
+        String::from_utf8_lossy(&all.stdout).contains("agent-failed"),
+        "{}",
+        String::from_utf8_lossy(&all.stdout)
+    );
+    // Not resettable into an open kernel entry with nobody of ours behind the address.
+    let reset = d.ctl(&["reset", "agent-failed"]);
+    assert!(!reset.status.success(), "a failed agent was reset");
+    // A new Envelope takes the agent over, with a gateway of its own elsewhere; the old
+    // address stays out of reach.
+    let renewed = d.envelope("failed", up.addr, 600, "");
+    let answer = control(
+        &d,
+        &serde_json::json!({
+            "version": 1,
+            "op": "activate",
+            "envelope": std::fs::read_to_string(&renewed).expect("envelope"),
+        }),
+    );
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["result"]["state"], "active", "{answer}");
+    assert_ne!(gateway_of(&d, "agent-failed"), gateway);
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![false, false], "{:?}", probes.results);
+    // The agent's end (its `enforcer run` deactivates it) removes it.
+    let after = d.ctl(&["agents", "agent-failed"]);
+    assert!(!after.status.success(), "still listed after its end");
+    assert!(d.audit_text().contains("gateway_unavailable"));
+}
+
+#[test]
+fn a_new_envelope_serves_the_same_socket_and_a_failed_replacement_keeps_the_old_gateway() {
+    if !privileged(
+        "a_new_envelope_serves_the_same_socket_and_a_failed_replacement_keeps_the_old_gateway",
+    ) {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("replace");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let first = d.envelope("replace", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(
+        &first,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    let gateway = gateway_of(&d, "agent-replace");
+    // A replacement that fails half-way (its interception CA cannot be written) must
+    // leave the running gateway serving.
+    let blocker = d.path("state/public/agent-replace-ca.tmp");
+    std::fs::create_dir(&blocker).expect("block the CA file");
+    let second = d.envelope("replace", up.addr, 600, "");
+    let answer = control(
+        &d,
+        &serde_json::json!({
+            "version": 1,
+            "op": "activate",
+            "envelope": std::fs::read_to_string(&second).expect("envelope"),
+        }),
+    );
+    std::fs::remove_dir(&blocker).expect("unblock");
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert_eq!(gateway_of(&d, "agent-replace"), gateway);
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, true], "{:?}\n{}", probes.results, d.log());
+}
+
+#[test]
+fn a_revocation_that_cannot_be_saved_still_cuts_the_agent_off() {
+    if !privileged("a_revocation_that_cannot_be_saved_still_cuts_the_agent_off") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("unsaved");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("unsaved", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    // The revocation list cannot be appended to.
+    let list = d.path("state/revoked-envelopes");
+    let _ = std::fs::remove_file(&list);
+    std::fs::create_dir(&list).expect("block the revocation list");
+    let revoked = d.ctl(&["revoke", "agent-unsaved"]);
+    let stderr = String::from_utf8_lossy(&revoked.stderr);
+    let status = d.ctl(&["agents", "agent-unsaved"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, false], "{:?}\n{}", probes.results, d.log());
+    assert_eq!(up.count(), 1, "a revoked agent reached the upstream");
+    assert!(
+        !revoked.status.success(),
+        "an unsaved revocation was reported as done"
+    );
+    assert!(stderr.contains("cut off"), "{stderr}");
+    assert_eq!(status["state"], "revoked", "{status}");
+    assert_eq!(status["kernel_entry"], "tripped", "{status}");
+}
+
+#[test]
+fn a_restart_resumes_the_last_envelope_of_a_replaced_agent() {
+    if !privileged("a_restart_resumes_the_last_envelope_of_a_replaced_agent") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("replaced");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let first = d.envelope("replaced", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(
+        &first,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    let mut last = String::new();
+    for _ in 0..2 {
+        let next = d.envelope("replaced", up.addr, 600, "");
+        let answer = control(
+            &d,
+            &serde_json::json!({
+                "version": 1,
+                "op": "activate",
+                "envelope": std::fs::read_to_string(&next).expect("envelope"),
+            }),
+        );
+        assert_eq!(answer["ok"], true, "{answer}");
+        last = answer["result"]["envelope"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+    }
+    // Records are saved off the activation path.
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill9();
+    d.spawn();
+    let out = d.ctl(&["agents", "agent-replaced"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["envelope"], last.as_str(), "{status}\n{}", d.log());
+    assert_eq!(status["state"], "active", "{status}");
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, true], "{:?}\n{}", probes.results, d.log());
+}
+
+/// An agent that loops on a denied `sendto` for SECS seconds, prints how many were denied,
+/// then waits for a line on stdin.
+const UDP_FLOOD: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print("flooding", flush=True)
+end = time.time() + float(sys.argv[1])
+denied = 0
+while time.time() < end:
+    try:
+        s.sendto(b"x", ("127.0.0.1", 9))
+    except OSError:
+        denied += 1
+print(denied, flush=True)
+sys.stdin.readline()
+"#;
+
+#[test]
+fn a_kernel_deny_flood_is_summed_up_and_other_agents_stay_served() {
+    if !privileged("a_kernel_deny_flood_is_summed_up_and_other_agents_stay_served") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("flood");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let flood_env = d.envelope("flood", up.addr, 600, "");
+    let busy_env = d.envelope("busy", up.addr, 600, "");
+    let secs = 4u64;
+    let mut flood = d
+        .enforcer()
+        .args(["run", "--envelope"])
+        .arg(&flood_env)
+        .args(["--", "/usr/bin/python3", "-c", UDP_FLOOD, &secs.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("enforcer run");
+    let mut flood_out = BufReader::new(flood.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    wait_for_line(&mut flood_out, "flooding", &mut seen);
+
+    // Meanwhile another agent works.
+    let requests = 40;
+    let mut probe_args = Vec::new();
+    for _ in 0..requests {
+        probe_args.extend(a(&["http", "GET", &url, ""]));
+    }
+    let (out, probes) = d.run(&busy_env, &probe_args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused: Vec<_> = probes.results.iter().filter(|r| !r.1).collect();
+    assert!(
+        refused.is_empty() && probes.results.len() == requests,
+        "refused while another agent flooded: {refused:?}"
+    );
+
+    let mut line = String::new();
+    flood_out.read_line(&mut line).expect("flood count");
+    let denied_by_python: u64 = line.trim().parse().expect("a count");
+    assert!(
+        denied_by_python > 1000,
+        "the flood was too small to mean much"
+    );
+    // The agent still lives: its kernel counters and the lost-event counter, then the last
+    // summaries, a window later.
+    let status = d.ctl(&["agents", "agent-flood"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    let kernel_denied: u64 = status["kernel"]["denied"]
+        .as_object()
+        .map(|hooks| hooks.values().filter_map(|n| n.as_u64()).sum())
+        .unwrap_or_default();
+    let kstatus = d.ctl(&["status", "--json"]);
+    let kstatus: serde_json::Value = serde_json::from_slice(&kstatus.stdout).expect("json");
+    let lost = kstatus["lost_events"].as_u64().expect("lost_events");
+    std::thread::sleep(Duration::from_millis(2500));
+    let shown = Command::new(enforcer_bin())
+        .args([
+            "audit",
+            "show",
+            "--json",
+            "--kind",
+            "kernel_deny",
+            "--agent",
+            "agent-flood",
+        ])
+        .arg(d.path("audit"))
+        .output()
+        .expect("audit show");
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&shown.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let _ = flood.stdin.take().map(|mut s| s.write_all(b"\n"));
+    let _ = flood.wait();
+    let counted: u64 = records
+        .iter()
+        .map(|r| r["details"]["count"].as_u64().unwrap_or(1))
+        .sum();
+    // One record at the start of the burst and one a second after: not one per denial.
+    assert!(
+        !records.is_empty() && records.len() as u64 <= 2 * (secs + 2),
+        "{} kernel_deny records for {denied_by_python} denials",
+        records.len()
+    );
+    assert_eq!(kernel_denied, denied_by_python, "{status}");
+    // The records count the denials the kernel reported (it may report a sample, and its
+    // ring buffer may lose some), and carry its exact counter.
+    assert!(
+        counted > 0 && counted + lost <= kernel_denied,
+        "records count {counted}, the ring buffer lost {lost}, the kernel denied {kernel_denied}"
+    );
+    let totals: Vec<u64> = records
+        .iter()
+        .filter_map(|r| r["details"]["denied_total"].as_u64())
+        .collect();
+    assert_eq!(totals.len(), records.len(), "{records:?}");
+    assert!(
+        totals.windows(2).all(|w| w[0] <= w[1]) && totals.last() <= Some(&kernel_denied),
+        "{totals:?} against {kernel_denied}"
+    );
+}
+
+#[test]
+fn metrics_connections_are_capped_and_idle_ones_closed() {
+    if !privileged("metrics_connections_are_capped_and_idle_ones_closed") {
+        return;
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let metrics: SocketAddr = ([127, 0, 0, 1], port).into();
+    let d = Daemon::start_with("metrics", &format!("metrics_listen = \"{metrics}\"\n"));
+    let scrape = || -> String {
+        let mut s = TcpStream::connect(metrics).expect("connect to metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    let wait_for = Instant::now();
+    while !scrape().contains("enforcer_agents") {
+        assert!(
+            wait_for.elapsed() < Duration::from_secs(10),
+            "metrics never answered:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Connections that never finish their request head, more than the daemon serves.
+    let cap = 32;
+    let mut idle: Vec<TcpStream> = (0..cap + 8)
+        .map(|_| {
+            let mut s = TcpStream::connect(metrics).expect("connect");
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Past the cap, a connection is closed unserved.
+    let answer = scrape();
+    assert!(
+        answer.is_empty(),
+        "served past the connection cap: {answer}"
+    );
+    // The idle ones are closed after the header timeout (5 s), which frees the slots.
+    let started = Instant::now();
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap_or(0);
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            n == 0 || head.starts_with("HTTP/1.1 408"),
+            "an idle connection got {head:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "idle connections were kept {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(scrape().contains("enforcer_agents"), "{}", d.log());
+}
+
+#[test]
+fn the_control_socket_directory_must_be_roots_and_is_never_chmodded() {
+    if !privileged("the_control_socket_directory_must_be_roots_and_is_never_chmodded") {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut d = Daemon::start("ctldir");
+    // The default: a directory the daemon made, root's and 0700.
+    let run = d.path("run");
+    let meta = std::fs::metadata(&run).expect("run dir");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o700));
+    d.shutdown();
+
+    // Starts the daemon and expects it to refuse, naming the directory.
+    let refused = |why: &str| {
+        let mut child = Command::new(enforcer_bin())
+            .args(["daemon", "--config"])
+            .arg(d.path("enforcer.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        let started = Instant::now();
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = Command::new(enforcer_bin())
+                    .env("ENFORCER_CONTROL_SOCKET", d.path("run/control.sock"))
+                    .arg("shutdown")
+                    .output();
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the daemon started with a control directory {why}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        let _ = child
+            .stderr
+            .take()
+            .map(|mut e| e.read_to_string(&mut stderr));
+        assert!(!status.success(), "{why}: {stderr}");
+        assert!(
+            stderr.contains(&run.display().to_string()),
+            "{why}: {stderr}"
+        );
+    };
+
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    refused("others may write to");
+    let mode = std::fs::metadata(&run).expect("run dir").mode() & 0o777;
+    assert_eq!(
+        mode, 0o777,
+        "the daemon changed an existing directory's mode"
+    );
+
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    nix::unistd::chown(&run, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    refused("of another user");
+    nix::unistd::chown(&run, Some(nix::unistd::Uid::from_raw(0)), None).expect("chown");
+
+    // Root's and closed to others again: it starts.
+    d.spawn();
+}
+
+#[test]
+fn a_stopped_daemon_leaves_agents_cut_off_until_it_serves_them_again() {
+    if !privileged("a_stopped_daemon_leaves_agents_cut_off_until_it_serves_them_again") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("suspend");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("suspend", up.addr, 600, "");
+    let (mut child, mut reader, mut seen) = d.run_until_ready(
+        &env,
+        &a(&[
+            "http", "GET", &url, "", "wait", "http", "GET", &url, "", "wait", "http", "GET", &url,
+            "",
+        ]),
+    );
+    let gateway = gateway_of(&d, "agent-suspend");
+    let mut stdin = child.stdin.take().expect("stdin");
+    d.shutdown();
+    // While the daemon is down another process holds the gateway's address.
+    let impostor = common::Server::start(&gateway.to_string());
+    stdin.write_all(b"go\n").expect("go");
+    wait_for_line(&mut reader, "ready", &mut seen);
+    assert_eq!(impostor.accepted(), 0, "the agent reached the impostor");
+    drop(impostor);
+    std::thread::sleep(Duration::from_millis(100));
+    // Back, with the address free: the agent goes on where it was.
+    d.spawn();
+    stdin.write_all(b"go\n").expect("go");
+    drop(stdin);
+    let (_, probes) = common::finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(
+        oks,
+        vec![true, false, true],
+        "{:?}\n{}",
+        probes.results,
+        d.log()
+    );
+    assert_eq!(up.count(), 2);
 }

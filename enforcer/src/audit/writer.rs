@@ -416,6 +416,14 @@ impl AuditLog {
         ))
     }
 
+    /// Records queued and not yet taken by a writer, and how many may wait: a caller whose
+    /// records can wait or be summed up (kernel deny events) looks here to leave the queue
+    /// to the records that requests wait for.
+    pub fn queue_load(&self) -> (usize, usize) {
+        let h = &*self.handle;
+        (h.queue.lock().records, h.capacity)
+    }
+
     /// Queues a record without waiting; the result resolves once it is durable. An error
     /// means it will not be recorded and the caller must refuse the action it describes.
     pub fn submit(&self, event: Event) -> Result<PendingRecord, AuditError> {

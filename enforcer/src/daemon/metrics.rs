@@ -1,9 +1,9 @@
 //! Prometheus text-format metrics for operators, on their own address (never the agents').
-use std::{fmt::Write, net::SocketAddr, sync::Arc, sync::atomic::Ordering};
+use std::{fmt::Write, net::SocketAddr, sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use super::{AgentState, Daemon};
 
@@ -17,13 +17,18 @@ pub(super) fn render(daemon: &Daemon) -> String {
         out,
         "# HELP enforcer_agents Agents by state.\n# TYPE enforcer_agents gauge"
     );
+    let failed = daemon.stranded.lock().map(|s| s.len()).unwrap_or(0);
     for state in [
         AgentState::Active,
         AgentState::Tripped,
         AgentState::Expired,
         AgentState::Revoked,
+        AgentState::Failed,
     ] {
-        let n = agents.values().filter(|a| a.state() == state).count();
+        let n = match state {
+            AgentState::Failed => failed,
+            _ => agents.values().filter(|a| a.state() == state).count(),
+        };
         let label = serde_json::to_value(state)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -117,6 +122,13 @@ pub(super) fn render(daemon: &Daemon) -> String {
             );
         }
     }
+    if let Ok(denials) = daemon.denials.lock() {
+        let _ = writeln!(
+            out,
+            "# HELP enforcer_kernel_denials_pending Kernel denials counted and not yet in the audit log (summed up per second).\n# TYPE enforcer_kernel_denials_pending gauge\nenforcer_kernel_denials_pending {}",
+            denials.pending()
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP enforcer_trips_total Circuit breaker trips.\n# TYPE enforcer_trips_total counter\nenforcer_trips_total {}",
@@ -124,6 +136,14 @@ pub(super) fn render(daemon: &Daemon) -> String {
     );
     out
 }
+
+/// Metrics connections served at once; more are closed at accept. Each costs a file
+/// descriptor, and the daemon's descriptors are what its agents' gateways need.
+pub(super) const MAX_CONNECTIONS: usize = 32;
+/// A scraper sends its request at once; one that does not is closed after this long.
+pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection is kept longer, whatever it does.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 pub(super) async fn serve(daemon: Arc<Daemon>, addr: SocketAddr) {
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -133,12 +153,25 @@ pub(super) async fn serve(daemon: Arc<Daemon>, addr: SocketAddr) {
             return;
         }
     };
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors (or the like): retrying at once would spin a core
+                // and free nothing.
+                tracing::warn!(%addr, error = %e, "accepting a metrics connection failed");
+                tokio::time::sleep(super::ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%addr, limit = MAX_CONNECTIONS, "metrics connection limit reached; closing");
             continue;
         };
         let daemon = daemon.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |_req| {
                 let body = daemon.metrics_text();
                 async move {
@@ -150,9 +183,13 @@ pub(super) async fn serve(daemon: Arc<Daemon>, addr: SocketAddr) {
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
         });
     }
 }

@@ -5,6 +5,7 @@
 //! gateway in one step; everything that must survive a restart (budgets, breaker states,
 //! used Envelope ids, revocations, agent records) is on disk before it takes effect.
 pub mod config;
+mod deny_log;
 mod metrics;
 
 use std::{
@@ -64,6 +65,13 @@ pub enum DaemonError {
     },
     #[error("the daemon must run as root")]
     NotRoot,
+    #[error(
+        "{path}: {problem}, so the control socket cannot go there: only root may write to \
+         its directory. Make it so (`chown root {path} && chmod go-w {path}`), or set \
+         control_socket to a path in a directory that does not exist yet, which the daemon \
+         creates (root's, 0700)"
+    )]
+    ControlDir { path: PathBuf, problem: String },
     #[error("no free gateway port in {first}..={last} on {ip}")]
     NoPort {
         ip: std::net::IpAddr,
@@ -72,8 +80,24 @@ pub enum DaemonError {
     },
     #[error("no agent named {0}")]
     UnknownAgent(String),
+    #[error(
+        "agent {agent} has no gateway ({reason}), so it stays cut off in the kernel; \
+         a new Envelope for it, or its end, clears this"
+    )]
+    NoGateway { agent: String, reason: String },
     #[error("the Envelope {0} was revoked on this host")]
     Revoked(String),
+    #[error(
+        "agent {agent} is cut off and its Envelope {id} refused, but the revocation could \
+         not be saved ({source}), so a restart of the daemon would forget it: fix the \
+         state directory and revoke again"
+    )]
+    RevocationNotSaved {
+        agent: String,
+        id: String,
+        #[source]
+        source: Box<DaemonError>,
+    },
     #[error(
         "{path}: {fields} cannot change while the daemon runs, so nothing was reloaded; \
          restart the daemon to change them (agents stay confined meanwhile)"
@@ -97,7 +121,9 @@ impl DaemonError {
         match self {
             DaemonError::Verify(e) => e.kind(),
             DaemonError::UnknownAgent(_) => "unknown_agent",
+            DaemonError::NoGateway { .. } => "no_gateway",
             DaemonError::Revoked(_) => "revoked",
+            DaemonError::RevocationNotSaved { .. } => "revocation_not_saved",
             DaemonError::ReloadRefused { .. } | DaemonError::ReloadSecrets { .. } => {
                 "reload_refused"
             }
@@ -132,6 +158,29 @@ fn socket_cgroups_are_told(ip: std::net::IpAddr) -> Result<(), DaemonError> {
     }
 }
 
+/// Every agent's gateway, its connections and their upstream connections, the audit log
+/// and the control socket take descriptors: the soft limit (often 1024) is raised to the
+/// hard one, so running out of descriptors is a limit the operator set.
+fn raise_open_files_limit() -> Result<u64, DaemonError> {
+    let context = "raising the open files limit (RLIMIT_NOFILE) to its hard limit";
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io_err(context)(std::io::Error::last_os_error()));
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(io_err(context)(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     let context = context.into();
     move |source| DaemonError::Io { context, source }
@@ -144,7 +193,28 @@ enum AgentState {
     Tripped,
     Expired,
     Revoked,
+    /// Its cgroup exists but its gateway could not be started: cut off in the kernel.
+    Failed,
 }
+
+/// How long an accept loop waits after a failed accept before it tries again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Kernel denials of one agent, hook, reason and destination are summed over this long
+/// into one audit record (the first of a burst is recorded at once).
+const DENY_WINDOW: Duration = Duration::from_secs(1);
+/// Bursts counted apart at most; more are summed with less detail (see `deny_log`).
+const DENY_BURSTS: usize = 1024;
+/// New bursts recorded at their first denial per window at most; the rest wait for
+/// their summary.
+const DENY_AT_ONCE: usize = 64;
+
+/// The agent record in an agent's state directory, and its name once that directory
+/// holds a replaced Envelope's state.
+const RECORD: &str = "agent.json";
+const REPLACED_RECORD: &str = "replaced-agent.json";
+/// Marks an agent the daemon cut off itself when it stopped (see `Daemon::suspend`).
+const SUSPENDED: &str = "suspended";
 
 /// What is persisted of an agent so a restarted daemon can resume it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -167,11 +237,27 @@ struct Agent {
     cgroup: AgentCgroup,
     gateway: Arc<Gateway>,
     gateway_addr: SocketAddr,
+    /// The gateway's listening socket, held apart from the gateway that serves it: a new
+    /// Envelope for the agent is served on this very socket, so its address is never
+    /// unbound for another local process to take while the agent may still connect to it.
+    listener: std::net::TcpListener,
     ca_path: PathBuf,
     dir: PathBuf,
     stop: Arc<Notify>,
     counts: Arc<DecisionCounts>,
     revoked: bool,
+}
+
+/// An agent whose cgroup exists but whose gateway could not be started (a failed resume,
+/// an address another process holds, a failed end). Its kernel entry is tripped, so the
+/// address its gateway had leads nowhere, whoever binds it meanwhile.
+struct Stranded {
+    cgroup: AgentCgroup,
+    envelope_id: Option<String>,
+    gateway: Option<SocketAddr>,
+    /// Where its record is, removed when it ends.
+    dir: Option<PathBuf>,
+    reason: String,
 }
 
 impl Agent {
@@ -202,6 +288,9 @@ pub struct Daemon {
     used_ids: Mutex<UsedIds>,
     revoked: Mutex<BTreeSet<String>>,
     agents: Mutex<BTreeMap<String, Agent>>,
+    stranded: Mutex<BTreeMap<String, Stranded>>,
+    /// Kernel denials counted for the audit log (see `deny_log`).
+    denials: Mutex<deny_log::DenyLog>,
     activation: tokio::sync::Mutex<()>,
     upstream_tls: Arc<rustls::ClientConfig>,
     shutdown: Notify,
@@ -316,7 +405,16 @@ impl Daemon {
         if !nix::unistd::geteuid().is_root() {
             return Err(DaemonError::NotRoot);
         }
+        raise_open_files_limit()?;
         let cfg = loaded.config.clone();
+        // Before anything is set up: a directory that refuses the socket stops the start.
+        if let Some(dir) = cfg
+            .control_socket
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            control_dir(dir)?;
+        }
         // Agents may reach exactly one thing below the state directory: their CA file in
         // `public/`. The state directory is traversable but not listable; all else is 0700.
         for (dir, mode) in [
@@ -365,6 +463,12 @@ impl Daemon {
             used_ids: Mutex::new(used_ids),
             revoked: Mutex::new(revoked),
             agents: Mutex::new(BTreeMap::new()),
+            stranded: Mutex::new(BTreeMap::new()),
+            denials: Mutex::new(deny_log::DenyLog::new(
+                DENY_WINDOW,
+                DENY_BURSTS,
+                DENY_AT_ONCE,
+            )),
             activation: tokio::sync::Mutex::new(()),
             upstream_tls,
             shutdown: Notify::new(),
@@ -401,14 +505,20 @@ impl Daemon {
             m.abort();
         }
         let _ = std::fs::remove_file(&cfg.control_socket);
-        // Gateways stop taking connections; requests in flight get the grace period. The
-        // kernel entries stay: agents keep running, confined, with a dead gateway.
+        // Gateways stop taking connections; requests in flight get the grace period.
+        // Agents keep running, cut off until the next start serves their gateways again.
         if let Ok(agents) = daemon.agents.lock() {
             for agent in agents.values() {
                 agent.stop.notify_one();
+                daemon.suspend(agent);
             }
         }
         tokio::time::sleep(Duration::from_secs(cfg.shutdown_grace_secs)).await;
+        if let Ok(mut denials) = daemon.denials.lock() {
+            denials.drain(std::time::Instant::now(), |s| {
+                daemon.record_denials(s, true)
+            });
+        }
         let _ = daemon
             .audit
             .append(Event::new(EventKind::DaemonStopped))
@@ -518,10 +628,20 @@ impl Daemon {
         }
         let name = agent_name(&verified.envelope().subject);
         // A new Envelope for a running agent replaces its grant: same cgroup, same gateway
-        // address, fresh budgets and a closed breaker.
+        // socket, fresh budgets and a closed breaker. One for an agent left without a
+        // gateway takes over its cgroup, which stays cut off until the new gateway serves.
         let previous = self.agents.lock().ok().and_then(|mut a| a.remove(&name));
+        let stranded = match &previous {
+            Some(_) => None,
+            None => self
+                .stranded
+                .lock()
+                .map_err(|_| poisoned())?
+                .get(&name)
+                .map(|s| s.cgroup.clone()),
+        };
         let result = self
-            .set_up(&name, verified, envelope_json, previous.as_ref())
+            .set_up(&name, verified, envelope_json, previous.as_ref(), stranded)
             .await;
         match result {
             Ok((agent, notes)) => {
@@ -529,6 +649,9 @@ impl Daemon {
                     prev.gateway.retire();
                     prev.stop.notify_one();
                     tracing::info!(agent = %name, old = prev.envelope.id(), new = agent.envelope.id(), "Envelope replaced");
+                }
+                if let Ok(mut stranded) = self.stranded.lock() {
+                    stranded.remove(&name);
                 }
                 let summary = self.describe(&agent);
                 let _ = self.audit.submit(
@@ -547,6 +670,7 @@ impl Daemon {
                 Ok(summary)
             }
             Err(e) => {
+                // The previous gateway was never stopped: it goes on serving its Envelope.
                 if let (Some(prev), Ok(mut agents)) = (previous, self.agents.lock()) {
                     agents.insert(name, prev);
                 }
@@ -566,10 +690,11 @@ impl Daemon {
         verified: VerifiedEnvelope,
         envelope_json: &str,
         previous: Option<&Agent>,
+        stranded: Option<AgentCgroup>,
     ) -> Result<(Agent, Vec<String>), DaemonError> {
         let mut undo = Undo::default();
         let outcome = self
-            .try_set_up(name, verified, envelope_json, previous, &mut undo)
+            .try_set_up(name, verified, envelope_json, previous, stranded, &mut undo)
             .await;
         if outcome.is_err() {
             undo.run(self);
@@ -583,13 +708,15 @@ impl Daemon {
         verified: VerifiedEnvelope,
         envelope_json: &str,
         previous: Option<&Agent>,
+        stranded: Option<AgentCgroup>,
         undo: &mut Undo,
     ) -> Result<(Agent, Vec<String>), DaemonError> {
         let cfg = self.config();
         let mut notes = Vec::new();
-        let cgroup = match previous {
-            Some(prev) => prev.cgroup.clone(),
-            None => {
+        let cgroup = match (previous, stranded) {
+            (Some(prev), _) => prev.cgroup.clone(),
+            (None, Some(cgroup)) => cgroup,
+            (None, None) => {
                 let cgroup = self.parent.create_agent(name)?;
                 undo.cgroup = Some(cgroup.clone());
                 cgroup
@@ -611,27 +738,46 @@ impl Daemon {
             ));
             std::fs::rename(&dir, &old)
                 .map_err(io_err(format!("moving {} aside", dir.display())))?;
+            undo.moved_aside = Some((old.clone(), dir.clone()));
+            // What is moved aside is history, never an agent to resume.
+            match std::fs::rename(old.join(RECORD), old.join(REPLACED_RECORD)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(io_err(format!("retiring the record in {}", old.display()))(
+                        e,
+                    ));
+                }
+            }
         }
         std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         undo.dir = Some(dir.clone());
+        // A replacement serves the socket the previous gateway serves: the address is
+        // never unbound, and if anything below fails the previous gateway goes on.
         let listener = match previous {
-            Some(prev) => {
-                prev.gateway.retire();
-                prev.stop.notify_one();
-                bind_retry(prev.gateway_addr).await?
-            }
+            Some(prev) => prev.listener.try_clone().map_err(io_err(format!(
+                "sharing the gateway socket {}",
+                prev.gateway_addr
+            )))?,
             None => bind_free_port(cfg.gateway_ip, cfg.gateway_ports, &self.next_port).await?,
         };
         let gateway_addr = listener.local_addr().map_err(io_err("gateway address"))?;
+        let serving = serving_handle(&listener, gateway_addr)?;
         let (gateway, counts) = self.new_gateway(name, &verified, &dir, cgroup.id)?;
         let ca_path = self.write_ca(name, &gateway)?;
 
         let deadline = boottime_deadline(verified.envelope().expires_at.0)?;
         {
             let mut kernel = self.kernel.lock().map_err(|_| poisoned())?;
+            // A cgroup that is not new has an entry of its own (its previous Envelope's, or
+            // the trip of a stranded agent): a failure below puts that back.
+            let before = match undo.cgroup {
+                Some(_) => None,
+                None => kernel.agent(cgroup.id)?,
+            };
             kernel.set_agent(cgroup.id, &AgentPolicy::for_gateway(gateway_addr, deadline))?;
+            undo.kernel_entry = Some((cgroup.id, before));
         }
-        undo.kernel_entry = previous.is_none().then_some(cgroup.id);
 
         // The point of no return: the id is spent only once everything else worked.
         self.used_ids
@@ -644,14 +790,14 @@ impl Daemon {
             gateway: gateway_addr,
         };
         // The record only lets a restarted daemon resume the agent; until it is on disk a
-        // crash leaves the agent cut off (its gateway is gone), never open. So it is made
-        // durable off the activation path: the Envelope first, then the record that points
-        // to it, renamed into place.
+        // restart finds no record and the agent gets no gateway. So it is made durable off
+        // the activation path: the Envelope first, then the record that points to it,
+        // renamed into place.
         let record_dir = dir.clone();
         let envelope_bytes = envelope_json.to_owned();
         tokio::task::spawn_blocking(move || {
             let saved = write_synced(&record_dir.join("envelope.json"), envelope_bytes.as_bytes())
-                .and_then(|()| write_json(&record_dir.join("agent.json"), &record));
+                .and_then(|()| write_json(&record_dir.join(RECORD), &record));
             if let Err(e) = saved {
                 tracing::error!(error = %e, "saving the agent record failed; a restart will not resume it");
             }
@@ -661,7 +807,7 @@ impl Daemon {
         tokio::spawn(
             gateway
                 .clone()
-                .serve(listener, async move { stop2.notified().await }),
+                .serve(serving, async move { stop2.notified().await }),
         );
         *undo = Undo::default();
         Ok((
@@ -671,6 +817,7 @@ impl Daemon {
                 cgroup,
                 gateway,
                 gateway_addr,
+                listener,
                 ca_path,
                 dir,
                 stop,
@@ -681,79 +828,132 @@ impl Daemon {
         ))
     }
 
-    /// Resumes the agents of a previous run from their records.
+    /// Resumes the agents of a previous run from their records. An agent whose cgroup
+    /// still exists but that cannot be resumed is cut off in the kernel and listed as
+    /// failed: its gateway's address is free for anyone to bind now.
     async fn resume(&self) {
         let agents_dir = self.config().state_dir.join("agents");
         let Ok(entries) = std::fs::read_dir(&agents_dir) else {
             return;
         };
+        // Only `agents/NAME` holding NAME's record is an agent: anything else (the state of
+        // replaced Envelopes moved aside, stray files) must not bring back a grant.
+        let mut ignored = Vec::new();
         for entry in entries.flatten() {
-            let record_path = entry.path().join("agent.json");
+            let dir = entry.path();
+            let record_path = dir.join(RECORD);
             if !record_path.is_file() {
                 continue;
             }
-            if let Err(e) = self.resume_one(&entry.path()).await {
-                tracing::error!(dir = %entry.path().display(), error = %e, "could not resume an agent; it stays cut off in the kernel");
+            let Some(dir_name) = entry
+                .file_name()
+                .to_str()
+                .filter(|n| crate::sandbox::validate_agent_name(n).is_ok())
+                .map(str::to_owned)
+            else {
+                ignored.push(dir.display().to_string());
+                continue;
+            };
+            let record: AgentRecord = match read_json(&record_path) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::error!(dir = %dir.display(), error = %e, "unreadable agent record; not resumed");
+                    continue;
+                }
+            };
+            if record.name != dir_name {
+                ignored.push(dir.display().to_string());
+                continue;
             }
+            let Ok(cgroup) = self.parent.agent(&record.name) else {
+                // The cgroup is gone (a reboot): nothing left to resume.
+                let _ = std::fs::remove_file(&record_path);
+                continue;
+            };
+            if let Err(e) = self.resume_one(&record, &dir, &cgroup).await {
+                self.strand(
+                    &record.name,
+                    Stranded {
+                        cgroup,
+                        envelope_id: Some(record.envelope_id.clone()),
+                        gateway: Some(record.gateway),
+                        dir: Some(dir.clone()),
+                        reason: format!("could not be resumed: {e}"),
+                    },
+                );
+            }
+        }
+        if !ignored.is_empty() {
+            tracing::warn!(
+                dirs = ?ignored,
+                "agent records outside an agent's own directory were not resumed"
+            );
         }
     }
 
-    async fn resume_one(&self, dir: &Path) -> Result<(), DaemonError> {
-        let record: AgentRecord = read_json(&dir.join("agent.json"))?;
+    async fn resume_one(
+        &self,
+        record: &AgentRecord,
+        dir: &Path,
+        cgroup: &AgentCgroup,
+    ) -> Result<(), DaemonError> {
         let envelope_json = std::fs::read_to_string(dir.join("envelope.json"))
             .map_err(io_err("reading a saved Envelope"))?;
-        let cgroup = match self.parent.agent(&record.name) {
-            Ok(cgroup) => cgroup,
-            Err(_) => {
-                // The cgroup is gone (a reboot): nothing left to resume.
-                let _ = std::fs::remove_file(dir.join("agent.json"));
-                return Ok(());
-            }
-        };
         // The id is spent already; everything else is checked again.
-        let verified = match self
+        let verified = self
             .grants()?
             .verifier
-            .verify(envelope_json.as_bytes(), &UsedIds::in_memory())
-        {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(agent = %record.name, kind = e.kind(), "saved Envelope no longer valid; the agent stays cut off");
-                if e.kind() != "expired" {
-                    let _ = self.kernel.lock().map(|mut k| k.trip(cgroup.id));
-                }
-                return Ok(());
-            }
-        };
+            .verify(envelope_json.as_bytes(), &UsedIds::in_memory())?;
         let revoked = self
             .revoked
             .lock()
             .map(|r| r.contains(verified.id()))
             .unwrap_or(true);
         let listener = bind_retry(record.gateway).await?;
+        let serving = serving_handle(&listener, record.gateway)?;
         let (gateway, counts) = self.new_gateway(&record.name, &verified, dir, cgroup.id)?;
         // A new CA: the old one died with the old process, so the agent's file is rewritten.
         let ca_path = self.write_ca(&record.name, &gateway)?;
-        if gateway.breaker().open_reason().is_some() || revoked {
+        let cut = gateway.breaker().open_reason().is_some() || revoked;
+        if cut {
             self.kernel
                 .lock()
                 .map_err(|_| poisoned())?
                 .trip(cgroup.id)?;
+        }
+        // Cut off by the daemon's own stop, and its gateway is bound again to the address
+        // the kernel lets it reach: it may go on.
+        let suspended = dir.join(SUSPENDED);
+        if suspended.exists() {
+            let mut kernel = self.kernel.lock().map_err(|_| poisoned())?;
+            match kernel.agent(cgroup.id)? {
+                Some(mut policy) if !cut && policy.gateway() == Some(record.gateway) => {
+                    policy.state = STATE_ACTIVE;
+                    kernel.set_agent(cgroup.id, &policy)?;
+                }
+                _ => {
+                    tracing::warn!(agent = %record.name, "not lifting the cut of the daemon's stop: the kernel entry is not the one it cut")
+                }
+            }
+            drop(kernel);
+            std::fs::remove_file(&suspended)
+                .map_err(io_err(format!("removing {}", suspended.display())))?;
         }
         let stop = Arc::new(Notify::new());
         let stop2 = stop.clone();
         tokio::spawn(
             gateway
                 .clone()
-                .serve(listener, async move { stop2.notified().await }),
+                .serve(serving, async move { stop2.notified().await }),
         );
         tracing::info!(agent = %record.name, envelope = verified.id(), "resumed");
         let agent = Agent {
             name: record.name.clone(),
             envelope: verified,
-            cgroup,
+            cgroup: cgroup.clone(),
             gateway,
             gateway_addr: record.gateway,
+            listener,
             ca_path,
             dir: dir.to_owned(),
             stop,
@@ -761,27 +961,156 @@ impl Daemon {
             revoked,
         };
         if let Ok(mut agents) = self.agents.lock() {
-            agents.insert(record.name, agent);
+            agents.insert(record.name.clone(), agent);
         }
         Ok(())
     }
 
-    fn deactivate(&self, name: &str) -> Result<serde_json::Value, DaemonError> {
-        let agent = self
-            .agents
+    /// Cuts a running agent off while the daemon is down: its gateway's address is free
+    /// then, for any local process to bind. A marker says the cut is the daemon's own, so
+    /// the next start lifts it once the gateway serves again; without the marker the agent
+    /// stays cut off, as everything that cannot be proven safe does.
+    fn suspend(&self, agent: &Agent) {
+        if agent.state() != AgentState::Active {
+            return;
+        }
+        if let Err(e) = write_synced(&agent.dir.join(SUSPENDED), b"") {
+            tracing::error!(agent = %agent.name, error = %e, "could not mark the agent as suspended; it stays cut off after the next start until an operator resets it");
+        }
+        match self.cut_off(&agent.cgroup) {
+            Ok(_) => tracing::info!(agent = %agent.name, "cut off until the daemon starts again"),
+            Err(e) => {
+                tracing::error!(agent = %agent.name, error = %e, "could not cut the agent off while the daemon is down");
+            }
+        }
+    }
+
+    /// Cuts off an agent no gateway of ours serves, lists it as failed with the reason
+    /// and records it.
+    fn strand(&self, name: &str, stranded: Stranded) {
+        let cut = self.cut_off(&stranded.cgroup);
+        // Whatever serves it later, this cut is lifted by an operator, not by a restart.
+        if let Some(dir) = &stranded.dir {
+            let _ = std::fs::remove_file(dir.join(SUSPENDED));
+        }
+        let mut event = Event::new(EventKind::BreakerTripped)
+            .agent(name)
+            .rule("gateway_unavailable")
+            .detail("reason", stranded.reason.clone());
+        if let Some(id) = &stranded.envelope_id {
+            event = event.envelope(id);
+        }
+        match &cut {
+            Ok(how) => {
+                tracing::error!(agent = %name, reason = %stranded.reason, how, "no gateway for the agent: it is cut off in the kernel");
+                event = event.detail("cut", *how);
+            }
+            Err(e) => {
+                tracing::error!(agent = %name, reason = %stranded.reason, error = %e, "no gateway for the agent, and it could not be cut off");
+                event = event.detail("cut_failed", e.clone());
+            }
+        }
+        if self.audit.submit(event).is_err() {
+            tracing::error!(agent = %name, "could not record a failed agent in the audit log");
+        }
+        if let Ok(mut list) = self.stranded.lock() {
+            list.insert(name.to_owned(), stranded);
+        }
+    }
+
+    /// Denies everything the cgroup sends: the map flip a breaker trip does. An entry that
+    /// cannot be flipped is removed (a cgroup without one is denied everything); if even
+    /// that fails the agent's processes are killed, since nothing else would stop them.
+    fn cut_off(&self, cgroup: &AgentCgroup) -> Result<&'static str, String> {
+        let flipped = match self.kernel.lock() {
+            Ok(mut kernel) => match kernel.trip(cgroup.id) {
+                Ok(_) => return Ok("kernel entry tripped"),
+                Err(kernel::KernelError::UnknownAgent(_)) => {
+                    return Ok("no kernel entry: denied everything");
+                }
+                Err(e) => match kernel.remove_agent(cgroup.id) {
+                    Ok(()) => return Ok("kernel entry removed: denied everything"),
+                    Err(removing) => format!("tripping: {e}; removing: {removing}"),
+                },
+            },
+            Err(_) => "the kernel state lock is poisoned".to_owned(),
+        };
+        match cgroup.kill_all(Duration::from_secs(5)) {
+            Ok(()) => Ok("processes killed"),
+            Err(e) => Err(format!("{flipped}; killing its processes: {e}")),
+        }
+    }
+
+    fn describe_stranded(&self, name: &str, s: &Stranded) -> serde_json::Value {
+        json!({
+            "agent": name,
+            "envelope": s.envelope_id,
+            "state": AgentState::Failed,
+            "failure": s.reason,
+            "gateway": s.gateway.map(|g| g.to_string()),
+            "cgroup": s.cgroup.path.display().to_string(),
+        })
+    }
+
+    /// Ends an agent left without a gateway.
+    fn end_stranded(&self, name: &str) -> Result<serde_json::Value, DaemonError> {
+        let stranded = self
+            .stranded
             .lock()
-            .ok()
-            .and_then(|mut a| a.remove(name))
+            .map_err(|_| poisoned())?
+            .remove(name)
             .ok_or_else(|| DaemonError::UnknownAgent(name.into()))?;
+        let summary = self.describe_stranded(name, &stranded);
+        if let Err(e) = stranded.cgroup.remove(Duration::from_secs(5)) {
+            if let Ok(mut list) = self.stranded.lock() {
+                list.insert(name.to_owned(), stranded);
+            }
+            return Err(e.into());
+        }
+        self.kernel
+            .lock()
+            .map_err(|_| poisoned())?
+            .remove_agent(stranded.cgroup.id)?;
+        if let Some(dir) = &stranded.dir {
+            let _ = std::fs::remove_file(dir.join(RECORD));
+        }
+        let mut event = Event::new(EventKind::Other)
+            .agent(name)
+            .rule("deactivated")
+            .detail("summary", summary.clone());
+        if let Some(id) = &stranded.envelope_id {
+            event = event.envelope(id);
+        }
+        let _ = self.audit.submit(event);
+        Ok(summary)
+    }
+
+    fn deactivate(&self, name: &str) -> Result<serde_json::Value, DaemonError> {
+        let Some(agent) = self.agents.lock().ok().and_then(|mut a| a.remove(name)) else {
+            return self.end_stranded(name);
+        };
         let summary = self.describe(&agent);
         agent.gateway.retire();
         agent.stop.notify_one();
-        agent.cgroup.remove(Duration::from_secs(5))?;
+        if let Err(e) = agent.cgroup.remove(Duration::from_secs(5)) {
+            // Its gateway is gone and its processes live on.
+            self.strand(
+                name,
+                Stranded {
+                    cgroup: agent.cgroup.clone(),
+                    envelope_id: Some(agent.envelope.id().to_owned()),
+                    gateway: Some(agent.gateway_addr),
+                    dir: Some(agent.dir.clone()),
+                    reason: format!("ending it failed: {e}"),
+                },
+            );
+            return Err(e.into());
+        }
         self.kernel
             .lock()
             .map_err(|_| poisoned())?
             .remove_agent(agent.cgroup.id)?;
-        let _ = std::fs::remove_file(agent.dir.join("agent.json"));
+        let _ = std::fs::remove_file(agent.dir.join(RECORD));
         let _ = self.audit.submit(
             Event::new(EventKind::Other)
                 .agent(name)
@@ -794,10 +1123,26 @@ impl Daemon {
 
     fn with_agent<T>(&self, name: &str, f: impl FnOnce(&mut Agent) -> T) -> Result<T, DaemonError> {
         let mut agents = self.agents.lock().map_err(|_| poisoned())?;
-        let agent = agents
-            .get_mut(name)
-            .ok_or_else(|| DaemonError::UnknownAgent(name.into()))?;
-        Ok(f(agent))
+        match agents.get_mut(name) {
+            Some(agent) => Ok(f(agent)),
+            None => Err(self.not_running(name)),
+        }
+    }
+
+    /// Why `name` is not a running agent: unknown, or left without a gateway.
+    fn not_running(&self, name: &str) -> DaemonError {
+        match self
+            .stranded
+            .lock()
+            .map(|s| s.get(name).map(|x| x.reason.clone()))
+        {
+            Ok(Some(reason)) => DaemonError::NoGateway {
+                agent: name.into(),
+                reason,
+            },
+            Ok(None) => DaemonError::UnknownAgent(name.into()),
+            Err(_) => poisoned(),
+        }
     }
 
     fn trip(&self, name: &str, peer: control::Peer) -> Result<serde_json::Value, DaemonError> {
@@ -846,24 +1191,63 @@ impl Daemon {
         Ok(json!({ "agent": name, "state": "active" }))
     }
 
+    /// Cuts the agent off first, in the gateway and the kernel, and only then persists the
+    /// revocation: if writing it fails the agent stays cut off and its Envelope refused
+    /// until the daemon restarts, and the operator is told.
     fn revoke(&self, name: &str, peer: control::Peer) -> Result<serde_json::Value, DaemonError> {
-        let (gateway, id) = self.with_agent(name, |a| {
+        let running = self.with_agent(name, |a| {
             a.revoked = true;
-            (a.gateway.clone(), a.envelope.id().to_owned())
+            (
+                Some(a.gateway.clone()),
+                Some(a.envelope.id().to_owned()),
+                a.cgroup.clone(),
+            )
+        });
+        let (gateway, id, cgroup) = match running {
+            Ok(found) => found,
+            Err(DaemonError::NoGateway { .. }) => self
+                .stranded
+                .lock()
+                .map_err(|_| poisoned())?
+                .get(name)
+                .map(|s| (None, s.envelope_id.clone(), s.cgroup.clone()))
+                .ok_or_else(|| DaemonError::UnknownAgent(name.into()))?,
+            Err(e) => return Err(e),
+        };
+        let id = id.ok_or_else(|| DaemonError::NoGateway {
+            agent: name.into(),
+            reason: "its Envelope is unknown, so there is nothing to revoke".into(),
         })?;
-        append_line(&self.config().state_dir.join("revoked-envelopes"), &id)?;
+        if let Some(gateway) = &gateway {
+            gateway
+                .breaker()
+                .trip(format!("Envelope {id} revoked by operator"));
+        }
+        // The breaker flips the kernel entry on its first trip only: an agent tripped
+        // before, whose flip failed then, is cut here.
+        let cut = self.cut_off(&cgroup);
         if let Ok(mut revoked) = self.revoked.lock() {
             revoked.insert(id.clone());
         }
-        let _ = self.audit.submit(
-            Event::new(EventKind::Revoked)
-                .agent(name)
-                .envelope(&id)
-                .detail("pid", peer.pid),
-        );
-        gateway
-            .breaker()
-            .trip(format!("Envelope {id} revoked by operator"));
+        let saved = append_line(&self.config().state_dir.join("revoked-envelopes"), &id);
+        let mut event = Event::new(EventKind::Revoked)
+            .agent(name)
+            .envelope(&id)
+            .detail("pid", peer.pid);
+        if let Err(e) = &cut {
+            tracing::error!(agent = %name, error = %e, "cutting a revoked agent off in the kernel failed; its gateway refuses everything");
+            event = event.detail("kernel_error", e.as_str());
+        }
+        if let Err(e) = &saved {
+            tracing::error!(agent = %name, envelope = %id, error = %e, "the revocation could not be saved; it holds until the daemon restarts");
+            event = event.detail("not_saved", e.to_string());
+        }
+        let _ = self.audit.submit(event);
+        saved.map_err(|source| DaemonError::RevocationNotSaved {
+            agent: name.into(),
+            id: id.clone(),
+            source: Box::new(source),
+        })?;
         Ok(json!({ "agent": name, "state": "revoked" }))
     }
 
@@ -1000,6 +1384,18 @@ impl Daemon {
             .as_ref()
             .and_then(|k| k.counters(agent.cgroup.id).ok())
             .unwrap_or_default();
+        // The kernel's word wins: an agent cut off there (say, left without a gateway by
+        // an earlier start) is not active, whatever its breaker says.
+        let kernel_entry = match kernel.as_ref().map(|k| k.agent(agent.cgroup.id)) {
+            Some(Ok(Some(policy))) if policy.state == STATE_ACTIVE => "active",
+            Some(Ok(Some(_))) => "tripped",
+            Some(Ok(None)) => "missing",
+            Some(Err(_)) | None => "unreadable",
+        };
+        let state = match agent.state() {
+            AgentState::Active if kernel_entry != "active" => AgentState::Tripped,
+            state => state,
+        };
         let hooks = enforcer_common::hook::NAMES;
         let budgets: serde_json::Value = agent
             .gateway
@@ -1026,7 +1422,8 @@ impl Daemon {
             "agent": agent.name,
             "envelope": agent.envelope.id(),
             "subject": agent.envelope.envelope().subject,
-            "state": agent.state(),
+            "state": state,
+            "kernel_entry": kernel_entry,
             "breaker": agent.gateway.breaker().open_reason(),
             "gateway": agent.gateway_addr.to_string(),
             "cgroup": agent.cgroup.path.display().to_string(),
@@ -1046,6 +1443,29 @@ impl Daemon {
         })
     }
 
+    /// One agent, or all, those left without a gateway included.
+    fn status(&self, name: Option<&str>) -> Result<serde_json::Value, DaemonError> {
+        let agents = self.agents.lock().map_err(|_| poisoned())?;
+        let stranded = self.stranded.lock().map_err(|_| poisoned())?;
+        match name {
+            Some(name) => match (agents.get(name), stranded.get(name)) {
+                (Some(a), _) => Ok(self.describe(a)),
+                (None, Some(s)) => Ok(self.describe_stranded(name, s)),
+                (None, None) => Err(DaemonError::UnknownAgent(name.into())),
+            },
+            None => {
+                let mut list: Vec<serde_json::Value> =
+                    agents.values().map(|a| self.describe(a)).collect();
+                list.extend(
+                    stranded
+                        .iter()
+                        .map(|(name, s)| self.describe_stranded(name, s)),
+                );
+                Ok(json!({ "agents": list }))
+            }
+        }
+    }
+
     async fn handle(&self, request: Request, peer: control::Peer) -> Response {
         if request.version != control::VERSION {
             return Response::err(
@@ -1056,17 +1476,7 @@ impl Daemon {
         let result = match request.op {
             Op::Activate { envelope } => self.activate(&envelope).await,
             Op::Deactivate { agent } => self.deactivate(&agent),
-            Op::Status { agent } => match agent {
-                Some(name) => self.with_agent(&name, |a| a.name.clone()).and_then(|_| {
-                    let agents = self.agents.lock().map_err(|_| poisoned())?;
-                    Ok(agents.get(&name).map(|a| self.describe(a)).unwrap_or_default())
-                }),
-                None => self
-                    .agents
-                    .lock()
-                    .map_err(|_| poisoned())
-                    .map(|agents| json!({ "agents": agents.values().map(|a| self.describe(a)).collect::<Vec<_>>() })),
-            },
+            Op::Status { agent } => self.status(agent.as_deref()),
             Op::Trip { agent } => self.trip(&agent, peer),
             Op::Reset { agent } => self.reset(&agent, peer),
             Op::Revoke { agent } => self.revoke(&agent, peer),
@@ -1075,7 +1485,13 @@ impl Daemon {
                 let list: Vec<serde_json::Value> = agents
                     .values()
                     .filter(|a| agent.as_deref().is_none_or(|n| n == a.name))
-                    .flat_map(|a| a.gateway.approvals().list().into_iter().map(move |h| json!({ "agent": a.name, "held": h })))
+                    .flat_map(|a| {
+                        a.gateway
+                            .approvals()
+                            .list()
+                            .into_iter()
+                            .map(move |h| json!({ "agent": a.name, "held": h }))
+                    })
                     .collect();
                 json!({ "approvals": list })
             }),
@@ -1123,8 +1539,15 @@ impl Daemon {
 
     async fn serve_control(self: Arc<Self>, listener: UnixListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors (or the like): retrying at once would spin a core
+                    // and free nothing.
+                    tracing::warn!(error = %e, "accepting a control connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
             };
             let daemon = self.clone();
             tokio::spawn(async move {
@@ -1180,41 +1603,92 @@ impl Daemon {
                 return;
             }
         };
+        let mut tick = tokio::time::interval(DENY_WINDOW / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            match reader.next_batch().await {
-                Ok((events, undecodable)) => {
-                    let names: BTreeMap<u64, String> = self
-                        .agents
-                        .lock()
-                        .map(|a| a.values().map(|x| (x.cgroup.id, x.name.clone())).collect())
-                        .unwrap_or_default();
-                    for e in events {
-                        let agent = names
-                            .get(&e.cgroup_id)
-                            .cloned()
-                            .unwrap_or_else(|| format!("cgroup-{}", e.cgroup_id));
-                        let event = Event::new(EventKind::KernelDeny)
-                            .agent(&agent)
-                            .rule(e.reason)
-                            .detail("hook", e.hook)
-                            .detail("pid", e.pid)
-                            .detail("family", e.family)
-                            .detail("protocol", e.protocol)
-                            .detail("destination", e.destination.map(|d| d.to_string()));
-                        if self.audit.submit(event).is_err() {
-                            tracing::error!("audit log refused a kernel deny event");
-                        }
+            tokio::select! {
+                batch = reader.next_batch() => match batch {
+                    Ok((events, undecodable)) => self.count_denials(&events, undecodable),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading kernel events failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
-                    if undecodable > 0 {
-                        tracing::error!(undecodable, "kernel events that could not be decoded");
+                },
+                _ = tick.tick() => {
+                    if let Ok(mut denials) = self.denials.lock() {
+                        denials.flush(std::time::Instant::now(), |s| self.record_denials(s, false));
                     }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "reading kernel events failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
+    }
+
+    fn count_denials(&self, events: &[kernel::events::KernelDeny], undecodable: usize) {
+        let mut names: BTreeMap<u64, String> = self
+            .agents
+            .lock()
+            .map(|a| a.values().map(|x| (x.cgroup.id, x.name.clone())).collect())
+            .unwrap_or_default();
+        if let Ok(stranded) = self.stranded.lock() {
+            names.extend(stranded.iter().map(|(n, s)| (s.cgroup.id, n.clone())));
+        }
+        let now = std::time::Instant::now();
+        if let Ok(mut denials) = self.denials.lock() {
+            for e in events {
+                let unknown;
+                let agent = match names.get(&e.cgroup_id) {
+                    Some(name) => name.as_str(),
+                    None => {
+                        unknown = format!("cgroup-{}", e.cgroup_id);
+                        unknown.as_str()
+                    }
+                };
+                denials.observe(agent, e, now, |s| self.record_denials(s, false));
+            }
+        }
+        if undecodable > 0 {
+            tracing::error!(undecodable, "kernel events that could not be decoded");
+        }
+    }
+
+    /// Writes one summary of kernel denials; false if it must wait. Kernel records may
+    /// fill a quarter of the audit queue at most: the rest is kept for the records
+    /// gateways wait for before they forward, whatever an agent makes the kernel deny.
+    fn record_denials(&self, s: &deny_log::Summary, stopping: bool) -> bool {
+        let (queued, capacity) = self.audit.queue_load();
+        if !stopping && queued >= capacity / 4 {
+            return false;
+        }
+        let destination = match s.destination {
+            deny_log::Destination::To(addr) => json!(addr.to_string()),
+            deny_log::Destination::None => serde_json::Value::Null,
+            deny_log::Destination::Various => json!("various"),
+        };
+        // The kernel reports a sample of denials when an agent makes many (and its ring
+        // buffer can overflow); its counters are exact, so the record carries the total.
+        let denied_total = enforcer_common::hook::NAMES
+            .iter()
+            .position(|h| *h == s.hook)
+            .filter(|_| s.cgroup_id != 0)
+            .and_then(|i| {
+                let kernel = self.kernel.lock().ok()?;
+                kernel.counters(s.cgroup_id).ok().map(|c| c.denied[i])
+            });
+        let event = Event::new(EventKind::KernelDeny)
+            .agent(&*s.agent)
+            .rule(s.reason)
+            .detail("hook", s.hook)
+            .detail("pid", s.pid)
+            .detail("family", s.family)
+            .detail("protocol", s.protocol)
+            .detail("destination", destination)
+            .detail("count", s.count)
+            .detail("denied_total", denied_total)
+            .detail(
+                "over_ms",
+                u64::try_from(s.over.as_millis()).unwrap_or(u64::MAX),
+            );
+        self.audit.submit(event).is_ok()
     }
 
     /// Records each agent's expiry once; the kernel deadline cuts it off by itself.
@@ -1271,21 +1745,44 @@ fn poisoned() -> DaemonError {
 struct Undo {
     cgroup: Option<AgentCgroup>,
     dir: Option<PathBuf>,
-    kernel_entry: Option<u64>,
+    /// The previous Envelope's state directory and where it belongs again.
+    moved_aside: Option<(PathBuf, PathBuf)>,
+    /// The cgroup's kernel entry and what it was before: put back, or removed if none.
+    kernel_entry: Option<(u64, Option<AgentPolicy>)>,
 }
 
 impl Undo {
     fn run(self, daemon: &Daemon) {
-        if let Some(id) = self.kernel_entry
+        if let Some((id, before)) = self.kernel_entry
             && let Ok(mut k) = daemon.kernel.lock()
         {
-            let _ = k.remove_agent(id);
+            let restored = match before {
+                Some(policy) => k.set_agent(id, &policy),
+                None => k.remove_agent(id),
+            };
+            if let Err(e) = restored {
+                // A cgroup whose entry is neither the old one nor gone must not keep the new
+                // one: its gateway was never started.
+                tracing::error!(cgroup = id, error = %e, "restoring a kernel entry failed");
+                let _ = k.trip(id);
+            }
         }
         if let Some(cgroup) = self.cgroup {
             let _ = cgroup.remove(Duration::from_secs(2));
         }
         if let Some(dir) = self.dir {
             let _ = std::fs::remove_dir_all(dir);
+        }
+        if let Some((aside, dir)) = self.moved_aside {
+            let back = std::fs::rename(&aside, &dir).and_then(|()| {
+                match std::fs::rename(dir.join(REPLACED_RECORD), dir.join(RECORD)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            });
+            if let Err(e) = back {
+                tracing::error!(from = %aside.display(), to = %dir.display(), error = %e, "moving an agent's state back failed");
+            }
         }
     }
 }
@@ -1320,11 +1817,50 @@ fn apply_resource_limits(
     notes
 }
 
+/// The control socket's directory: created root's and 0700 if missing; one that exists
+/// is used only if it is root's and writable by no one else (whoever could write to it
+/// could put their own socket in the daemon's place), and never changed: it may be a
+/// directory other programs need as it is (`/run`).
+fn control_dir(dir: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(io_err(format!("creating {}", parent.display())))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(format!("creating {}", dir.display()))(e)),
+    }
+    // Checked after creating too: someone else may have made it first.
+    let meta = std::fs::metadata(dir).map_err(io_err(format!("reading {}", dir.display())))?;
+    let problem = if !meta.is_dir() {
+        Some("it is not a directory".to_owned())
+    } else if meta.uid() != 0 {
+        Some(format!("it belongs to uid {}, not root", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "its mode {:o} lets others than root write to it",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(DaemonError::ControlDir {
+            path: dir.to_owned(),
+            problem,
+        }),
+        None => Ok(()),
+    }
+}
+
 fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err(format!("chmod {}", dir.display())))?;
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        control_dir(dir)?;
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(DaemonError::Io {
@@ -1346,7 +1882,7 @@ async fn bind_free_port(
     ip: std::net::IpAddr,
     [first, last]: [u16; 2],
     cursor: &std::sync::atomic::AtomicU32,
-) -> Result<tokio::net::TcpListener, DaemonError> {
+) -> Result<std::net::TcpListener, DaemonError> {
     let span = u32::from(last - first) + 1;
     let start = cursor.load(Ordering::Relaxed);
     for step in 0..span {
@@ -1354,18 +1890,24 @@ async fn bind_free_port(
         let port = first + offset as u16;
         if let Ok(listener) = tokio::net::TcpListener::bind((ip, port)).await {
             cursor.store((offset + 1) % span, Ordering::Relaxed);
-            return Ok(listener);
+            return listener
+                .into_std()
+                .map_err(io_err(format!("taking the gateway socket {ip}:{port}")));
         }
     }
     Err(DaemonError::NoPort { ip, first, last })
 }
 
-/// Binds an address a gateway that is stopping may still hold for a moment.
-async fn bind_retry(addr: SocketAddr) -> Result<tokio::net::TcpListener, DaemonError> {
+/// Binds an address a gateway of a process that is stopping may still hold for a moment.
+async fn bind_retry(addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
     let mut last = None;
     for _ in 0..50 {
         match tokio::net::TcpListener::bind(addr).await {
-            Ok(listener) => return Ok(listener),
+            Ok(listener) => {
+                return listener
+                    .into_std()
+                    .map_err(io_err(format!("taking the gateway socket {addr}")));
+            }
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1373,6 +1915,20 @@ async fn bind_retry(addr: SocketAddr) -> Result<tokio::net::TcpListener, DaemonE
     Err(io_err(format!("binding the gateway address {addr}"))(
         last.unwrap_or_else(|| std::io::Error::other("bind failed")),
     ))
+}
+
+/// A second handle on a gateway socket, for the gateway to serve and drop when it stops,
+/// while the daemon keeps the socket bound.
+fn serving_handle(
+    listener: &std::net::TcpListener,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, DaemonError> {
+    let context = format!("sharing the gateway socket {addr}");
+    let handle = listener.try_clone().map_err(io_err(context.clone()))?;
+    handle
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(handle))
+        .map_err(io_err(context))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
@@ -1428,6 +1984,30 @@ fn append_line(path: &Path, line: &str) -> Result<(), DaemonError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as in `raise_open_files_limit`.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        let hard = limit.rlim_max;
+        limit.rlim_cur = hard.min(256);
+        // SAFETY: as in `raise_open_files_limit`.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        assert_eq!(raise_open_files_limit().unwrap(), hard);
+        // SAFETY: as in `raise_open_files_limit`.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(limit.rlim_cur, hard);
+    }
 
     #[test]
     fn agent_names_come_from_subjects() {
