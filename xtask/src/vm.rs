@@ -516,8 +516,9 @@ fn which(command: &str) -> anyhow::Result<PathBuf> {
 /// module it loaded, plus OpenSSL's configuration. Running them, not just importing the
 /// script, matters: `probe_http` imports ssl and urllib only when called, and urllib pulls
 /// in http.client and the email parser only when a request is made and a response (or an
-/// HTTP error) comes back. The requests go through a one-shot proxy on loopback, as the
-/// agent's go through the gateway. Name resolution is done the way
+/// HTTP error) comes back; the system-call probes load ctypes. The requests go through a
+/// one-shot proxy on loopback, as the agent's go through the gateway. Name resolution is
+/// done the way
 /// `socket.create_connection` does it, which loads the idna codec. The encodings package is
 /// added whole: python picks one at start-up by locale.
 const PYTHON_MODULES_SCRIPT: &str = r#"
@@ -525,6 +526,9 @@ import encodings, os, runpy, socket, ssl, sys, sysconfig, threading
 
 probe = runpy.run_path(sys.argv[1], run_name="probe")
 socket.getaddrinfo("127.0.0.1", 1)
+# The probes of calls python has no wrapper for (ptrace, pidfd_getfd, io_uring) use ctypes.
+import ctypes
+ctypes.CDLL(None, use_errno=True)
 # Without SSL_CERT_FILE the probe builds the context from the default verify paths.
 os.environ.pop("SSL_CERT_FILE", None)
 ssl.create_default_context()
