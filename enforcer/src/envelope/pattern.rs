@@ -281,10 +281,8 @@ pub fn check_host(host: &str) -> Result<(), String> {
     // Names are the common case and far cheaper to check than parsing an address.
     if is_dns_name(host) {
         // Dotted-decimal IPv4 passes the name rules too; nothing else numeric may.
-        if host.parse::<std::net::Ipv4Addr>().is_ok() {
-            return Ok(());
-        }
-        return check_not_numeric(host);
+        return check_not_numeric(host)
+            .or_else(|e| host.parse::<std::net::Ipv4Addr>().map(drop).map_err(|_| e));
     }
     match host.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(_)) => Ok(()),
@@ -308,7 +306,7 @@ pub fn check_host(host: &str) -> Result<(), String> {
 
 fn check_not_numeric(host: &str) -> Result<(), String> {
     let last = host.rsplit('.').next().unwrap_or(host);
-    if last.starts_with(|c: char| c.is_ascii_digit()) {
+    if last.as_bytes().first().is_some_and(u8::is_ascii_digit) {
         return Err(format!(
             "host `{host}` reads as a numeric address to resolvers; write an IPv4 address in dotted decimal (like `192.0.2.7`) or a DNS name"
         ));
