@@ -27,7 +27,8 @@ pub const MAX_AGENTS: u32 = 16_384;
 /// Size of the deny-event ring buffer in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
-/// Deny events reported per agent cgroup and CPU in one window; the rest are only counted.
+/// Deny events reported per agent cgroup, reason and CPU in one window; the rest are only
+/// counted.
 pub const EVENTS_PER_WINDOW: u64 = 100;
 /// The length of that window.
 pub const EVENT_WINDOW_NS: u64 = 1_000_000_000;
@@ -211,6 +212,16 @@ pub struct AgentCounters {
     pub denied: [u64; hook::COUNT],
 }
 
+/// Deny events are budgeted per cgroup and reason, so a flood of one kind (say, sends to
+/// anywhere but the gateway) does not hide the first denial of another (the trip).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventWindowKey {
+    pub cgroup_id: u64,
+    pub reason: u32,
+    pub _pad: u32,
+}
+
 /// How many deny events one cgroup reported on one CPU since `start_ns` (monotonic).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -249,6 +260,7 @@ mod pod {
     unsafe impl aya::Pod for super::AgentCounters {}
     unsafe impl aya::Pod for super::DenyEvent {}
     unsafe impl aya::Pod for super::EventWindow {}
+    unsafe impl aya::Pod for super::EventWindowKey {}
 }
 
 #[cfg(test)]

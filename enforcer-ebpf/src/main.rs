@@ -23,7 +23,7 @@ use aya_ebpf::{
 use core::ptr::{addr_of, read_volatile};
 use enforcer_common::{
     AgentCounters, AgentPolicy, DenyEvent, EVENT_WINDOW_NS, EVENTS_PER_WINDOW, EVENTS_RING_BYTES,
-    EventWindow, MAX_AGENTS, STATE_ACTIVE, STATE_TRIPPED, hook, ipv4_mapped, reason,
+    EventWindow, EventWindowKey, MAX_AGENTS, STATE_ACTIVE, STATE_TRIPPED, hook, ipv4_mapped, reason,
 };
 
 /// Kernel verdicts for cgroup programs.
@@ -52,11 +52,12 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 #[map(name = "ENFORCER_LOST_EVENTS")]
 static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
-/// Deny events reported per cgroup and CPU in the current window. A denial loop makes
+/// Deny events reported per cgroup, reason and CPU in the current window. A denial loop makes
 /// hundreds of thousands a second; past the budget they are only counted (COUNTERS stays
 /// exact), so one agent cannot drown the others' events or the daemon's CPU.
 #[map(name = "ENFORCER_EVENT_WINDOWS")]
-static EVENT_WINDOWS: LruPerCpuHashMap<u64, EventWindow> = LruPerCpuHashMap::pinned(MAX_AGENTS, 0);
+static EVENT_WINDOWS: LruPerCpuHashMap<EventWindowKey, EventWindow> =
+    LruPerCpuHashMap::pinned(MAX_AGENTS, 0);
 
 /// What a hook decided, with enough to report a denial.
 struct Verdict {
@@ -115,7 +116,7 @@ fn finish(cgroup_id: u64, hook_id: u8, pid: u32, verdict: Verdict) -> i32 {
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if !event_budget_left(cgroup_id, now) {
+    if !event_budget_left(cgroup_id, verdict.reason, now) {
         return DENY;
     }
     let event = DenyEvent {
@@ -139,10 +140,16 @@ fn finish(cgroup_id: u64, hook_id: u8, pid: u32, verdict: Verdict) -> i32 {
     DENY
 }
 
-/// Takes one event from the cgroup's budget on this CPU, if any is left in the window.
+/// Takes one event from the budget of the cgroup and reason on this CPU, if any is left in
+/// the window.
 #[inline(always)]
-fn event_budget_left(cgroup_id: u64, now: u64) -> bool {
-    match EVENT_WINDOWS.get_ptr_mut(&cgroup_id) {
+fn event_budget_left(cgroup_id: u64, reason: u8, now: u64) -> bool {
+    let key = EventWindowKey {
+        cgroup_id,
+        reason: u32::from(reason),
+        _pad: 0,
+    };
+    match EVENT_WINDOWS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value of this CPU; no other writer while the program runs.
         Some(window) => unsafe {
             if now.wrapping_sub((*window).start_ns) >= EVENT_WINDOW_NS {
@@ -162,7 +169,7 @@ fn event_budget_left(cgroup_id: u64, now: u64) -> bool {
                 start_ns: now,
                 sent: 1,
             };
-            let _ = EVENT_WINDOWS.insert(&cgroup_id, &first, 0);
+            let _ = EVENT_WINDOWS.insert(&key, &first, 0);
             true
         }
     }

@@ -4,7 +4,9 @@
 //! - Trip latency: a process in an agent cgroup connects to its gateway in a tight loop;
 //!   the bench writes the tripped entry and measures, on CLOCK_MONOTONIC, from just before
 //!   the map write to the first denial the kernel stamps (its deny events carry the
-//!   kernel's monotonic time).
+//!   kernel's monotonic time). Each round is a new agent cgroup: the kernel reports at most
+//!   EVENTS_PER_WINDOW denials a second per agent, so one agent tripped 200 times within a
+//!   second would have its later denials counted but not reported.
 //! - Activation: the real daemon (this build's `enforcer` binary), 1,000 signed Envelopes
 //!   activated over the control socket one after another; daemon RSS and kernel slab before
 //!   and after.
@@ -65,7 +67,6 @@ fn trip_latency() -> Result<Vec<f64>, Box<dyn std::error::Error>> {
     let pin_dir = Path::new("/sys/fs/bpf").join(&unique);
     let parent = CgroupParent::create(&unique)?;
     let mut kernel = Enforcement::install_or_adopt(&pin_dir, parent.path())?;
-    let agent = parent.create_agent("trip")?;
     let sink = TcpListener::bind("127.0.0.1:0")?;
     let addr = sink.local_addr()?;
     std::thread::spawn(move || for _ in sink.incoming() {});
@@ -76,7 +77,8 @@ fn trip_latency() -> Result<Vec<f64>, Box<dyn std::error::Error>> {
     let mut events = runtime.block_on(async { EventReader::open(&pin_dir) })?;
     let mut samples = Vec::with_capacity(ROUNDS);
     let result = (|| -> Result<(), Box<dyn std::error::Error>> {
-        for _ in 0..ROUNDS {
+        for round in 0..ROUNDS {
+            let agent = parent.create_agent(&format!("trip-{round}"))?;
             kernel.set_agent(agent.id, &policy)?;
             let procs = std::fs::OpenOptions::new()
                 .write(true)
@@ -124,11 +126,18 @@ fn trip_latency() -> Result<Vec<f64>, Box<dyn std::error::Error>> {
             let _ = child.kill();
             child.wait()?;
             samples.push(first.saturating_sub(before) as f64 / 1000.0);
+            kernel.remove_agent(agent.id)?;
+            agent.remove(Duration::from_secs(2))?;
         }
         Ok(())
     })();
-    let _ = kernel.remove_agent(agent.id);
-    let _ = agent.remove(Duration::from_secs(2));
+    // After an error mid-round: whatever agent is left.
+    if let Ok(left) = parent.agents() {
+        for agent in left {
+            let _ = kernel.remove_agent(agent.id);
+            let _ = agent.remove(Duration::from_secs(2));
+        }
+    }
     drop(kernel);
     let _ = unload(&pin_dir);
     let _ = parent.remove_if_empty();
