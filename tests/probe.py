@@ -143,6 +143,27 @@ def probe_vsock(name):
         report(name, False, err_name(exc))
 
 
+def probe_sock_packet(name):
+    """AF_INET with the legacy type SOCK_PACKET: the kernel makes it a packet socket."""
+    try:
+        with socket.socket(socket.AF_INET, 10, socket.htons(3)):
+            pass
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
+def probe_userns(name):
+    """unshare(CLONE_NEWUSER | CLONE_NEWNET) in a child: all capabilities in new namespaces."""
+    pid = os.fork()
+    if pid == 0:
+        rc, err = libc_call(272 if os.uname().machine == "x86_64" else 97, 0x10000000 | 0x40000000)
+        os._exit(0 if rc == 0 else min(err, 255))
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    report(name, code == 0, errno.errorcode.get(code, code) if code else "")
+
+
 def with_sleeping_child(action):
     """Runs action(pid) against a child of this process, which is then killed."""
     pid = os.fork()
@@ -357,6 +378,12 @@ def run(args):
             i += 1
         elif cmd == "vsock":
             probe_vsock("vsock")
+            i += 1
+        elif cmd == "sock-packet":
+            probe_sock_packet("sock-packet")
+            i += 1
+        elif cmd == "userns":
+            probe_userns("userns")
             i += 1
         elif cmd == "ptrace":
             probe_ptrace("ptrace")

@@ -308,7 +308,14 @@ fn calls_that_reach_past_the_kernel_programs_are_refused() {
     }
     let inst = Instance::new("seccomp");
     let gateway = Server::start("127.0.0.1:0");
-    let probes = args(&["vsock", "ptrace", "pidfd-getfd", "io-uring"]);
+    let probes = args(&[
+        "vsock",
+        "sock-packet",
+        "ptrace",
+        "pidfd-getfd",
+        "io-uring",
+        "userns",
+    ]);
     // Unconfined, a process may take over its own child and copy its descriptors.
     let control = inst.unconfined(&probes);
     control.assert_ok("ptrace");
@@ -318,6 +325,10 @@ fn calls_that_reach_past_the_kernel_programs_are_refused() {
     // The answers are the filter's own: a kernel without vsock or io_uring says otherwise.
     for (probe, answer) in [
         ("vsock", "EAFNOSUPPORT"),
+        // The kernel's own answer would be EPERM (no CAP_NET_RAW), or a packet socket in a
+        // user namespace of the agent's.
+        ("sock-packet", "EAFNOSUPPORT"),
+        ("userns", "EPERM"),
         ("ptrace", "EPERM"),
         ("pidfd-getfd", "EPERM"),
         ("io-uring", "ENOSYS"),
@@ -394,6 +405,27 @@ fn the_agent_starts_with_nothing_of_its_caller_and_a_uid_of_its_own() {
     }
     assert_ne!(uids[0], uids[1], "two agents shared a uid");
     drop(leaked);
+}
+
+#[test]
+fn homes_left_by_a_killed_enforcer_are_swept_at_the_next_start() {
+    if !privileged("homes_left_by_a_killed_enforcer_are_swept_at_the_next_start") {
+        return;
+    }
+    let inst = Instance::new("homes");
+    let gateway = Server::start("127.0.0.1:0");
+    // What `confine` killed with SIGKILL leaves: a home owned by an agent uid that no
+    // process has any more.
+    let uid = enforcer::sandbox::AGENT_UIDS.end - 7;
+    let stale = std::env::temp_dir().join(format!("enforcer-home-stale{}", std::process::id()));
+    std::fs::create_dir(&stale).expect("stale home");
+    std::fs::write(stale.join("left-behind"), "x").expect("a file in it");
+    std::os::unix::fs::chown(&stale, Some(uid), Some(uid)).expect("chown");
+    let (status, confined) = inst.confine(gateway.addr, &[], &args(&[]));
+    let swept = !stale.exists();
+    let _ = std::fs::remove_dir_all(&stale);
+    assert!(status.success(), "confine failed: {}", confined.stderr);
+    assert!(swept, "{} is still there", stale.display());
 }
 
 #[test]

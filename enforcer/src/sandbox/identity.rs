@@ -55,6 +55,7 @@ pub fn lease_agent_uid() -> Result<(AgentUser, UidLease), SandboxError> {
         ));
     }
     let taken = ids_in_use()?;
+    sweep_stale_homes(&taken);
     let size = AGENT_UIDS.end - AGENT_UIDS.start;
     let start = rand::thread_rng().gen_range(0..size);
     for step in 0..size {
@@ -115,6 +116,35 @@ fn collect_ids(status: &str, ids: &mut HashSet<u32>) {
     }
 }
 
+const HOME_PREFIX: &str = "enforcer-home-";
+
+/// Removes the homes of agents that are gone but whose `run` or `confine` was killed
+/// before it could remove them: owned by an agent uid no process has. Called under the
+/// lease lock, so no home of an agent that is starting (its uid not yet running) is
+/// taken for stale.
+fn sweep_stale_homes(taken: &HashSet<u32>) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(HOME_PREFIX) {
+            continue;
+        }
+        // symlink_metadata: a link someone planted is not followed, and not ours.
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        if meta.is_dir()
+            && AGENT_UIDS.contains(&meta.uid())
+            && !taken.contains(&meta.uid())
+            && let Err(e) = fs::remove_dir_all(entry.path())
+        {
+            tracing::warn!(path = %entry.path().display(), error = %e, "could not remove a stale agent home");
+        }
+    }
+}
+
 /// A private home for one agent run: a fresh directory only the agent's uid can enter,
 /// removed with everything in it when dropped (after the agent's processes are gone).
 #[derive(Debug)]
@@ -127,7 +157,7 @@ impl AgentHome {
         let base = std::env::temp_dir();
         for _ in 0..16 {
             let suffix: u64 = rand::thread_rng().r#gen();
-            let path = base.join(format!("enforcer-home-{suffix:016x}"));
+            let path = base.join(format!("{HOME_PREFIX}{suffix:016x}"));
             match fs::DirBuilder::new().create(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -155,8 +185,11 @@ impl AgentHome {
 
 impl Drop for AgentHome {
     fn drop(&mut self) {
-        // remove_dir_all does not follow symlinks the agent may have left inside.
-        if let Err(e) = fs::remove_dir_all(&self.path) {
+        // remove_dir_all does not follow symlinks the agent may have left inside. A home
+        // already swept as stale (the agent is gone) is fine.
+        if let Err(e) = fs::remove_dir_all(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
             tracing::warn!(path = %self.path.display(), error = %e, "could not remove the agent's home");
         }
     }

@@ -252,6 +252,33 @@ pub fn validate_agent_name(name: &str) -> Result<(), SandboxError> {
     }
 }
 
+/// Marks every descriptor from 3 to `highest` close-on-exec, one call each. Only makes
+/// system calls, so it may run between fork and exec.
+fn cloexec_each_above_stdio(highest: i32) -> io::Result<()> {
+    for fd in 3..=highest {
+        // SAFETY: fcntl(2) on a descriptor number; one that is not open fails with EBADF.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 && unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The highest descriptor number this process has open, for kernels without
+/// `CLOSE_RANGE_CLOEXEC` (the fork copies no others).
+fn highest_open_fd() -> Result<i32, SandboxError> {
+    let entries = fs::read_dir("/proc/self/fd").map_err(io_err("reading /proc/self/fd"))?;
+    let mut highest = 2;
+    for entry in entries {
+        let entry = entry.map_err(io_err("reading /proc/self/fd"))?;
+        if let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() {
+            highest = highest.max(fd);
+        }
+    }
+    Ok(highest)
+}
+
 /// A network socket as stdin, stdout or stderr (a command started by inetd, or with its
 /// output sent to a socket) would reach the agent opened outside its cgroup, where no
 /// kernel program judges it.
@@ -384,6 +411,7 @@ impl AgentCgroup {
         let (uid, gid) = (user.uid, user.gid);
         let procs_fd = procs.as_raw_fd();
         let filter = AgentFilter::new();
+        let highest_fd = highest_open_fd()?;
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls on values copied in, allocating nothing.
         unsafe {
@@ -406,7 +434,8 @@ impl AgentCgroup {
                     libc::CLOSE_RANGE_CLOEXEC,
                 ) != 0
                 {
-                    return Err(io::Error::last_os_error());
+                    // Before Linux 5.11.
+                    cloexec_each_above_stdio(highest_fd)?;
                 }
                 libc::umask(0o077);
                 if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
@@ -488,6 +517,19 @@ impl AgentCgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fallback_marks_every_inherited_descriptor_close_on_exec() {
+        // A descriptor as a careless caller leaves it: inheritable.
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let fd = file.as_raw_fd();
+        // SAFETY: fcntl(2) on a descriptor this test owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        cloexec_each_above_stdio(highest_open_fd().unwrap()).unwrap();
+        // SAFETY: as above.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+    }
 
     #[test]
     fn finds_cgroup2_on_hybrid_and_unified_hosts() {

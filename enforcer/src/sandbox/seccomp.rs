@@ -2,10 +2,13 @@
 //!
 //! The eBPF programs judge inet sockets only. An agent could still take another process's
 //! sockets (`pidfd_getfd`, `ptrace`, `process_vm_writev`), open a socket of a family no
-//! cgroup hook sees (`AF_VSOCK`, `AF_PACKET`, RDS, …), create sockets through io_uring
-//! (whose operations never pass through seccomp), or have the kernel resolve names for it
-//! through the key service (`request_key`). This filter refuses exactly those, and
-//! allows everything else, so ordinary programs run unchanged.
+//! cgroup hook sees (`AF_VSOCK`, `AF_PACKET`, RDS, …, and `AF_INET` with the legacy type
+//! `SOCK_PACKET`, which the kernel turns into a packet socket), create sockets through
+//! io_uring (whose operations never pass through seccomp), have the kernel resolve names
+//! for it through the key service (`request_key`), or make itself a user namespace, where
+//! it holds every capability over a network stack of its own and much more kernel code is
+//! in reach. This filter refuses exactly those, and allows everything else, so ordinary
+//! programs run unchanged.
 //!
 //! The program is a dozen classic-BPF instructions, written here rather than with
 //! `seccompiler`: that crate matches syscall numbers only by equality, and a filter must
@@ -26,13 +29,20 @@ const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 // struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6];
 const OFFSET_NR: u32 = 0;
 const OFFSET_ARCH: u32 = 4;
-/// The low 32 bits of args[0] on a little-endian machine: `socket`'s `int domain`.
+/// The low 32 bits of args[0] on a little-endian machine: `socket`'s `int domain`, the
+/// flags of `unshare` and `clone`.
 const OFFSET_ARG0_LOW: u32 = 16;
+/// The low 32 bits of args[1]: `socket`'s `int type`.
+const OFFSET_ARG1_LOW: u32 = 24;
+/// `socket`'s type without SOCK_NONBLOCK and SOCK_CLOEXEC.
+const SOCK_TYPE_MASK: u32 = 0xf;
+const SOCK_PACKET: u32 = 10;
 
 const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
 const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+const AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
 
 /// Calls refused with `EPERM`: reaching into other processes and the kernel key service.
 const REFUSED: &[libc::c_long] = &[
@@ -46,12 +56,14 @@ const REFUSED: &[libc::c_long] = &[
     libc::SYS_bpf,
 ];
 
-/// io_uring, refused with `ENOSYS` so that runtimes fall back to epoll as they do on
-/// kernels without it.
+/// Refused with `ENOSYS`, so that callers fall back as they do on kernels without them:
+/// io_uring (runtimes use epoll) and clone3 (whose flags sit in memory a filter cannot
+/// read; libc then uses clone, whose flags it can).
 const UNAVAILABLE: &[libc::c_long] = &[
     libc::SYS_io_uring_setup,
     libc::SYS_io_uring_enter,
     libc::SYS_io_uring_register,
+    libc::SYS_clone3,
 ];
 
 /// The socket families an agent may create: inet (judged by the kernel programs), Unix
@@ -109,16 +121,28 @@ impl AgentFilter {
                 p.push(stmt(RET_K, answer));
             }
         }
-        // socket(domain, …): allowed families go on; any other is "not supported".
-        p.push(jump(JEQ_K, libc::SYS_socket as u32, 1, 0));
-        p.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
-        p.push(stmt(LD_W_ABS, OFFSET_ARG0_LOW));
+        // socket(domain, type, …): an allowed family and any type but SOCK_PACKET; the
+        // rest is "not supported". Other calls jump over the block.
         let n = ALLOWED_FAMILIES.len();
+        let socket_block = (n + 7) as u8;
+        p.push(jump(JEQ_K, libc::SYS_socket as u32, 0, socket_block));
+        p.push(stmt(LD_W_ABS, OFFSET_ARG0_LOW));
         for (i, &family) in ALLOWED_FAMILIES.iter().enumerate() {
-            // A match jumps over the remaining checks and the refusal to the allow.
+            // A match jumps over the remaining families and the refusal to the type check.
             p.push(jump(JEQ_K, family as u32, (n - i) as u8, 0));
         }
         p.push(stmt(RET_K, errno(libc::EAFNOSUPPORT)));
+        p.push(stmt(LD_W_ABS, OFFSET_ARG1_LOW));
+        p.push(stmt(AND_K, SOCK_TYPE_MASK));
+        p.push(jump(JEQ_K, SOCK_PACKET, 0, 1));
+        p.push(stmt(RET_K, errno(libc::EAFNOSUPPORT)));
+        p.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
+        // unshare(flags) and clone(flags, …): no new user namespace.
+        p.push(jump(JEQ_K, libc::SYS_unshare as u32, 1, 0));
+        p.push(jump(JEQ_K, libc::SYS_clone as u32, 0, 3));
+        p.push(stmt(LD_W_ABS, OFFSET_ARG0_LOW));
+        p.push(jump(JSET_K, libc::CLONE_NEWUSER as u32, 0, 1));
+        p.push(stmt(RET_K, errno(libc::EPERM)));
         p.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
         Self { program: p }
     }
@@ -171,10 +195,15 @@ mod tests {
 
     /// Runs the classic-BPF program over one `seccomp_data`, as the kernel would.
     fn run(p: &[sock_filter], arch: u32, nr: u32, arg0: u64) -> u32 {
+        run2(p, arch, nr, arg0, 0)
+    }
+
+    fn run2(p: &[sock_filter], arch: u32, nr: u32, arg0: u64, arg1: u64) -> u32 {
         let mut data = [0u8; 64];
         data[0..4].copy_from_slice(&nr.to_le_bytes());
         data[4..8].copy_from_slice(&arch.to_le_bytes());
         data[16..24].copy_from_slice(&arg0.to_le_bytes());
+        data[24..32].copy_from_slice(&arg1.to_le_bytes());
         let (mut pc, mut acc) = (0usize, 0u32);
         loop {
             let ins = p[pc];
@@ -191,6 +220,10 @@ mod tests {
                         acc & ins.k != 0
                     };
                     pc += 1 + usize::from(if hit { ins.jt } else { ins.jf });
+                }
+                AND_K => {
+                    acc &= ins.k;
+                    pc += 1;
                 }
                 RET_K => return ins.k,
                 other => panic!("unexpected instruction {other:#x}"),
@@ -210,6 +243,30 @@ mod tests {
             libc::AF_NETLINK,
         ] {
             assert_eq!(run(&p, a, sock, family as u64), libc::SECCOMP_RET_ALLOW);
+            let stream = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64;
+            assert_eq!(
+                run2(&p, a, sock, family as u64, stream),
+                libc::SECCOMP_RET_ALLOW
+            );
+        }
+        // AF_INET with SOCK_PACKET is a packet socket by another name.
+        for ty in [10u64, 10 | libc::SOCK_CLOEXEC as u64] {
+            let inet = libc::AF_INET as u64;
+            assert_eq!(run2(&p, a, sock, inet, ty), errno(libc::EAFNOSUPPORT));
+        }
+        let newuser = libc::CLONE_NEWUSER as u64;
+        for nr in [libc::SYS_unshare, libc::SYS_clone] {
+            let nr = nr as u32;
+            assert_eq!(run(&p, a, nr, newuser), errno(libc::EPERM), "{nr}");
+            assert_eq!(
+                run(&p, a, nr, newuser | libc::CLONE_NEWNET as u64),
+                errno(libc::EPERM)
+            );
+            assert_eq!(
+                run(&p, a, nr, libc::SIGCHLD as u64),
+                libc::SECCOMP_RET_ALLOW,
+                "{nr}"
+            );
         }
         for family in [
             libc::AF_PACKET,
