@@ -221,6 +221,50 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, then waits for the daemon to exit.
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = i32::try_from(child.id()).expect("pid");
+            // SAFETY: kill(2) of our own child, which has not been waited for yet.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
+            let started = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if started.elapsed() > Duration::from_secs(20) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the daemon did not stop:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// What the pinned maps hold for each agent cgroup (`enforcer status --json`, which
+    /// needs no daemon): name → state.
+    fn kernel_states(&self) -> Vec<(String, String)> {
+        let out = self.ctl(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        status["agents"]
+            .as_array()
+            .map(|agents| {
+                agents
+                    .iter()
+                    .map(|a| {
+                        (
+                            a["name"].as_str().unwrap_or_default().to_owned(),
+                            a["state"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
     }
@@ -1391,4 +1435,92 @@ fn a_stopped_daemon_leaves_agents_cut_off_until_it_serves_them_again() {
         d.log()
     );
     assert_eq!(up.count(), 2);
+}
+
+/// One request on the control socket, or None once the daemon is gone.
+fn try_control(socket: &Path, request: &serde_json::Value) -> Option<serde_json::Value> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    let mut line = serde_json::to_vec(request).ok()?;
+    line.push(b'\n');
+    stream.write_all(&line).ok()?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).ok()?;
+    serde_json::from_str(&answer).ok()
+}
+
+#[test]
+fn a_stop_racing_activations_leaves_every_agent_cut_off() {
+    if !privileged("a_stop_racing_activations_leaves_every_agent_cut_off") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("stoprace");
+    let socket = d.path("run/control.sock");
+    for round in 0..4 {
+        // Activations come back to back on three connections at once, so the stop finds
+        // some of them half done.
+        let batches: Vec<Vec<String>> = (0..3)
+            .map(|t| {
+                (0..5)
+                    .map(|i| {
+                        let env = d.envelope(&format!("race{round}{t}{i}"), up.addr, 600, "");
+                        std::fs::read_to_string(env).expect("envelope")
+                    })
+                    .collect()
+            })
+            .collect();
+        let activated = Arc::new(AtomicUsize::new(0));
+        let senders: Vec<_> = batches
+            .into_iter()
+            .map(|batch| {
+                let (socket, activated) = (socket.clone(), activated.clone());
+                std::thread::spawn(move || {
+                    let mut answers = Vec::new();
+                    for envelope in batch {
+                        let request = serde_json::json!({
+                            "version": 1, "op": "activate", "envelope": envelope,
+                        });
+                        let Some(answer) = try_control(&socket, &request) else {
+                            break;
+                        };
+                        if answer["ok"] == true {
+                            activated.fetch_add(1, Ordering::SeqCst);
+                        }
+                        answers.push(answer);
+                    }
+                    answers
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        while activated.load(Ordering::SeqCst) == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "nothing was activated:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        d.terminate();
+        let answers: Vec<serde_json::Value> = senders
+            .into_iter()
+            .flat_map(|s| s.join().expect("sender"))
+            .collect();
+        for answer in &answers {
+            assert!(
+                answer["ok"] == true || answer["kind"] == "stopping",
+                "{answer}"
+            );
+        }
+        // The daemon is gone: no agent may be let through to an address nobody serves.
+        let states = d.kernel_states();
+        assert!(!states.is_empty());
+        let open: Vec<&(String, String)> = states.iter().filter(|(_, s)| s == "active").collect();
+        assert!(
+            open.is_empty(),
+            "round {round}: open after the stop: {open:?}\n{}",
+            d.log()
+        );
+        d.spawn();
+    }
 }

@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock, Weak,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -81,6 +81,11 @@ pub enum DaemonError {
     #[error("no agent named {0}")]
     UnknownAgent(String),
     #[error(
+        "the daemon is stopping, so it activates, resets and reloads nothing now; \
+         try again once it has started again"
+    )]
+    Stopping,
+    #[error(
         "agent {agent} has no gateway ({reason}), so it stays cut off in the kernel; \
          a new Envelope for it, or its end, clears this"
     )]
@@ -121,6 +126,7 @@ impl DaemonError {
         match self {
             DaemonError::Verify(e) => e.kind(),
             DaemonError::UnknownAgent(_) => "unknown_agent",
+            DaemonError::Stopping => "stopping",
             DaemonError::NoGateway { .. } => "no_gateway",
             DaemonError::Revoked(_) => "revoked",
             DaemonError::RevocationNotSaved { .. } => "revocation_not_saved",
@@ -291,7 +297,11 @@ pub struct Daemon {
     stranded: Mutex<BTreeMap<String, Stranded>>,
     /// Kernel denials counted for the audit log (see `deny_log`).
     denials: Mutex<deny_log::DenyLog>,
+    /// Held by whatever may open a kernel entry (activations, replacements, resets) or
+    /// change grants (reloads), and by a stop from its start to the daemon's exit.
     activation: tokio::sync::Mutex<()>,
+    /// Set when a stop begins: from then on nothing takes `activation` to open an entry.
+    stopping: AtomicBool,
     upstream_tls: Arc<rustls::ClientConfig>,
     shutdown: Notify,
     trips: AtomicU64,
@@ -470,6 +480,7 @@ impl Daemon {
                 DENY_AT_ONCE,
             )),
             activation: tokio::sync::Mutex::new(()),
+            stopping: AtomicBool::new(false),
             upstream_tls,
             shutdown: Notify::new(),
             trips: AtomicU64::new(0),
@@ -498,6 +509,13 @@ impl Daemon {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
             () = daemon.shutdown.notified() => tracing::info!("shutdown requested: draining"),
         }
+        // Control connections accepted before the stop go on running: an activation or reset
+        // among them could open a kernel entry after the loop below has cut every agent off,
+        // leaving it open with no gateway behind its address once the daemon is gone. So
+        // those waiting are refused, one in flight is waited for (it is then in `agents`),
+        // and the lock is held until the daemon exits.
+        daemon.stopping.store(true, Ordering::SeqCst);
+        let _no_more_openings = daemon.activation.lock().await;
         control.abort();
         events.abort();
         expiry.abort();
@@ -590,9 +608,23 @@ impl Daemon {
         self.config().state_dir.join("agents").join(name)
     }
 
+    /// The `activation` lock for something that may open a kernel entry or change grants;
+    /// refused once the daemon is stopping. Checked again once the lock is held: the stop
+    /// queues for it behind those that came first, and they must not open anything then.
+    async fn serialized(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, DaemonError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(DaemonError::Stopping);
+        }
+        let serial = self.activation.lock().await;
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(DaemonError::Stopping);
+        }
+        Ok(serial)
+    }
+
     /// Verifies, then sets everything up; any failure undoes what was done.
     async fn activate(&self, envelope_json: &str) -> Result<serde_json::Value, DaemonError> {
-        let _serial = self.activation.lock().await;
+        let _serial = self.serialized().await?;
         let verified = {
             let used = self
                 .used_ids
@@ -1262,7 +1294,7 @@ impl Daemon {
         peer: control::Peer,
         dry_run: bool,
     ) -> Result<serde_json::Value, DaemonError> {
-        let _serial = self.activation.lock().await;
+        let _serial = self.serialized().await?;
         let loaded = DaemonConfig::load(&self.config_path)?;
         let mut fixed = self.config.fixed_fields_changed(&loaded.config);
         if loaded.audit_key.verifying_key() != self.audit_key {
@@ -1478,7 +1510,11 @@ impl Daemon {
             Op::Deactivate { agent } => self.deactivate(&agent),
             Op::Status { agent } => self.status(agent.as_deref()),
             Op::Trip { agent } => self.trip(&agent, peer),
-            Op::Reset { agent } => self.reset(&agent, peer),
+            // A reset reopens the kernel entry, so a stop must not pass it by.
+            Op::Reset { agent } => match self.serialized().await {
+                Ok(_serial) => self.reset(&agent, peer),
+                Err(e) => Err(e),
+            },
             Op::Revoke { agent } => self.revoke(&agent, peer),
             Op::Reload { dry_run } => self.reload(peer, dry_run).await,
             Op::Approvals { agent } => self.agents.lock().map_err(|_| poisoned()).map(|agents| {
