@@ -1524,3 +1524,71 @@ fn a_stop_racing_activations_leaves_every_agent_cut_off() {
         d.spawn();
     }
 }
+
+#[test]
+fn an_agent_whose_record_is_unusable_after_a_restart_stays_cut_off() {
+    if !privileged("an_agent_whose_record_is_unusable_after_a_restart_stays_cut_off") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("badrecord");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("badrecord", up.addr, 600, "");
+    let (mut child, mut reader, mut seen) = d.run_until_ready(
+        &env,
+        &a(&[
+            "http", "GET", &url, "", "wait", "http", "GET", &url, "", "wait",
+        ]),
+    );
+    let mut stdin = child.stdin.take().expect("stdin");
+    let gateway = gateway_of(&d, "agent-badrecord");
+    // Records are saved off the activation path.
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill9();
+    std::fs::write(d.path("state/agents/agent-badrecord/agent.json"), "").expect("truncate");
+    // Whoever binds the address while no gateway does must get nothing from the agent.
+    let impostor = common::Server::start(&gateway.to_string());
+    d.spawn();
+    let out = d.ctl(&["agents", "agent-badrecord"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stderr), d.log()));
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(
+        status["failure"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("agent.json"),
+        "{status}"
+    );
+    assert_eq!(status["gateway"], gateway.to_string(), "{status}");
+    let states = d.kernel_states();
+    assert!(
+        states
+            .iter()
+            .any(|(name, state)| name == "agent-badrecord" && state != "active"),
+        "{states:?}"
+    );
+    stdin.write_all(b"go\n").expect("go");
+    wait_for_line(&mut reader, "ready", &mut seen);
+    assert_eq!(impostor.accepted(), 0, "the agent reached the impostor");
+    // While it is listed, its address goes to no other agent, even once it is free.
+    drop(impostor);
+    std::thread::sleep(Duration::from_millis(100));
+    let other = d.envelope("badrecord-other", up.addr, 600, "");
+    let answer = control(
+        &d,
+        &serde_json::json!({
+            "version": 1,
+            "op": "activate",
+            "envelope": std::fs::read_to_string(&other).expect("envelope"),
+        }),
+    );
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_ne!(gateway_of(&d, "agent-badrecord-other"), gateway);
+    stdin.write_all(b"go\n").expect("go");
+    drop(stdin);
+    let (_, probes) = common::finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, false], "{:?}\n{}", probes.results, d.log());
+    assert!(d.audit_text().contains("gateway_unavailable"));
+}

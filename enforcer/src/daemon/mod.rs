@@ -791,7 +791,24 @@ impl Daemon {
                 "sharing the gateway socket {}",
                 prev.gateway_addr
             )))?,
-            None => bind_free_port(cfg.gateway_ip, cfg.gateway_ports, &self.next_port).await?,
+            None => {
+                // A failed agent's address may still be one its kernel entry lets it reach,
+                // should cutting it off have failed: another agent's gateway stays away.
+                let reserved: BTreeSet<SocketAddr> = self
+                    .stranded
+                    .lock()
+                    .map_err(|_| poisoned())?
+                    .values()
+                    .filter_map(|s| s.gateway)
+                    .collect();
+                bind_free_port(
+                    cfg.gateway_ip,
+                    cfg.gateway_ports,
+                    &self.next_port,
+                    &reserved,
+                )
+                .await?
+            }
         };
         let gateway_addr = listener.local_addr().map_err(io_err("gateway address"))?;
         let serving = serving_handle(&listener, gateway_addr)?;
@@ -886,17 +903,30 @@ impl Daemon {
                 ignored.push(dir.display().to_string());
                 continue;
             };
-            let record: AgentRecord = match read_json(&record_path) {
+            let parsed = match read_json::<AgentRecord>(&record_path) {
+                Ok(record) if record.name == dir_name => Ok(record),
+                Ok(record) => Err(format!(
+                    "its record {} names another agent ({})",
+                    record_path.display(),
+                    record.name
+                )),
+                Err(e) => Err(format!("its record cannot be used: {e}")),
+            };
+            let record = match parsed {
                 Ok(record) => record,
-                Err(e) => {
-                    tracing::error!(dir = %dir.display(), error = %e, "unreadable agent record; not resumed");
+                Err(reason) => {
+                    // The agent of this directory may still run, its kernel entry open to an
+                    // address no gateway serves now. Only a cgroup of the directory's name
+                    // is the daemon's to cut: others under the parent may be `confine`'s.
+                    match self.parent.agent(&dir_name) {
+                        Ok(cgroup) => self.strand_unrecorded(&dir_name, cgroup, &dir, reason),
+                        Err(_) => {
+                            tracing::warn!(dir = %dir.display(), reason, "agent record not resumed; no cgroup of its name is left");
+                        }
+                    }
                     continue;
                 }
             };
-            if record.name != dir_name {
-                ignored.push(dir.display().to_string());
-                continue;
-            }
             let Ok(cgroup) = self.parent.agent(&record.name) else {
                 // The cgroup is gone (a reboot): nothing left to resume.
                 let _ = std::fs::remove_file(&record_path);
@@ -921,6 +951,27 @@ impl Daemon {
                 "agent records outside an agent's own directory were not resumed"
             );
         }
+    }
+
+    /// Strands the agent of a directory whose record is unusable. Its gateway's address is
+    /// read from its kernel entry, so it is never handed to another agent meanwhile.
+    fn strand_unrecorded(&self, name: &str, cgroup: AgentCgroup, dir: &Path, reason: String) {
+        let gateway = self
+            .kernel
+            .lock()
+            .ok()
+            .and_then(|k| k.agent(cgroup.id).ok().flatten())
+            .and_then(|policy| policy.gateway());
+        self.strand(
+            name,
+            Stranded {
+                cgroup,
+                envelope_id: None,
+                gateway,
+                dir: Some(dir.to_owned()),
+                reason: format!("could not be resumed: {reason}"),
+            },
+        );
     }
 
     async fn resume_one(
@@ -1912,18 +1963,22 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// Binds the next free port of the range, starting after the one handed out last, so
-/// activation does not retry every port already in use.
+/// Binds the next free port of the range that is not `reserved`, starting after the one
+/// handed out last, so activation does not retry every port already in use.
 async fn bind_free_port(
     ip: std::net::IpAddr,
     [first, last]: [u16; 2],
     cursor: &std::sync::atomic::AtomicU32,
+    reserved: &BTreeSet<SocketAddr>,
 ) -> Result<std::net::TcpListener, DaemonError> {
     let span = u32::from(last - first) + 1;
     let start = cursor.load(Ordering::Relaxed);
     for step in 0..span {
         let offset = (start + step) % span;
         let port = first + offset as u16;
+        if reserved.contains(&SocketAddr::new(ip, port)) {
+            continue;
+        }
         if let Ok(listener) = tokio::net::TcpListener::bind((ip, port)).await {
             cursor.store((offset + 1) % span, Ordering::Relaxed);
             return listener
