@@ -1592,3 +1592,50 @@ fn an_agent_whose_record_is_unusable_after_a_restart_stays_cut_off() {
     assert_eq!(oks, vec![true, false], "{:?}\n{}", probes.results, d.log());
     assert!(d.audit_text().contains("gateway_unavailable"));
 }
+
+#[test]
+fn a_trip_made_while_the_daemon_is_stopped_outlasts_its_restart() {
+    if !privileged("a_trip_made_while_the_daemon_is_stopped_outlasts_its_restart") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("stoptrip");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("stoptrip", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    d.terminate();
+    let state_of = |states: Vec<(String, String)>| {
+        states
+            .into_iter()
+            .find(|(name, _)| name == "agent-stoptrip")
+            .map(|(_, state)| state)
+            .unwrap_or_default()
+    };
+    assert!(
+        state_of(d.kernel_states()).starts_with("suspended"),
+        "{:?}",
+        d.kernel_states()
+    );
+    // The operator cuts the agent off in the kernel while no daemon runs.
+    let tripped = d.ctl(&["trip", "agent-stoptrip"]);
+    assert!(
+        tripped.status.success(),
+        "trip: {}",
+        String::from_utf8_lossy(&tripped.stderr)
+    );
+    assert_eq!(state_of(d.kernel_states()), "tripped");
+    d.spawn();
+    // The start lifts only its own stop's cut: this one stays.
+    assert_eq!(state_of(d.kernel_states()), "tripped", "{}", d.log());
+    let out = d.ctl(&["agents", "agent-stoptrip"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["state"], "tripped", "{status}");
+    assert_eq!(status["kernel_entry"], "tripped", "{status}");
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, false], "{:?}\n{}", probes.results, d.log());
+    assert_eq!(up.count(), 1);
+}

@@ -37,7 +37,7 @@ use crate::{
     kernel::{self, Enforcement, events::EventReader},
     sandbox::{AgentCgroup, CgroupParent},
 };
-use enforcer_common::{AgentPolicy, STATE_ACTIVE};
+use enforcer_common::{AgentPolicy, STATE_ACTIVE, STATE_SUSPENDED};
 
 pub use config::{ConfigError, DaemonConfig, Grants, Loaded};
 
@@ -1004,13 +1004,18 @@ impl Daemon {
                 .map_err(|_| poisoned())?
                 .trip(cgroup.id)?;
         }
-        // Cut off by the daemon's own stop, and its gateway is bound again to the address
-        // the kernel lets it reach: it may go on.
+        // Cut off by the daemon's own stop, still in the state that stop wrote (a trip made
+        // meanwhile, say `enforcer trip` with no daemon, writes another), and its gateway is
+        // bound again to the address the kernel lets it reach: it may go on.
         let suspended = dir.join(SUSPENDED);
         if suspended.exists() {
             let mut kernel = self.kernel.lock().map_err(|_| poisoned())?;
             match kernel.agent(cgroup.id)? {
-                Some(mut policy) if !cut && policy.gateway() == Some(record.gateway) => {
+                Some(mut policy)
+                    if !cut
+                        && policy.state == STATE_SUSPENDED
+                        && policy.gateway() == Some(record.gateway) =>
+                {
                     policy.state = STATE_ACTIVE;
                     kernel.set_agent(cgroup.id, &policy)?;
                 }
@@ -1060,11 +1065,27 @@ impl Daemon {
         if let Err(e) = write_synced(&agent.dir.join(SUSPENDED), b"") {
             tracing::error!(agent = %agent.name, error = %e, "could not mark the agent as suspended; it stays cut off after the next start until an operator resets it");
         }
-        match self.cut_off(&agent.cgroup) {
-            Ok(_) => tracing::info!(agent = %agent.name, "cut off until the daemon starts again"),
-            Err(e) => {
-                tracing::error!(agent = %agent.name, error = %e, "could not cut the agent off while the daemon is down");
+        let suspended = self
+            .kernel
+            .lock()
+            .map_err(|_| "the kernel state lock is poisoned".to_owned())
+            .and_then(|mut k| k.suspend(agent.cgroup.id).map_err(|e| e.to_string()));
+        match suspended {
+            Ok(true) => {
+                tracing::info!(agent = %agent.name, "cut off until the daemon starts again")
             }
+            Ok(false) => {
+                tracing::info!(agent = %agent.name, "cut off in the kernel already; stays so")
+            }
+            // Not lifted by the next start, but cut off all the same.
+            Err(e) => match self.cut_off(&agent.cgroup) {
+                Ok(how) => {
+                    tracing::warn!(agent = %agent.name, error = %e, how, "could not suspend the agent; cut off for good")
+                }
+                Err(cut) => {
+                    tracing::error!(agent = %agent.name, error = %e, cut, "could not cut the agent off while the daemon is down");
+                }
+            },
         }
     }
 
@@ -1467,18 +1488,7 @@ impl Daemon {
             .as_ref()
             .and_then(|k| k.counters(agent.cgroup.id).ok())
             .unwrap_or_default();
-        // The kernel's word wins: an agent cut off there (say, left without a gateway by
-        // an earlier start) is not active, whatever its breaker says.
-        let kernel_entry = match kernel.as_ref().map(|k| k.agent(agent.cgroup.id)) {
-            Some(Ok(Some(policy))) if policy.state == STATE_ACTIVE => "active",
-            Some(Ok(Some(_))) => "tripped",
-            Some(Ok(None)) => "missing",
-            Some(Err(_)) | None => "unreadable",
-        };
-        let state = match agent.state() {
-            AgentState::Active if kernel_entry != "active" => AgentState::Tripped,
-            state => state,
-        };
+        let (state, kernel_entry) = kernel_view(kernel.as_deref(), agent);
         let hooks = enforcer_common::hook::NAMES;
         let budgets: serde_json::Value = agent
             .gateway
@@ -1814,6 +1824,25 @@ impl Daemon {
     pub(crate) fn metrics_text(&self) -> String {
         metrics::render(self)
     }
+}
+
+/// The agent's state with the kernel's word in it, and what its kernel entry holds. The
+/// kernel's word wins: an agent cut off there (left without a gateway by an earlier start,
+/// or suspended by a stop whose cut the start did not lift) is not active, whatever its
+/// breaker says.
+fn kernel_view(kernel: Option<&Enforcement>, agent: &Agent) -> (AgentState, &'static str) {
+    let kernel_entry = match kernel.map(|k| k.agent(agent.cgroup.id)) {
+        Some(Ok(Some(policy))) if policy.state == STATE_ACTIVE => "active",
+        Some(Ok(Some(policy))) if policy.state == STATE_SUSPENDED => "suspended",
+        Some(Ok(Some(_))) => "tripped",
+        Some(Ok(None)) => "missing",
+        Some(Err(_)) | None => "unreadable",
+    };
+    let state = match agent.state() {
+        AgentState::Active if kernel_entry != "active" => AgentState::Tripped,
+        state => state,
+    };
+    (state, kernel_entry)
 }
 
 fn cfg_path(d: &Daemon) -> String {
