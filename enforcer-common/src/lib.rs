@@ -37,6 +37,10 @@ pub const EVENT_WINDOW_NS: u64 = 1_000_000_000;
 pub const STATE_ACTIVE: u32 = 1;
 /// The circuit is open: everything is denied, the gateway included.
 pub const STATE_TRIPPED: u32 = 2;
+/// Everything is denied while the daemon is stopped, since nothing serves the gateway's
+/// address then. Apart from `STATE_TRIPPED` so that the next start lifts only this cut,
+/// never one an operator made meanwhile.
+pub const STATE_SUSPENDED: u32 = 3;
 
 /// `AgentPolicy::flags`: `gateway_v4` holds an address.
 pub const FLAG_GATEWAY_V4: u32 = 1 << 0;
@@ -50,7 +54,7 @@ pub const NO_DEADLINE: u64 = u64::MAX;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AgentPolicy {
-    /// `STATE_ACTIVE` or `STATE_TRIPPED`; any other value denies.
+    /// `STATE_ACTIVE`, `STATE_TRIPPED` or `STATE_SUSPENDED`; anything but active denies.
     pub state: u32,
     /// `FLAG_GATEWAY_V4` / `FLAG_GATEWAY_V6`.
     pub flags: u32,
@@ -189,6 +193,8 @@ pub mod reason {
     pub const MALFORMED: u8 = 6;
     /// The agent's state holds an unknown value.
     pub const BAD_STATE: u8 = 7;
+    /// The agent is cut off while the daemon is stopped.
+    pub const SUSPENDED: u8 = 8;
 
     pub fn name(reason: u8) -> &'static str {
         match reason {
@@ -199,6 +205,7 @@ pub mod reason {
             SOCKET_KIND => "socket_kind",
             MALFORMED => "malformed",
             BAD_STATE => "bad_state",
+            SUSPENDED => "suspended",
             _ => "unknown",
         }
     }
@@ -307,6 +314,7 @@ mod tests {
         assert!(policy(STATE_ACTIVE, 100).is_open_at(99));
         assert!(!policy(STATE_ACTIVE, 100).is_open_at(100));
         assert!(!policy(STATE_TRIPPED, NO_DEADLINE).is_open_at(0));
+        assert!(!policy(STATE_SUSPENDED, NO_DEADLINE).is_open_at(0));
         assert!(!policy(0, NO_DEADLINE).is_open_at(0));
         assert!(!policy(77, NO_DEADLINE).is_open_at(0));
     }

@@ -23,7 +23,7 @@ use aya_ebpf::{
 use core::ptr::{addr_of, read_volatile};
 use enforcer_common::{
     AgentCounters, AgentPolicy, DenyEvent, EVENT_WINDOW_NS, EVENTS_PER_WINDOW, EVENTS_RING_BYTES,
-    EventWindow, EventWindowKey, MAX_AGENTS, STATE_ACTIVE, STATE_TRIPPED, hook, ipv4_mapped, reason,
+    EventWindow, EventWindowKey, MAX_AGENTS, STATE_ACTIVE, STATE_SUSPENDED, STATE_TRIPPED, hook, ipv4_mapped, reason,
 };
 
 /// Kernel verdicts for cgroup programs.
@@ -85,6 +85,7 @@ fn open_policy(cgroup_id: u64) -> Result<&'static AgentPolicy, u8> {
     match policy.state {
         STATE_ACTIVE => {}
         STATE_TRIPPED => return Err(reason::TRIPPED),
+        STATE_SUSPENDED => return Err(reason::SUSPENDED),
         _ => return Err(reason::BAD_STATE),
     }
     // SAFETY: helper without arguments.

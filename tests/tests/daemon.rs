@@ -221,6 +221,50 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, then waits for the daemon to exit.
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = i32::try_from(child.id()).expect("pid");
+            // SAFETY: kill(2) of our own child, which has not been waited for yet.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
+            let started = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if started.elapsed() > Duration::from_secs(20) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the daemon did not stop:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// What the pinned maps hold for each agent cgroup (`enforcer status --json`, which
+    /// needs no daemon): name → state.
+    fn kernel_states(&self) -> Vec<(String, String)> {
+        let out = self.ctl(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        status["agents"]
+            .as_array()
+            .map(|agents| {
+                agents
+                    .iter()
+                    .map(|a| {
+                        (
+                            a["name"].as_str().unwrap_or_default().to_owned(),
+                            a["state"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
     }
@@ -1391,4 +1435,207 @@ fn a_stopped_daemon_leaves_agents_cut_off_until_it_serves_them_again() {
         d.log()
     );
     assert_eq!(up.count(), 2);
+}
+
+/// One request on the control socket, or None once the daemon is gone.
+fn try_control(socket: &Path, request: &serde_json::Value) -> Option<serde_json::Value> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    let mut line = serde_json::to_vec(request).ok()?;
+    line.push(b'\n');
+    stream.write_all(&line).ok()?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).ok()?;
+    serde_json::from_str(&answer).ok()
+}
+
+#[test]
+fn a_stop_racing_activations_leaves_every_agent_cut_off() {
+    if !privileged("a_stop_racing_activations_leaves_every_agent_cut_off") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("stoprace");
+    let socket = d.path("run/control.sock");
+    for round in 0..4 {
+        // Activations come back to back on three connections at once, so the stop finds
+        // some of them half done.
+        let batches: Vec<Vec<String>> = (0..3)
+            .map(|t| {
+                (0..5)
+                    .map(|i| {
+                        let env = d.envelope(&format!("race{round}{t}{i}"), up.addr, 600, "");
+                        std::fs::read_to_string(env).expect("envelope")
+                    })
+                    .collect()
+            })
+            .collect();
+        let activated = Arc::new(AtomicUsize::new(0));
+        let senders: Vec<_> = batches
+            .into_iter()
+            .map(|batch| {
+                let (socket, activated) = (socket.clone(), activated.clone());
+                std::thread::spawn(move || {
+                    let mut answers = Vec::new();
+                    for envelope in batch {
+                        let request = serde_json::json!({
+                            "version": 1, "op": "activate", "envelope": envelope,
+                        });
+                        let Some(answer) = try_control(&socket, &request) else {
+                            break;
+                        };
+                        if answer["ok"] == true {
+                            activated.fetch_add(1, Ordering::SeqCst);
+                        }
+                        answers.push(answer);
+                    }
+                    answers
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        while activated.load(Ordering::SeqCst) == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "nothing was activated:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        d.terminate();
+        let answers: Vec<serde_json::Value> = senders
+            .into_iter()
+            .flat_map(|s| s.join().expect("sender"))
+            .collect();
+        for answer in &answers {
+            assert!(
+                answer["ok"] == true || answer["kind"] == "stopping",
+                "{answer}"
+            );
+        }
+        // The daemon is gone: no agent may be let through to an address nobody serves.
+        let states = d.kernel_states();
+        assert!(!states.is_empty());
+        let open: Vec<&(String, String)> = states.iter().filter(|(_, s)| s == "active").collect();
+        assert!(
+            open.is_empty(),
+            "round {round}: open after the stop: {open:?}\n{}",
+            d.log()
+        );
+        d.spawn();
+    }
+}
+
+#[test]
+fn an_agent_whose_record_is_unusable_after_a_restart_stays_cut_off() {
+    if !privileged("an_agent_whose_record_is_unusable_after_a_restart_stays_cut_off") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("badrecord");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("badrecord", up.addr, 600, "");
+    let (mut child, mut reader, mut seen) = d.run_until_ready(
+        &env,
+        &a(&[
+            "http", "GET", &url, "", "wait", "http", "GET", &url, "", "wait",
+        ]),
+    );
+    let mut stdin = child.stdin.take().expect("stdin");
+    let gateway = gateway_of(&d, "agent-badrecord");
+    // Records are saved off the activation path.
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill9();
+    std::fs::write(d.path("state/agents/agent-badrecord/agent.json"), "").expect("truncate");
+    // Whoever binds the address while no gateway does must get nothing from the agent.
+    let impostor = common::Server::start(&gateway.to_string());
+    d.spawn();
+    let out = d.ctl(&["agents", "agent-badrecord"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stderr), d.log()));
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(
+        status["failure"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("agent.json"),
+        "{status}"
+    );
+    assert_eq!(status["gateway"], gateway.to_string(), "{status}");
+    let states = d.kernel_states();
+    assert!(
+        states
+            .iter()
+            .any(|(name, state)| name == "agent-badrecord" && state != "active"),
+        "{states:?}"
+    );
+    stdin.write_all(b"go\n").expect("go");
+    wait_for_line(&mut reader, "ready", &mut seen);
+    assert_eq!(impostor.accepted(), 0, "the agent reached the impostor");
+    // While it is listed, its address goes to no other agent, even once it is free.
+    drop(impostor);
+    std::thread::sleep(Duration::from_millis(100));
+    let other = d.envelope("badrecord-other", up.addr, 600, "");
+    let answer = control(
+        &d,
+        &serde_json::json!({
+            "version": 1,
+            "op": "activate",
+            "envelope": std::fs::read_to_string(&other).expect("envelope"),
+        }),
+    );
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_ne!(gateway_of(&d, "agent-badrecord-other"), gateway);
+    stdin.write_all(b"go\n").expect("go");
+    drop(stdin);
+    let (_, probes) = common::finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, false], "{:?}\n{}", probes.results, d.log());
+    assert!(d.audit_text().contains("gateway_unavailable"));
+}
+
+#[test]
+fn a_trip_made_while_the_daemon_is_stopped_outlasts_its_restart() {
+    if !privileged("a_trip_made_while_the_daemon_is_stopped_outlasts_its_restart") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("stoptrip");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("stoptrip", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(
+        &env,
+        &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
+    );
+    d.terminate();
+    let state_of = |states: Vec<(String, String)>| {
+        states
+            .into_iter()
+            .find(|(name, _)| name == "agent-stoptrip")
+            .map(|(_, state)| state)
+            .unwrap_or_default()
+    };
+    assert!(
+        state_of(d.kernel_states()).starts_with("suspended"),
+        "{:?}",
+        d.kernel_states()
+    );
+    // The operator cuts the agent off in the kernel while no daemon runs.
+    let tripped = d.ctl(&["trip", "agent-stoptrip"]);
+    assert!(
+        tripped.status.success(),
+        "trip: {}",
+        String::from_utf8_lossy(&tripped.stderr)
+    );
+    assert_eq!(state_of(d.kernel_states()), "tripped");
+    d.spawn();
+    // The start lifts only its own stop's cut: this one stays.
+    assert_eq!(state_of(d.kernel_states()), "tripped", "{}", d.log());
+    let out = d.ctl(&["agents", "agent-stoptrip"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["state"], "tripped", "{status}");
+    assert_eq!(status["kernel_entry"], "tripped", "{status}");
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true, false], "{:?}\n{}", probes.results, d.log());
+    assert_eq!(up.count(), 1);
 }

@@ -7,7 +7,9 @@ use enforcer::{
     kernel::{self, Enforcement, events::EventReader},
     sandbox::CgroupParent,
 };
-use enforcer_common::{AgentPolicy, NO_DEADLINE, STATE_ACTIVE, STATE_TRIPPED, hook};
+use enforcer_common::{
+    AgentPolicy, NO_DEADLINE, STATE_ACTIVE, STATE_SUSPENDED, STATE_TRIPPED, hook,
+};
 
 use super::{KernelOpts, require_root};
 
@@ -257,6 +259,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         let state = match policy {
             None => "no-policy (denied everything)",
             Some(p) if p.state == STATE_TRIPPED => "tripped",
+            Some(p) if p.state == STATE_SUSPENDED => "suspended (daemon stopped)",
             Some(p) if p.state == STATE_ACTIVE && !p.is_open_at(now) => "expired",
             Some(p) if p.state == STATE_ACTIVE => "active",
             Some(_) => "invalid (denied everything)",

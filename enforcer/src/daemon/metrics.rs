@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use super::{AgentState, Daemon};
+use super::{AgentState, Daemon, kernel_view};
 
 pub(super) fn render(daemon: &Daemon) -> String {
     let mut out = String::new();
@@ -18,6 +18,14 @@ pub(super) fn render(daemon: &Daemon) -> String {
         "# HELP enforcer_agents Agents by state.\n# TYPE enforcer_agents gauge"
     );
     let failed = daemon.stranded.lock().map(|s| s.len()).unwrap_or(0);
+    // As `enforcer agents` says: an agent the kernel cuts off is not counted as active.
+    let states: Vec<AgentState> = {
+        let kernel = daemon.kernel.lock().ok();
+        agents
+            .values()
+            .map(|a| kernel_view(kernel.as_deref(), a).0)
+            .collect()
+    };
     for state in [
         AgentState::Active,
         AgentState::Tripped,
@@ -27,7 +35,7 @@ pub(super) fn render(daemon: &Daemon) -> String {
     ] {
         let n = match state {
             AgentState::Failed => failed,
-            _ => agents.values().filter(|a| a.state() == state).count(),
+            _ => states.iter().filter(|s| **s == state).count(),
         };
         let label = serde_json::to_value(state)
             .ok()

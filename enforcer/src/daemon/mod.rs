@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock, Weak,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -37,7 +37,7 @@ use crate::{
     kernel::{self, Enforcement, events::EventReader},
     sandbox::{AgentCgroup, CgroupParent},
 };
-use enforcer_common::{AgentPolicy, STATE_ACTIVE};
+use enforcer_common::{AgentPolicy, STATE_ACTIVE, STATE_SUSPENDED};
 
 pub use config::{ConfigError, DaemonConfig, Grants, Loaded};
 
@@ -81,6 +81,11 @@ pub enum DaemonError {
     #[error("no agent named {0}")]
     UnknownAgent(String),
     #[error(
+        "the daemon is stopping, so it activates, resets and reloads nothing now; \
+         try again once it has started again"
+    )]
+    Stopping,
+    #[error(
         "agent {agent} has no gateway ({reason}), so it stays cut off in the kernel; \
          a new Envelope for it, or its end, clears this"
     )]
@@ -121,6 +126,7 @@ impl DaemonError {
         match self {
             DaemonError::Verify(e) => e.kind(),
             DaemonError::UnknownAgent(_) => "unknown_agent",
+            DaemonError::Stopping => "stopping",
             DaemonError::NoGateway { .. } => "no_gateway",
             DaemonError::Revoked(_) => "revoked",
             DaemonError::RevocationNotSaved { .. } => "revocation_not_saved",
@@ -291,7 +297,11 @@ pub struct Daemon {
     stranded: Mutex<BTreeMap<String, Stranded>>,
     /// Kernel denials counted for the audit log (see `deny_log`).
     denials: Mutex<deny_log::DenyLog>,
+    /// Held by whatever may open a kernel entry (activations, replacements, resets) or
+    /// change grants (reloads), and by a stop from its start to the daemon's exit.
     activation: tokio::sync::Mutex<()>,
+    /// Set when a stop begins: from then on nothing takes `activation` to open an entry.
+    stopping: AtomicBool,
     upstream_tls: Arc<rustls::ClientConfig>,
     shutdown: Notify,
     trips: AtomicU64,
@@ -470,6 +480,7 @@ impl Daemon {
                 DENY_AT_ONCE,
             )),
             activation: tokio::sync::Mutex::new(()),
+            stopping: AtomicBool::new(false),
             upstream_tls,
             shutdown: Notify::new(),
             trips: AtomicU64::new(0),
@@ -498,6 +509,13 @@ impl Daemon {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
             () = daemon.shutdown.notified() => tracing::info!("shutdown requested: draining"),
         }
+        // Control connections accepted before the stop go on running: an activation or reset
+        // among them could open a kernel entry after the loop below has cut every agent off,
+        // leaving it open with no gateway behind its address once the daemon is gone. So
+        // those waiting are refused, one in flight is waited for (it is then in `agents`),
+        // and the lock is held until the daemon exits.
+        daemon.stopping.store(true, Ordering::SeqCst);
+        let _no_more_openings = daemon.activation.lock().await;
         control.abort();
         events.abort();
         expiry.abort();
@@ -590,9 +608,23 @@ impl Daemon {
         self.config().state_dir.join("agents").join(name)
     }
 
+    /// The `activation` lock for something that may open a kernel entry or change grants;
+    /// refused once the daemon is stopping. Checked again once the lock is held: the stop
+    /// queues for it behind those that came first, and they must not open anything then.
+    async fn serialized(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, DaemonError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(DaemonError::Stopping);
+        }
+        let serial = self.activation.lock().await;
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(DaemonError::Stopping);
+        }
+        Ok(serial)
+    }
+
     /// Verifies, then sets everything up; any failure undoes what was done.
     async fn activate(&self, envelope_json: &str) -> Result<serde_json::Value, DaemonError> {
-        let _serial = self.activation.lock().await;
+        let _serial = self.serialized().await?;
         let verified = {
             let used = self
                 .used_ids
@@ -759,7 +791,24 @@ impl Daemon {
                 "sharing the gateway socket {}",
                 prev.gateway_addr
             )))?,
-            None => bind_free_port(cfg.gateway_ip, cfg.gateway_ports, &self.next_port).await?,
+            None => {
+                // A failed agent's address may still be one its kernel entry lets it reach,
+                // should cutting it off have failed: another agent's gateway stays away.
+                let reserved: BTreeSet<SocketAddr> = self
+                    .stranded
+                    .lock()
+                    .map_err(|_| poisoned())?
+                    .values()
+                    .filter_map(|s| s.gateway)
+                    .collect();
+                bind_free_port(
+                    cfg.gateway_ip,
+                    cfg.gateway_ports,
+                    &self.next_port,
+                    &reserved,
+                )
+                .await?
+            }
         };
         let gateway_addr = listener.local_addr().map_err(io_err("gateway address"))?;
         let serving = serving_handle(&listener, gateway_addr)?;
@@ -854,17 +903,30 @@ impl Daemon {
                 ignored.push(dir.display().to_string());
                 continue;
             };
-            let record: AgentRecord = match read_json(&record_path) {
+            let parsed = match read_json::<AgentRecord>(&record_path) {
+                Ok(record) if record.name == dir_name => Ok(record),
+                Ok(record) => Err(format!(
+                    "its record {} names another agent ({})",
+                    record_path.display(),
+                    record.name
+                )),
+                Err(e) => Err(format!("its record cannot be used: {e}")),
+            };
+            let record = match parsed {
                 Ok(record) => record,
-                Err(e) => {
-                    tracing::error!(dir = %dir.display(), error = %e, "unreadable agent record; not resumed");
+                Err(reason) => {
+                    // The agent of this directory may still run, its kernel entry open to an
+                    // address no gateway serves now. Only a cgroup of the directory's name
+                    // is the daemon's to cut: others under the parent may be `confine`'s.
+                    match self.parent.agent(&dir_name) {
+                        Ok(cgroup) => self.strand_unrecorded(&dir_name, cgroup, &dir, reason),
+                        Err(_) => {
+                            tracing::warn!(dir = %dir.display(), reason, "agent record not resumed; no cgroup of its name is left");
+                        }
+                    }
                     continue;
                 }
             };
-            if record.name != dir_name {
-                ignored.push(dir.display().to_string());
-                continue;
-            }
             let Ok(cgroup) = self.parent.agent(&record.name) else {
                 // The cgroup is gone (a reboot): nothing left to resume.
                 let _ = std::fs::remove_file(&record_path);
@@ -889,6 +951,27 @@ impl Daemon {
                 "agent records outside an agent's own directory were not resumed"
             );
         }
+    }
+
+    /// Strands the agent of a directory whose record is unusable. Its gateway's address is
+    /// read from its kernel entry, so it is never handed to another agent meanwhile.
+    fn strand_unrecorded(&self, name: &str, cgroup: AgentCgroup, dir: &Path, reason: String) {
+        let gateway = self
+            .kernel
+            .lock()
+            .ok()
+            .and_then(|k| k.agent(cgroup.id).ok().flatten())
+            .and_then(|policy| policy.gateway());
+        self.strand(
+            name,
+            Stranded {
+                cgroup,
+                envelope_id: None,
+                gateway,
+                dir: Some(dir.to_owned()),
+                reason: format!("could not be resumed: {reason}"),
+            },
+        );
     }
 
     async fn resume_one(
@@ -921,13 +1004,18 @@ impl Daemon {
                 .map_err(|_| poisoned())?
                 .trip(cgroup.id)?;
         }
-        // Cut off by the daemon's own stop, and its gateway is bound again to the address
-        // the kernel lets it reach: it may go on.
+        // Cut off by the daemon's own stop, still in the state that stop wrote (a trip made
+        // meanwhile, say `enforcer trip` with no daemon, writes another), and its gateway is
+        // bound again to the address the kernel lets it reach: it may go on.
         let suspended = dir.join(SUSPENDED);
         if suspended.exists() {
             let mut kernel = self.kernel.lock().map_err(|_| poisoned())?;
             match kernel.agent(cgroup.id)? {
-                Some(mut policy) if !cut && policy.gateway() == Some(record.gateway) => {
+                Some(mut policy)
+                    if !cut
+                        && policy.state == STATE_SUSPENDED
+                        && policy.gateway() == Some(record.gateway) =>
+                {
                     policy.state = STATE_ACTIVE;
                     kernel.set_agent(cgroup.id, &policy)?;
                 }
@@ -977,11 +1065,27 @@ impl Daemon {
         if let Err(e) = write_synced(&agent.dir.join(SUSPENDED), b"") {
             tracing::error!(agent = %agent.name, error = %e, "could not mark the agent as suspended; it stays cut off after the next start until an operator resets it");
         }
-        match self.cut_off(&agent.cgroup) {
-            Ok(_) => tracing::info!(agent = %agent.name, "cut off until the daemon starts again"),
-            Err(e) => {
-                tracing::error!(agent = %agent.name, error = %e, "could not cut the agent off while the daemon is down");
+        let suspended = self
+            .kernel
+            .lock()
+            .map_err(|_| "the kernel state lock is poisoned".to_owned())
+            .and_then(|mut k| k.suspend(agent.cgroup.id).map_err(|e| e.to_string()));
+        match suspended {
+            Ok(true) => {
+                tracing::info!(agent = %agent.name, "cut off until the daemon starts again")
             }
+            Ok(false) => {
+                tracing::info!(agent = %agent.name, "cut off in the kernel already; stays so")
+            }
+            // Not lifted by the next start, but cut off all the same.
+            Err(e) => match self.cut_off(&agent.cgroup) {
+                Ok(how) => {
+                    tracing::warn!(agent = %agent.name, error = %e, how, "could not suspend the agent; cut off for good")
+                }
+                Err(cut) => {
+                    tracing::error!(agent = %agent.name, error = %e, cut, "could not cut the agent off while the daemon is down");
+                }
+            },
         }
     }
 
@@ -1262,7 +1366,7 @@ impl Daemon {
         peer: control::Peer,
         dry_run: bool,
     ) -> Result<serde_json::Value, DaemonError> {
-        let _serial = self.activation.lock().await;
+        let _serial = self.serialized().await?;
         let loaded = DaemonConfig::load(&self.config_path)?;
         let mut fixed = self.config.fixed_fields_changed(&loaded.config);
         if loaded.audit_key.verifying_key() != self.audit_key {
@@ -1384,18 +1488,7 @@ impl Daemon {
             .as_ref()
             .and_then(|k| k.counters(agent.cgroup.id).ok())
             .unwrap_or_default();
-        // The kernel's word wins: an agent cut off there (say, left without a gateway by
-        // an earlier start) is not active, whatever its breaker says.
-        let kernel_entry = match kernel.as_ref().map(|k| k.agent(agent.cgroup.id)) {
-            Some(Ok(Some(policy))) if policy.state == STATE_ACTIVE => "active",
-            Some(Ok(Some(_))) => "tripped",
-            Some(Ok(None)) => "missing",
-            Some(Err(_)) | None => "unreadable",
-        };
-        let state = match agent.state() {
-            AgentState::Active if kernel_entry != "active" => AgentState::Tripped,
-            state => state,
-        };
+        let (state, kernel_entry) = kernel_view(kernel.as_deref(), agent);
         let hooks = enforcer_common::hook::NAMES;
         let budgets: serde_json::Value = agent
             .gateway
@@ -1478,7 +1571,11 @@ impl Daemon {
             Op::Deactivate { agent } => self.deactivate(&agent),
             Op::Status { agent } => self.status(agent.as_deref()),
             Op::Trip { agent } => self.trip(&agent, peer),
-            Op::Reset { agent } => self.reset(&agent, peer),
+            // A reset reopens the kernel entry, so a stop must not pass it by.
+            Op::Reset { agent } => match self.serialized().await {
+                Ok(_serial) => self.reset(&agent, peer),
+                Err(e) => Err(e),
+            },
             Op::Revoke { agent } => self.revoke(&agent, peer),
             Op::Reload { dry_run } => self.reload(peer, dry_run).await,
             Op::Approvals { agent } => self.agents.lock().map_err(|_| poisoned()).map(|agents| {
@@ -1729,6 +1826,25 @@ impl Daemon {
     }
 }
 
+/// The agent's state with the kernel's word in it, and what its kernel entry holds. The
+/// kernel's word wins: an agent cut off there (left without a gateway by an earlier start,
+/// or suspended by a stop whose cut the start did not lift) is not active, whatever its
+/// breaker says.
+fn kernel_view(kernel: Option<&Enforcement>, agent: &Agent) -> (AgentState, &'static str) {
+    let kernel_entry = match kernel.map(|k| k.agent(agent.cgroup.id)) {
+        Some(Ok(Some(policy))) if policy.state == STATE_ACTIVE => "active",
+        Some(Ok(Some(policy))) if policy.state == STATE_SUSPENDED => "suspended",
+        Some(Ok(Some(_))) => "tripped",
+        Some(Ok(None)) => "missing",
+        Some(Err(_)) | None => "unreadable",
+    };
+    let state = match agent.state() {
+        AgentState::Active if kernel_entry != "active" => AgentState::Tripped,
+        state => state,
+    };
+    (state, kernel_entry)
+}
+
 fn cfg_path(d: &Daemon) -> String {
     d.config_path.display().to_string()
 }
@@ -1876,18 +1992,22 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// Binds the next free port of the range, starting after the one handed out last, so
-/// activation does not retry every port already in use.
+/// Binds the next free port of the range that is not `reserved`, starting after the one
+/// handed out last, so activation does not retry every port already in use.
 async fn bind_free_port(
     ip: std::net::IpAddr,
     [first, last]: [u16; 2],
     cursor: &std::sync::atomic::AtomicU32,
+    reserved: &BTreeSet<SocketAddr>,
 ) -> Result<std::net::TcpListener, DaemonError> {
     let span = u32::from(last - first) + 1;
     let start = cursor.load(Ordering::Relaxed);
     for step in 0..span {
         let offset = (start + step) % span;
         let port = first + offset as u16;
+        if reserved.contains(&SocketAddr::new(ip, port)) {
+            continue;
+        }
         if let Ok(listener) = tokio::net::TcpListener::bind((ip, port)).await {
             cursor.store((offset + 1) % span, Ordering::Relaxed);
             return listener

@@ -32,7 +32,9 @@ use aya::{
     },
     util::nr_cpus,
 };
-use enforcer_common::{AgentCounters, AgentPolicy, STATE_TRIPPED, hook, names};
+use enforcer_common::{
+    AgentCounters, AgentPolicy, STATE_ACTIVE, STATE_SUSPENDED, STATE_TRIPPED, hook, names,
+};
 
 pub use bpffs::ensure_bpffs;
 
@@ -384,6 +386,23 @@ impl Enforcement {
             .insert(cgroup_id, policy, 0)
             .map_err(|e| self.map_err(names::POLICY_MAP, e))?;
         Ok(policy)
+    }
+
+    /// Denies everything the agent sends while no gateway serves its address, in a state of
+    /// its own that a later start may lift. Only an active entry is changed: one cut for
+    /// another reason stays as it is, and false says so.
+    pub fn suspend(&mut self, cgroup_id: u64) -> Result<bool, KernelError> {
+        let mut policy = self
+            .agent(cgroup_id)?
+            .ok_or(KernelError::UnknownAgent(cgroup_id))?;
+        if policy.state != STATE_ACTIVE {
+            return Ok(false);
+        }
+        policy.state = STATE_SUSPENDED;
+        self.policy
+            .insert(cgroup_id, policy, 0)
+            .map_err(|e| self.map_err(names::POLICY_MAP, e))?;
+        Ok(true)
     }
 
     /// Removes an agent's policy and counters. Its cgroup, if it still exists, is then
