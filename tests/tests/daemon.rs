@@ -1639,3 +1639,45 @@ fn a_trip_made_while_the_daemon_is_stopped_outlasts_its_restart() {
     assert_eq!(oks, vec![true, false], "{:?}\n{}", probes.results, d.log());
     assert_eq!(up.count(), 1);
 }
+
+#[test]
+fn a_stop_cuts_off_a_tripped_agent_whose_kernel_entry_was_left_open() {
+    if !privileged("a_stop_cuts_off_a_tripped_agent_whose_kernel_entry_was_left_open") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("stopopen");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("stopopen", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(&env, &a(&["wait", "http", "GET", &url, ""]));
+    let tripped = d.ctl(&["trip", "agent-stopopen"]);
+    assert!(
+        tripped.status.success(),
+        "trip: {}",
+        String::from_utf8_lossy(&tripped.stderr)
+    );
+    // What a kernel flip that failed at the trip leaves: a tripped agent, an open entry.
+    let cgroup = enforcer::sandbox::CgroupParent::open(&d.cgroup_parent)
+        .and_then(|p| p.agent("agent-stopopen"))
+        .expect("agent cgroup");
+    {
+        let mut kernel = enforcer::kernel::Enforcement::open(&d.pin_dir).expect("pins");
+        let mut policy = kernel
+            .agent(cgroup.id)
+            .expect("read entry")
+            .expect("an entry");
+        policy.state = enforcer_common::STATE_ACTIVE;
+        kernel.set_agent(cgroup.id, &policy).expect("reopen");
+    }
+    d.terminate();
+    let state = d
+        .kernel_states()
+        .into_iter()
+        .find(|(name, _)| name == "agent-stopopen")
+        .map(|(_, state)| state)
+        .unwrap_or_default();
+    assert_eq!(state, "tripped", "{}", d.log());
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    probes.assert_denied("http GET");
+    assert_eq!(up.count(), 0);
+}

@@ -1060,6 +1060,12 @@ impl Daemon {
     /// stays cut off, as everything that cannot be proven safe does.
     fn suspend(&self, agent: &Agent) {
         if agent.state() != AgentState::Active {
+            // Tripped, revoked or expired: its kernel entry should say so already, but a
+            // flip that failed back then would leave it open while nothing serves its
+            // address. Cut again (it is idempotent), for good: no marker.
+            if let Err(e) = self.cut_off(&agent.cgroup) {
+                tracing::error!(agent = %agent.name, error = %e, "could not cut the agent off while the daemon is down");
+            }
             return;
         }
         if let Err(e) = write_synced(&agent.dir.join(SUSPENDED), b"") {
