@@ -265,6 +265,15 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// The kernel entry's state of one agent, "" if it has none.
+    fn kernel_state(&self, agent: &str) -> String {
+        self.kernel_states()
+            .into_iter()
+            .find(|(name, _)| name == agent)
+            .map(|(_, state)| state)
+            .unwrap_or_default()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
     }
@@ -1607,18 +1616,8 @@ fn a_trip_made_while_the_daemon_is_stopped_outlasts_its_restart() {
         &a(&["http", "GET", &url, "", "wait", "http", "GET", &url, ""]),
     );
     d.terminate();
-    let state_of = |states: Vec<(String, String)>| {
-        states
-            .into_iter()
-            .find(|(name, _)| name == "agent-stoptrip")
-            .map(|(_, state)| state)
-            .unwrap_or_default()
-    };
-    assert!(
-        state_of(d.kernel_states()).starts_with("suspended"),
-        "{:?}",
-        d.kernel_states()
-    );
+    let state = d.kernel_state("agent-stoptrip");
+    assert!(state.starts_with("suspended"), "{state}");
     // The operator cuts the agent off in the kernel while no daemon runs.
     let tripped = d.ctl(&["trip", "agent-stoptrip"]);
     assert!(
@@ -1626,10 +1625,10 @@ fn a_trip_made_while_the_daemon_is_stopped_outlasts_its_restart() {
         "trip: {}",
         String::from_utf8_lossy(&tripped.stderr)
     );
-    assert_eq!(state_of(d.kernel_states()), "tripped");
+    assert_eq!(d.kernel_state("agent-stoptrip"), "tripped");
     d.spawn();
     // The start lifts only its own stop's cut: this one stays.
-    assert_eq!(state_of(d.kernel_states()), "tripped", "{}", d.log());
+    assert_eq!(d.kernel_state("agent-stoptrip"), "tripped", "{}", d.log());
     let out = d.ctl(&["agents", "agent-stoptrip"]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(status["state"], "tripped", "{status}");
@@ -1670,13 +1669,7 @@ fn a_stop_cuts_off_a_tripped_agent_whose_kernel_entry_was_left_open() {
         kernel.set_agent(cgroup.id, &policy).expect("reopen");
     }
     d.terminate();
-    let state = d
-        .kernel_states()
-        .into_iter()
-        .find(|(name, _)| name == "agent-stopopen")
-        .map(|(_, state)| state)
-        .unwrap_or_default();
-    assert_eq!(state, "tripped", "{}", d.log());
+    assert_eq!(d.kernel_state("agent-stopopen"), "tripped", "{}", d.log());
     let (_, probes) = common::go_and_finish(child, reader, seen);
     probes.assert_denied("http GET");
     assert_eq!(up.count(), 0);
