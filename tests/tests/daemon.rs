@@ -98,6 +98,9 @@ struct Daemon {
 }
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
+const GATEWAY_PORTS_BASE: usize = 20_000;
+const GATEWAY_PORTS_PER_DAEMON: usize = 16;
+const GATEWAY_PORT_SLOTS: usize = 700;
 
 impl Daemon {
     fn start(test: &str) -> Self {
@@ -140,12 +143,21 @@ impl Daemon {
         std::fs::copy(common::probe_source(), &probe).expect("probe");
         set_mode(&probe, 0o644);
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&unique);
+        // Daemons of tests running in parallel must not share gateway ports: one daemon
+        // taking the port another's agent was served on, while that daemon is down, is
+        // what some tests make an impostor do on purpose. Below the ephemeral range, so
+        // no test's port 0 lands in it.
+        let first_port = GATEWAY_PORTS_BASE + (n % GATEWAY_PORT_SLOTS) * GATEWAY_PORTS_PER_DAEMON;
+        let gateway_ports = format!(
+            "gateway_ports = [{first_port}, {}]\n",
+            first_port + GATEWAY_PORTS_PER_DAEMON - 1
+        );
         std::fs::write(
             d.join("enforcer.toml"),
             format!(
                 "state_dir = \"{d}/state\"\naudit_dir = \"{d}/audit\"\naudit_key = \"{d}/audit.key\"\n\
                  trust_dir = \"{d}/trust\"\nsecrets = \"{d}/secrets\"\ncontrol_socket = \"{d}/run/control.sock\"\n\
-                 pin_dir = \"{pins}\"\ncgroup_parent = \"{unique}\"\nshutdown_grace_secs = 0\n{extra_config}",
+                 pin_dir = \"{pins}\"\ncgroup_parent = \"{unique}\"\nshutdown_grace_secs = 0\n{gateway_ports}{extra_config}",
                 d = d.display(),
                 pins = pin_dir.display(),
             ),
@@ -673,7 +685,16 @@ fn reload_withdraws_grants_of_a_revoked_issuer_key_and_refuses_fixed_fields() {
     // What needs a restart refuses the reload whole.
     std::fs::write(
         &config,
-        format!("{original}gateway_ports = [19000, 19999]\n"),
+        original
+            .lines()
+            .map(|l| {
+                if l.starts_with("gateway_ports") {
+                    "gateway_ports = [19000, 19999]\n".to_owned()
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect::<String>(),
     )
     .expect("config");
     let refused = d.ctl(&["reload"]);
