@@ -1560,6 +1560,20 @@ fn an_agent_whose_record_is_unusable_after_a_restart_stays_cut_off() {
     if !privileged("an_agent_whose_record_is_unusable_after_a_restart_stays_cut_off") {
         return;
     }
+    unusable_record_after_a_restart(|record| std::fs::write(record, "").expect("truncate"));
+}
+
+#[test]
+fn an_agent_whose_record_was_never_saved_stays_cut_off_after_a_restart() {
+    if !privileged("an_agent_whose_record_was_never_saved_stays_cut_off_after_a_restart") {
+        return;
+    }
+    unusable_record_after_a_restart(|record| std::fs::remove_file(record).expect("remove"));
+}
+
+/// An agent whose record `damage` spoiled while the daemon was killed: after the restart it
+/// is listed failed, cut off in the kernel, and its address goes to nobody else.
+fn unusable_record_after_a_restart(damage: fn(&Path)) {
     let up = Upstream::start();
     let mut d = Daemon::start("badrecord");
     let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
@@ -1575,7 +1589,7 @@ fn an_agent_whose_record_is_unusable_after_a_restart_stays_cut_off() {
     // Records are saved off the activation path.
     std::thread::sleep(Duration::from_millis(300));
     d.kill9();
-    std::fs::write(d.path("state/agents/agent-badrecord/agent.json"), "").expect("truncate");
+    damage(&d.path("state/agents/agent-badrecord/agent.json"));
     // Whoever binds the address while no gateway does must get nothing from the agent.
     let impostor = common::Server::start(&gateway.to_string());
     d.spawn();

@@ -892,6 +892,23 @@ impl Daemon {
             let dir = entry.path();
             let record_path = dir.join(RECORD);
             if !record_path.is_file() {
+                // An agent's directory without its record: the daemon stopped between
+                // creating the agent and saving the record (or between moving a replaced
+                // Envelope's state aside and saving the new one). Its cgroup, if any, may
+                // still hold running processes whose kernel entry opens an address no
+                // gateway serves now.
+                if let Some(name) = entry
+                    .file_name()
+                    .to_str()
+                    .filter(|n| crate::sandbox::validate_agent_name(n).is_ok())
+                    && let Ok(cgroup) = self.parent.agent(name)
+                {
+                    let reason = format!(
+                        "{} is missing: the daemon stopped before saving it",
+                        record_path.display()
+                    );
+                    self.strand_unrecorded(name, cgroup, &dir, reason);
+                }
                 continue;
             }
             let Some(dir_name) = entry
