@@ -590,14 +590,17 @@ impl Daemon {
 
     /// The agent's interception CA, where the agent (an unprivileged user) can read it.
     fn write_ca(&self, name: &str, gateway: &Gateway) -> Result<PathBuf, DaemonError> {
+        self.write_ca_pem(name, &gateway.ca_pem())
+    }
+
+    fn write_ca_pem(&self, name: &str, pem: &str) -> Result<PathBuf, DaemonError> {
         let path = self
             .config()
             .state_dir
             .join("public")
             .join(format!("{name}-ca.pem"));
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, gateway.ca_pem())
-            .map_err(io_err(format!("writing {}", tmp.display())))?;
+        std::fs::write(&tmp, pem).map_err(io_err(format!("writing {}", tmp.display())))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
             .map_err(io_err("chmod CA file"))?;
         std::fs::rename(&tmp, &path).map_err(io_err(format!("writing {}", path.display())))?;
@@ -813,7 +816,6 @@ impl Daemon {
         let gateway_addr = listener.local_addr().map_err(io_err("gateway address"))?;
         let serving = serving_handle(&listener, gateway_addr)?;
         let (gateway, counts) = self.new_gateway(name, &verified, &dir, cgroup.id)?;
-        let ca_path = self.write_ca(name, &gateway)?;
 
         let deadline = boottime_deadline(verified.envelope().expires_at.0)?;
         {
@@ -827,6 +829,13 @@ impl Daemon {
             kernel.set_agent(cgroup.id, &AgentPolicy::for_gateway(gateway_addr, deadline))?;
             undo.kernel_entry = Some((cgroup.id, before));
         }
+
+        // The agent's CA file is rewritten last: a replacement that fails before this
+        // leaves the running gateway's CA in place, which its connections still need.
+        if let Some(prev) = previous {
+            undo.ca = Some((name.to_owned(), prev.gateway.ca_pem()));
+        }
+        let ca_path = self.write_ca(name, &gateway)?;
 
         // The point of no return: the id is spent only once everything else worked.
         self.used_ids
@@ -1888,6 +1897,9 @@ struct Undo {
     moved_aside: Option<(PathBuf, PathBuf)>,
     /// The cgroup's kernel entry and what it was before: put back, or removed if none.
     kernel_entry: Option<(u64, Option<AgentPolicy>)>,
+    /// The agent whose CA file a replacement may have rewritten, and the PEM of the
+    /// gateway that goes on serving it.
+    ca: Option<(String, String)>,
 }
 
 impl Undo {
@@ -1905,6 +1917,11 @@ impl Undo {
                 tracing::error!(cgroup = id, error = %e, "restoring a kernel entry failed");
                 let _ = k.trip(id);
             }
+        }
+        if let Some((name, pem)) = self.ca
+            && let Err(e) = daemon.write_ca_pem(&name, &pem)
+        {
+            tracing::error!(agent = %name, error = %e, "putting back the CA file of the gateway that goes on serving failed");
         }
         if let Some(cgroup) = self.cgroup {
             let _ = cgroup.remove(Duration::from_secs(2));
