@@ -1571,6 +1571,49 @@ fn an_agent_whose_record_was_never_saved_stays_cut_off_after_a_restart() {
     unusable_record_after_a_restart(|record| std::fs::remove_file(record).expect("remove"));
 }
 
+#[test]
+fn a_cgroup_reusing_an_ended_agents_name_is_not_taken_for_that_agent_at_restart() {
+    if !privileged("a_cgroup_reusing_an_ended_agents_name_is_not_taken_for_that_agent_at_restart") {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("reusedname");
+    let env = d.envelope("reusedname", up.addr, 600, "");
+    let (out, _) = d.run(&env, &a(&[]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The ended agent's directory stays (its ledger and CA are kept), without a record.
+    assert!(d.path("state/agents/agent-reusedname").is_dir());
+    assert!(!d.path("state/agents/agent-reusedname/agent.json").exists());
+    d.kill9();
+    // `enforcer confine` of the same name, with a gateway the daemon never serves.
+    let elsewhere = common::Server::start("127.0.0.1:0");
+    let cgroup = enforcer::sandbox::CgroupParent::open(&d.cgroup_parent)
+        .and_then(|p| p.create_agent("agent-reusedname"))
+        .expect("cgroup");
+    enforcer::kernel::Enforcement::open(&d.pin_dir)
+        .expect("pins")
+        .set_agent(
+            cgroup.id,
+            &enforcer_common::AgentPolicy::for_gateway(
+                elsewhere.addr,
+                enforcer_common::NO_DEADLINE,
+            ),
+        )
+        .expect("entry");
+    d.spawn();
+    assert_eq!(d.kernel_state("agent-reusedname"), "active", "{}", d.log());
+    let out = d.ctl(&["agents", "agent-reusedname"]);
+    assert!(
+        !out.status.success(),
+        "listed as the daemon's: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// An agent whose record `damage` spoiled while the daemon was killed: after the restart it
 /// is listed failed, cut off in the kernel, and its address goes to nobody else.
 fn unusable_record_after_a_restart(damage: fn(&Path)) {

@@ -903,14 +903,17 @@ impl Daemon {
             if !record_path.is_file() {
                 // An agent's directory without its record: the daemon stopped between
                 // creating the agent and saving the record (or between moving a replaced
-                // Envelope's state aside and saving the new one). Its cgroup, if any, may
-                // still hold running processes whose kernel entry opens an address no
-                // gateway serves now.
+                // Envelope's state aside and saving the new one), or the agent ended and
+                // its directory stayed. A cgroup of its name whose kernel entry opens one
+                // of this daemon's gateway addresses is the first case: its processes may
+                // run on, with an address no gateway serves now. (A cgroup of that name
+                // opening another address is `confine`'s, made after the agent ended.)
                 if let Some(name) = entry
                     .file_name()
                     .to_str()
                     .filter(|n| crate::sandbox::validate_agent_name(n).is_ok())
                     && let Ok(cgroup) = self.parent.agent(name)
+                    && self.opens_own_gateway_address(cgroup.id)
                 {
                     let reason = format!(
                         "{} is missing: the daemon stopped before saving it",
@@ -976,6 +979,24 @@ impl Daemon {
                 dirs = ?ignored,
                 "agent records outside an agent's own directory were not resumed"
             );
+        }
+    }
+
+    /// Whether `cgroup_id`'s kernel entry lets it reach an address of this daemon's
+    /// gateway range. An entry that cannot be read counts as one that does, so the
+    /// cgroup is cut off rather than left holding an address another agent may get.
+    fn opens_own_gateway_address(&self, cgroup_id: u64) -> bool {
+        let cfg = self.config();
+        let [first, last] = cfg.gateway_ports;
+        let entry = match self.kernel.lock() {
+            Ok(kernel) => kernel.agent(cgroup_id),
+            Err(_) => return true,
+        };
+        match entry {
+            Ok(policy) => policy
+                .and_then(|p| p.gateway())
+                .is_some_and(|gw| gw.ip() == cfg.gateway_ip && (first..=last).contains(&gw.port())),
+            Err(_) => true,
         }
     }
 
