@@ -4,7 +4,6 @@ mod common;
 
 use std::os::fd::AsFd;
 
-use aya::programs::CgroupSockAddr;
 use common::{Instance, Server, args, privileged};
 use enforcer::kernel::swap;
 use enforcer_common::names;
@@ -62,25 +61,16 @@ fn another_builds_program_is_replaced_inside_its_pinned_link() {
     };
     let link_before = link_id(&link_path);
 
-    // Stand in for an older build: another program of the same type (this build's
-    // connect6 program, loaded afresh) goes behind the connect4 link.
+    // Stand in for an older build: a connect4 program with other instructions (one that
+    // allows every connect) goes behind the connect4 link. Kernels refuse a link update
+    // to a program of another attach type, so it has to be a connect4 program.
     let foreign = {
-        let mut ebpf = aya::EbpfLoader::new()
-            .default_map_pin_directory(inst.pin_dir.join("maps"))
-            .load(enforcer::kernel::ebpf_object())
-            .expect("load the embedded object");
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(names::PROG_CONNECT6)
-            .expect("connect6 program")
-            .try_into()
-            .expect("a sock_addr program");
-        prog.load().expect("load connect6");
-        let new = prog.fd().expect("program fd");
+        let new = load_allow_all_connect4();
         let link = swap::open_pinned(&link_path).expect("open pinned link");
         let (_, old) = swap::link_program(link.as_fd()).expect("link program");
         swap::replace_program(link.as_fd(), new.as_fd(), old.as_fd()).expect("link update");
         swap::program_identity(new.as_fd()).expect("identity").id
-        // The link keeps the foreign program loaded once `ebpf` is gone.
+        // The link keeps the foreign program loaded once `new` is closed.
     };
     let tampered = program_ids(&inst);
     assert_eq!(tampered[names::PROG_CONNECT4], foreign, "{tampered}");
@@ -106,6 +96,65 @@ fn another_builds_program_is_replaced_inside_its_pinned_link() {
             );
         }
     }
+}
+
+/// Loads `r0 = 1; exit` as a cgroup connect4 program: the kernel's tag for it differs
+/// from any build's, and it lets every connect through.
+fn load_allow_all_connect4() -> std::os::fd::OwnedFd {
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    // mov64 r0, 1 ; exit — each instruction is code, dst/src registers, offset, immediate.
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    let mut attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: *b"older_build\0\0\0\0\0",
+        prog_ifindex: 0,
+        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+    };
+    // SAFETY: `attr`, the instructions and the license outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &mut attr as *mut ProgLoad,
+            std::mem::size_of::<ProgLoad>() as libc::c_uint,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel just returned this fd and nothing else owns it.
+    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
 }
 
 /// Creates a hash map with 8-byte keys and 4-byte values and pins it at `path`.
