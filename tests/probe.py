@@ -299,6 +299,17 @@ def probe_unix(name, path):
         report(name, False, err_name(exc))
 
 
+def probe_bind(name, host, port, family):
+    """Binds a TCP socket to host:port and listens; ok when both succeed."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, int(port)))
+            s.listen(1)
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
 def hold(host, port):
     """Opens a connection to the gateway's echo service, proves it works, then waits for
     'go' on stdin and tries the same connection again and a new one."""
@@ -415,6 +426,12 @@ def run(args):
         elif cmd == "unix":
             probe_unix(f"unix {args[i+1]}", args[i + 1])
             i += 2
+        elif cmd == "bind4":
+            probe_bind(f"bind4 {args[i+1]}:{args[i+2]}", args[i + 1], args[i + 2], socket.AF_INET)
+            i += 3
+        elif cmd == "bind6":
+            probe_bind(f"bind6 [{args[i+1]}]:{args[i+2]}", args[i + 1], args[i + 2], socket.AF_INET6)
+            i += 3
         elif cmd == "hold":
             hold(args[i + 1], args[i + 2])
             i += 3

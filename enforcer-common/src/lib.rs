@@ -13,6 +13,7 @@ pub mod names {
     pub const COUNTERS_MAP: &str = "ENFORCER_COUNTERS";
     pub const EVENTS_MAP: &str = "ENFORCER_EVENTS";
     pub const LOST_EVENTS_MAP: &str = "ENFORCER_LOST_EVENTS";
+    pub const GATEWAY_PORTS_MAP: &str = "ENFORCER_GATEWAY_PORTS";
 
     pub const PROG_CONNECT4: &str = "enforcer_connect4";
     pub const PROG_CONNECT6: &str = "enforcer_connect6";
@@ -20,6 +21,8 @@ pub mod names {
     pub const PROG_SENDMSG6: &str = "enforcer_sendmsg6";
     pub const PROG_SKB_EGRESS: &str = "enforcer_skb_egress";
     pub const PROG_SOCK_CREATE: &str = "enforcer_sock_create";
+    pub const PROG_BIND4: &str = "enforcer_bind4";
+    pub const PROG_BIND6: &str = "enforcer_bind6";
 }
 
 /// Capacity of the policy and counter maps: the number of agents one host can confine.
@@ -165,7 +168,9 @@ pub mod hook {
     pub const SENDMSG6: u8 = 3;
     pub const SKB_EGRESS: u8 = 4;
     pub const SOCK_CREATE: u8 = 5;
-    pub const COUNT: usize = 6;
+    pub const BIND4: u8 = 6;
+    pub const BIND6: u8 = 7;
+    pub const COUNT: usize = 8;
 
     pub const NAMES: [&str; COUNT] = [
         "connect4",
@@ -174,6 +179,8 @@ pub mod hook {
         "sendmsg6",
         "skb_egress",
         "sock_create",
+        "bind4",
+        "bind6",
     ];
 }
 
@@ -195,6 +202,9 @@ pub mod reason {
     pub const BAD_STATE: u8 = 7;
     /// The agent is cut off while the daemon is stopped.
     pub const SUSPENDED: u8 = 8;
+    /// The port of a bind is a gateway's: whoever listens there gets the requests of the
+    /// agent that gateway serves.
+    pub const GATEWAY_PORT: u8 = 9;
 
     pub fn name(reason: u8) -> &'static str {
         match reason {
@@ -206,6 +216,7 @@ pub mod reason {
             MALFORMED => "malformed",
             BAD_STATE => "bad_state",
             SUSPENDED => "suspended",
+            GATEWAY_PORT => "gateway_port",
             _ => "unknown",
         }
     }

@@ -1,7 +1,7 @@
 //! The enforcer's kernel programs.
 //!
-//! All of them are attached to the enforcer's parent cgroup, so they judge every socket and
-//! packet of every agent cgroup below it. Each entry point is a thin wrapper around a
+//! All of them are attached to the enforcer's parent cgroup, so they judge every socket,
+//! bind and packet of every agent cgroup below it. Each entry point is a thin wrapper around a
 //! `try_*` function that returns an explicit verdict; every path that cannot prove the
 //! traffic is bound for the agent's own gateway denies — a missing policy entry, a tripped
 //! or expired agent, an unparsable packet, an unknown state value.
@@ -51,6 +51,12 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
 #[map(name = "ENFORCER_LOST_EVENTS")]
 static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// The ports of the gateways in the policy map (host byte order) → the cgroup of an agent
+/// using it. Agents may not bind them: while a gateway is not listening (its daemon was
+/// killed), an agent bound there would get the requests of the agent it serves.
+#[map(name = "ENFORCER_GATEWAY_PORTS")]
+static GATEWAY_PORTS: HashMap<u16, u64> = HashMap::pinned(MAX_AGENTS, 0);
 
 /// Deny events reported per cgroup, reason and CPU in the current window. A denial loop makes
 /// hundreds of thousands a second; past the budget they are only counted (COUNTERS stays
@@ -266,6 +272,57 @@ fn judge_sock_addr(ctx: &SockAddrContext, cgroup_id: u64, v6: bool) -> Verdict {
         policy.is_gateway_v4(addr[0], port)
     };
     verdict
+}
+
+// ---------------------------------------------------------------------------------------
+// bind4 / bind6
+// ---------------------------------------------------------------------------------------
+
+#[cgroup_sock_addr(bind4)]
+pub fn enforcer_bind4(ctx: SockAddrContext) -> i32 {
+    let cgroup_id = current_cgroup();
+    finish(cgroup_id, hook::BIND4, current_pid(), judge_bind(&ctx, false))
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn enforcer_bind6(ctx: SockAddrContext) -> i32 {
+    let cgroup_id = current_cgroup();
+    finish(cgroup_id, hook::BIND6, current_pid(), judge_bind(&ctx, true))
+}
+
+/// Denies binding a gateway's port, whatever the address: a wildcard or dual-stack bind
+/// receives connections to the gateway's address as well. Every other bind passes; it
+/// sends nothing, and the connect and egress hooks judge what the socket sends.
+#[inline(always)]
+fn judge_bind(ctx: &SockAddrContext, v6: bool) -> Verdict {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: context field reads, each with its own 4-byte load as in `judge_sock_addr`.
+    let (protocol, port_be, addr) = unsafe {
+        let protocol = read_volatile(addr_of!((*sa).protocol));
+        let port_be = read_volatile(addr_of!((*sa).user_port));
+        let addr = if v6 {
+            [
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ]
+        } else {
+            [read_volatile(addr_of!((*sa).user_ip4)), 0, 0, 0]
+        };
+        (protocol, port_be, addr)
+    };
+    let port = u16::from_be(port_be as u16);
+    // SAFETY: the value is only tested for presence.
+    let reserved = port != 0 && unsafe { GATEWAY_PORTS.get(&port) }.is_some();
+    Verdict {
+        allow: !reserved,
+        reason: reason::GATEWAY_PORT,
+        family: if v6 { AF_INET6 as u8 } else { AF_INET as u8 },
+        protocol: protocol as u8,
+        dst_port: port,
+        dst_addr: addr,
+    }
 }
 
 // ---------------------------------------------------------------------------------------

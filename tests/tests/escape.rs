@@ -548,6 +548,146 @@ fn the_agent_stays_confined_when_the_enforcer_is_killed() {
     assert_eq!(other.accepted(), 0);
 }
 
+/// A port on `ip` that nothing listens on.
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+#[test]
+fn no_agent_may_listen_on_a_gateways_port() {
+    if !privileged("no_agent_may_listen_on_a_gateways_port") {
+        return;
+    }
+    let inst = Instance::new("bind");
+    // Neither gateway listens, as when the daemon serving them was killed: whoever binds
+    // a gateway's port then gets its agent's requests.
+    let first_gateway: std::net::SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .expect("addr");
+    let second_gateway: std::net::SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .expect("addr");
+    let (first, second) = (
+        first_gateway.port().to_string(),
+        second_gateway.port().to_string(),
+    );
+    let elsewhere = free_port("127.0.0.1").to_string();
+    let probes = args(&[
+        "bind4",
+        "127.0.0.1",
+        &first,
+        "bind4",
+        "0.0.0.0",
+        &first,
+        "bind6",
+        "::",
+        &first,
+        "bind6",
+        "::ffff:127.0.0.1",
+        &first,
+        "bind4",
+        "127.0.0.1",
+        &second,
+        "bind4",
+        "127.0.0.1",
+        &elsewhere,
+        "bind4",
+        "127.0.0.1",
+        "0",
+    ]);
+    let control = inst.unconfined(&probes);
+    for probe in ["bind4", "bind6 [::]", "bind6 [::ffff:127.0.0.1]"] {
+        control.assert_ok(probe);
+    }
+    control.assert_ok(&format!("bind4 127.0.0.1:{second}"));
+
+    // The first agent holds its gateway's port; the second tries to take it, and its own.
+    let (holder, reader, seen) = hold_gateway(&inst, first_gateway);
+    let (status, confined) = inst.confine(second_gateway, &[], &probes);
+    let (_, held) = go_and_finish(holder, reader, seen);
+    assert!(status.success(), "confine failed: {}", confined.stderr);
+    for probe in [
+        format!("bind4 127.0.0.1:{first}"),
+        format!("bind4 0.0.0.0:{first}"),
+        format!("bind6 [::]:{first}"),
+        format!("bind6 [::ffff:127.0.0.1]:{first}"),
+        format!("bind4 127.0.0.1:{second}"),
+    ] {
+        confined.assert_denied(&probe);
+        assert_eq!(confined.get(&probe).1, "EPERM", "{probe}");
+    }
+    confined.assert_ok(&format!("bind4 127.0.0.1:{elsewhere}"));
+    confined.assert_ok("bind4 127.0.0.1:0");
+    // Both enforcer processes read the pins' deny events; either may log a denial.
+    let logged = format!("{}{}", confined.stderr, held.stderr);
+    assert!(
+        logged.contains("bind4 denied (gateway_port)")
+            && logged.contains("bind6 denied (gateway_port)"),
+        "stderr:\n{logged}"
+    );
+    // Once no entry names it, the port is anyone's again.
+    let after = inst.confine(second_gateway, &[], &args(&["bind4", "127.0.0.1", &first]));
+    after.1.assert_ok("bind4 127.0.0.1");
+}
+
+/// `enforcer confine --gateway GATEWAY` of a probe that waits, returned once it does.
+fn hold_gateway(
+    inst: &Instance,
+    gateway: std::net::SocketAddr,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+) {
+    let mut holder = inst
+        .confine_command(gateway, &[], &args(&["wait"]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn confine");
+    let mut reader = BufReader::new(holder.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    wait_for_line(&mut reader, "ready", &mut seen);
+    (holder, reader, seen)
+}
+
+#[test]
+fn a_port_two_gateways_share_stays_reserved_until_neither_uses_it() {
+    if !privileged("a_port_two_gateways_share_stays_reserved_until_neither_uses_it") {
+        return;
+    }
+    let inst = Instance::new("sharedport");
+    let port = free_port("127.0.0.2");
+    let first: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let second: std::net::SocketAddr = format!("127.0.0.2:{port}").parse().expect("addr");
+    let elsewhere: std::net::SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .expect("addr");
+    let try_bind = || {
+        let (_, probes) = inst.confine(
+            elsewhere,
+            &[],
+            &args(&["bind4", "0.0.0.0", &port.to_string()]),
+        );
+        probes.get("bind4").0
+    };
+    let (a, a_out, a_seen) = hold_gateway(&inst, first);
+    let (b, b_out, b_seen) = hold_gateway(&inst, second);
+    assert!(!try_bind(), "bound while two gateways use the port");
+    // The last one written ends first: the port stays reserved for the other.
+    go_and_finish(b, b_out, b_seen);
+    assert!(!try_bind(), "bound while a gateway still uses the port");
+    go_and_finish(a, a_out, a_seen);
+    assert!(
+        try_bind(),
+        "the port stayed reserved after both gateways ended"
+    );
+}
+
 #[test]
 fn the_kernel_cuts_the_agent_off_when_its_ttl_passes() {
     if !privileged("the_kernel_cuts_the_agent_off_when_its_ttl_passes") {

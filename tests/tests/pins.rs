@@ -33,7 +33,7 @@ fn a_second_enforcer_adopts_the_pinned_programs() {
     let (status, _) = inst.confine(gateway.addr, &[], &args(&[]));
     assert!(status.success());
     let first = program_ids(&inst);
-    assert_eq!(first.as_object().map(|o| o.len()), Some(6), "{first}");
+    assert_eq!(first.as_object().map(|o| o.len()), Some(8), "{first}");
     let (status, probes) = inst.confine(gateway.addr, &[], &args(&["tcp4", "127.0.0.2", "9"]));
     assert!(status.success());
     probes.assert_denied("tcp4 127.0.0.2");

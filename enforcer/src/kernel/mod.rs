@@ -2,7 +2,8 @@
 //! and the maps through which userspace tells them what each agent may do.
 //!
 //! Everything lives under one pin directory in bpffs (`/sys/fs/bpf/enforcer` by default):
-//! `maps/` holds the policy, counter and event maps, `links/` one pinned link per program.
+//! `maps/` holds the policy, counter, event and gateway-port maps, `links/` one pinned link
+//! per program.
 //! Pinned links keep the programs attached when no process holds them, so the agent stays
 //! confined when the enforcer exits or is killed; a new enforcer process adopts the pins
 //! instead of re-attaching, so there is never a moment of open enforcement. When the pinned
@@ -150,7 +151,7 @@ struct ProgramSpec {
     attach_type: u32,
 }
 
-const PROGRAMS: [ProgramSpec; 6] = [
+const PROGRAMS: [ProgramSpec; 8] = [
     ProgramSpec {
         name: names::PROG_CONNECT4,
         attach: Attach::SockAddr,
@@ -181,6 +182,16 @@ const PROGRAMS: [ProgramSpec; 6] = [
         attach: Attach::Sock,
         attach_type: query::BPF_CGROUP_INET_SOCK_CREATE,
     },
+    ProgramSpec {
+        name: names::PROG_BIND4,
+        attach: Attach::SockAddr,
+        attach_type: query::BPF_CGROUP_INET4_BIND,
+    },
+    ProgramSpec {
+        name: names::PROG_BIND6,
+        attach: Attach::SockAddr,
+        attach_type: query::BPF_CGROUP_INET6_BIND,
+    },
 ];
 
 /// The pinned enforcement state: programs attached to the agents' parent cgroup and the
@@ -190,6 +201,8 @@ pub struct Enforcement {
     policy: HashMap<MapData, u64, AgentPolicy>,
     counters: PerCpuHashMap<MapData, u64, AgentCounters>,
     lost_events: PerCpuArray<MapData, u64>,
+    /// Gateway port → the cgroup of one agent whose entry names it; agents may not bind it.
+    gateway_ports: HashMap<MapData, u16, u64>,
     /// Kernel ids of our programs, in `PROGRAMS` order.
     program_ids: Vec<u32>,
 }
@@ -257,8 +270,9 @@ impl Enforcement {
                 replace_if_changed(&ebpf, spec, &link_path)?;
             }
         }
-        let enforcement = Self::open(pin_dir)?;
+        let mut enforcement = Self::open(pin_dir)?;
         enforcement.verify_attached(parent_cgroup, &cgroup)?;
+        enforcement.reserve_missing_gateway_ports()?;
         Ok(enforcement)
     }
 
@@ -296,11 +310,14 @@ impl Enforcement {
             .map_err(|e| map_error(&maps_dir, names::COUNTERS_MAP, e))?;
         let lost_events = PerCpuArray::try_from(open_map(&maps_dir, names::LOST_EVENTS_MAP)?)
             .map_err(|e| map_error(&maps_dir, names::LOST_EVENTS_MAP, e))?;
+        let gateway_ports = HashMap::try_from(open_map(&maps_dir, names::GATEWAY_PORTS_MAP)?)
+            .map_err(|e| map_error(&maps_dir, names::GATEWAY_PORTS_MAP, e))?;
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
             policy,
             counters,
             lost_events,
+            gateway_ports,
             program_ids,
         })
     }
@@ -360,7 +377,9 @@ impl Enforcement {
         Ok(())
     }
 
-    /// Writes (or replaces) an agent's policy. Its counters start from zero when new.
+    /// Writes (or replaces) an agent's policy. Its counters start from zero when new. Its
+    /// gateway's port is reserved before the entry can open it, so no agent can bind the
+    /// port at any moment the gateway is reachable but not listening.
     pub fn set_agent(&mut self, cgroup_id: u64, policy: &AgentPolicy) -> Result<(), KernelError> {
         if self.counters.get(&cgroup_id, 0).is_err() {
             let cpus = nr_cpus().map_err(|(_, e)| KernelError::Cpus(e.to_string()))?;
@@ -370,9 +389,64 @@ impl Enforcement {
                 .insert(cgroup_id, zeros, 0)
                 .map_err(|e| self.map_err(names::COUNTERS_MAP, e))?;
         }
+        let old_port = self
+            .agent(cgroup_id)?
+            .and_then(|p| p.gateway())
+            .map(|g| g.port());
+        let new_port = policy.gateway().map(|g| g.port());
+        if let Some(port) = new_port {
+            self.gateway_ports
+                .insert(port, cgroup_id, 0)
+                .map_err(|e| self.map_err(names::GATEWAY_PORTS_MAP, e))?;
+        }
         self.policy
             .insert(cgroup_id, policy, 0)
-            .map_err(|e| self.map_err(names::POLICY_MAP, e))
+            .map_err(|e| self.map_err(names::POLICY_MAP, e))?;
+        match old_port {
+            Some(port) if Some(port) != new_port => self.release_gateway_port(port, cgroup_id),
+            _ => Ok(()),
+        }
+    }
+
+    /// Frees `port` for binding once `cgroup_id`'s entry no longer names it, unless another
+    /// agent's entry does: the port then stays reserved in that agent's name.
+    fn release_gateway_port(&mut self, port: u16, cgroup_id: u64) -> Result<(), KernelError> {
+        match self.gateway_ports.get(&port, 0) {
+            Ok(owner) if owner == cgroup_id => {}
+            Ok(_) | Err(MapError::KeyNotFound) => return Ok(()),
+            Err(e) => return Err(self.map_err(names::GATEWAY_PORTS_MAP, e)),
+        }
+        let other = self.agents()?.into_iter().find(|(id, policy)| {
+            *id != cgroup_id && policy.gateway().is_some_and(|g| g.port() == port)
+        });
+        let result = match other {
+            Some((id, _)) => self.gateway_ports.insert(port, id, 0),
+            None => match self.gateway_ports.remove(&port) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            },
+        };
+        result.map_err(|e| self.map_err(names::GATEWAY_PORTS_MAP, e))
+    }
+
+    /// Reserves the gateway port of every entry that lacks its reservation (entries written
+    /// by a build without one). Never frees a port: another process may be between
+    /// reserving a port and writing the entry that names it.
+    fn reserve_missing_gateway_ports(&mut self) -> Result<(), KernelError> {
+        for (id, policy) in self.agents()? {
+            let Some(port) = policy.gateway().map(|g| g.port()) else {
+                continue;
+            };
+            match self.gateway_ports.get(&port, 0) {
+                Ok(_) => {}
+                Err(MapError::KeyNotFound) => self
+                    .gateway_ports
+                    .insert(port, id, 0)
+                    .map_err(|e| self.map_err(names::GATEWAY_PORTS_MAP, e))?,
+                Err(e) => return Err(self.map_err(names::GATEWAY_PORTS_MAP, e)),
+            }
+        }
+        Ok(())
     }
 
     /// Opens the agent's circuit: from the next hook run on, everything it sends is denied,
@@ -408,13 +482,21 @@ impl Enforcement {
     /// Removes an agent's policy and counters. Its cgroup, if it still exists, is then
     /// denied everything.
     pub fn remove_agent(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
+        let port = self
+            .agent(cgroup_id)?
+            .and_then(|p| p.gateway())
+            .map(|g| g.port());
         match self.policy.remove(&cgroup_id) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(self.map_err(names::POLICY_MAP, e)),
         }
         match self.counters.remove(&cgroup_id) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(self.map_err(names::COUNTERS_MAP, e)),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(self.map_err(names::COUNTERS_MAP, e)),
+        }
+        match port {
+            Some(port) => self.release_gateway_port(port, cgroup_id),
+            None => Ok(()),
         }
     }
 

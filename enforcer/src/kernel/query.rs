@@ -5,6 +5,8 @@ use std::{fs::File, io, os::fd::AsRawFd};
 
 pub const BPF_CGROUP_INET_EGRESS: u32 = 1;
 pub const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
+pub const BPF_CGROUP_INET4_BIND: u32 = 8;
+pub const BPF_CGROUP_INET6_BIND: u32 = 9;
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
