@@ -221,15 +221,14 @@ pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
     finish(cgroup_id, hook::SENDMSG6, current_pid(), judge_sock_addr(&ctx, cgroup_id, true))
 }
 
-/// The gateway speaks TCP only, so only a TCP connect to exactly its address and port
-/// passes; every UDP `connect`/`sendmsg` is denied, whatever its destination.
+/// The protocol, port (host order) and address (network order) of a sock_addr hook.
 #[inline(always)]
-fn judge_sock_addr(ctx: &SockAddrContext, cgroup_id: u64, v6: bool) -> Verdict {
+fn read_sock_addr(ctx: &SockAddrContext, v6: bool) -> (u32, u16, [u32; 4]) {
     let sa: *const bpf_sock_addr = ctx.sock_addr;
     // Every context field is read with its own 4-byte load: the verifier rewrites context
     // accesses field by field and older kernels reject merged 8-byte loads of user_ip6.
     // SAFETY: `sa` is the context pointer the kernel passed in; fields are in bounds.
-    let (protocol, port_be, addr) = unsafe {
+    unsafe {
         let protocol = read_volatile(addr_of!((*sa).protocol));
         let port_be = read_volatile(addr_of!((*sa).user_port));
         let addr = if v6 {
@@ -242,9 +241,15 @@ fn judge_sock_addr(ctx: &SockAddrContext, cgroup_id: u64, v6: bool) -> Verdict {
         } else {
             [read_volatile(addr_of!((*sa).user_ip4)), 0, 0, 0]
         };
-        (protocol, port_be, addr)
-    };
-    let port = u16::from_be(port_be as u16);
+        (protocol, u16::from_be(port_be as u16), addr)
+    }
+}
+
+/// The gateway speaks TCP only, so only a TCP connect to exactly its address and port
+/// passes; every UDP `connect`/`sendmsg` is denied, whatever its destination.
+#[inline(always)]
+fn judge_sock_addr(ctx: &SockAddrContext, cgroup_id: u64, v6: bool) -> Verdict {
+    let (protocol, port, addr) = read_sock_addr(ctx, v6);
     let mut verdict = Verdict {
         allow: false,
         reason: reason::NOT_GATEWAY,
@@ -295,24 +300,7 @@ pub fn enforcer_bind6(ctx: SockAddrContext) -> i32 {
 /// sends nothing, and the connect and egress hooks judge what the socket sends.
 #[inline(always)]
 fn judge_bind(ctx: &SockAddrContext, v6: bool) -> Verdict {
-    let sa: *const bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: context field reads, each with its own 4-byte load as in `judge_sock_addr`.
-    let (protocol, port_be, addr) = unsafe {
-        let protocol = read_volatile(addr_of!((*sa).protocol));
-        let port_be = read_volatile(addr_of!((*sa).user_port));
-        let addr = if v6 {
-            [
-                read_volatile(addr_of!((*sa).user_ip6[0])),
-                read_volatile(addr_of!((*sa).user_ip6[1])),
-                read_volatile(addr_of!((*sa).user_ip6[2])),
-                read_volatile(addr_of!((*sa).user_ip6[3])),
-            ]
-        } else {
-            [read_volatile(addr_of!((*sa).user_ip4)), 0, 0, 0]
-        };
-        (protocol, port_be, addr)
-    };
-    let port = u16::from_be(port_be as u16);
+    let (protocol, port, addr) = read_sock_addr(ctx, v6);
     // SAFETY: the value is only tested for presence.
     let reserved = port != 0 && unsafe { GATEWAY_PORTS.get(&port) }.is_some();
     Verdict {

@@ -461,20 +461,11 @@ fn trip_cuts_new_and_established_connections() {
     }
     let inst = Instance::new("trip");
     let gateway = Server::start("127.0.0.1:0");
-    let mut child = inst
-        .confine_command(
-            gateway.addr,
-            &["--name", "tripme"],
-            &args(&["hold", "127.0.0.1", &gateway.addr.port().to_string()]),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn confine");
-    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut seen = String::new();
-    wait_for_line(&mut reader, "ready", &mut seen);
+    let (child, reader, seen) = inst.confine_until_ready(
+        gateway.addr,
+        &["--name", "tripme"],
+        &args(&["hold", "127.0.0.1", &gateway.addr.port().to_string()]),
+    );
 
     let out = inst
         .command()
@@ -605,7 +596,7 @@ fn no_agent_may_listen_on_a_gateways_port() {
     control.assert_ok(&format!("bind4 127.0.0.1:{second}"));
 
     // The first agent holds its gateway's port; the second tries to take it, and its own.
-    let (holder, reader, seen) = hold_gateway(&inst, first_gateway);
+    let (holder, reader, seen) = inst.confine_until_ready(first_gateway, &[], &args(&["wait"]));
     let (status, confined) = inst.confine(second_gateway, &[], &probes);
     let (_, held) = go_and_finish(holder, reader, seen);
     assert!(status.success(), "confine failed: {}", confined.stderr);
@@ -633,28 +624,6 @@ fn no_agent_may_listen_on_a_gateways_port() {
     after.1.assert_ok("bind4 127.0.0.1");
 }
 
-/// `enforcer confine --gateway GATEWAY` of a probe that waits, returned once it does.
-fn hold_gateway(
-    inst: &Instance,
-    gateway: std::net::SocketAddr,
-) -> (
-    std::process::Child,
-    BufReader<std::process::ChildStdout>,
-    String,
-) {
-    let mut holder = inst
-        .confine_command(gateway, &[], &args(&["wait"]))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn confine");
-    let mut reader = BufReader::new(holder.stdout.take().expect("stdout"));
-    let mut seen = String::new();
-    wait_for_line(&mut reader, "ready", &mut seen);
-    (holder, reader, seen)
-}
-
 #[test]
 fn a_port_two_gateways_share_stays_reserved_until_neither_uses_it() {
     if !privileged("a_port_two_gateways_share_stays_reserved_until_neither_uses_it") {
@@ -675,8 +644,8 @@ fn a_port_two_gateways_share_stays_reserved_until_neither_uses_it() {
         );
         probes.get("bind4").0
     };
-    let (a, a_out, a_seen) = hold_gateway(&inst, first);
-    let (b, b_out, b_seen) = hold_gateway(&inst, second);
+    let (a, a_out, a_seen) = inst.confine_until_ready(first, &[], &args(&["wait"]));
+    let (b, b_out, b_seen) = inst.confine_until_ready(second, &[], &args(&["wait"]));
     assert!(!try_bind(), "bound while two gateways use the port");
     // The last one written ends first: the port stays reserved for the other.
     go_and_finish(b, b_out, b_seen);

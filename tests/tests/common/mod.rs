@@ -127,6 +127,27 @@ impl Instance {
         cmd
     }
 
+    /// `confine` of probes that print "ready" and wait (a `wait` or `hold` step), returned
+    /// once they do, with what they printed so far.
+    pub fn confine_until_ready(
+        &self,
+        gateway: SocketAddr,
+        extra: &[&str],
+        probe_args: &[String],
+    ) -> (Child, BufReader<std::process::ChildStdout>, String) {
+        let mut child = self
+            .confine_command(gateway, extra, probe_args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn confine");
+        let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut seen = String::new();
+        wait_for_line(&mut reader, "ready", &mut seen);
+        (child, reader, seen)
+    }
+
     /// Runs the probes confined and returns their results.
     pub fn confine(
         &self,
