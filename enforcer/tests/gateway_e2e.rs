@@ -401,6 +401,68 @@ fn responses_come_in_the_clear_so_an_echoed_credential_is_always_scrubbed() {
 }
 
 #[test]
+fn a_credential_echoed_encoded_is_scrubbed_too() {
+    use base64::{
+        Engine as _,
+        engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+    };
+    let encodings = |v: &str| {
+        [
+            STANDARD.encode(format!("user:{v}")),
+            URL_SAFE_NO_PAD.encode(format!("{{\"key\":\"{v}\"}}")),
+            hex::encode(v),
+            hex::encode_upper(v),
+            percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC)
+                .to_string(),
+        ]
+    };
+    // An upstream that sends back the key it was given in five encodings, in its body and
+    // in a header.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut key = String::new();
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("x-api-key:") {
+                    key = v.trim().to_owned();
+                }
+                line.clear();
+            }
+            let body = encodings(&key).join(" ");
+            let header = STANDARD.encode(format!("k={key}"));
+            let _ = write!(
+                reader.get_mut(),
+                "HTTP/1.1 200 OK\r\nX-Echo: {header}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let s = start(addr, "", None);
+    let (status, body) = curl(
+        s.proxy,
+        &[
+            "-i",
+            &format!("http://127.0.0.1:{}/api/v3/ticker", addr.port()),
+        ],
+    );
+    assert_eq!(status, 200, "{body}");
+    for encoded in encodings(SECRET) {
+        assert!(
+            !body.contains(&encoded),
+            "{encoded} reached the agent: {body}"
+        );
+    }
+    assert!(
+        !body.contains(&STANDARD.encode(format!("k={SECRET}"))),
+        "{body}"
+    );
+    assert_eq!(body.matches("[REDACTED]").count(), 6, "{body}");
+}
+
+#[test]
 fn forbidden_effects_win_and_trip_the_breaker_for_good() {
     let up = Upstream::start();
     let state = tempfile::tempdir().unwrap();

@@ -21,7 +21,53 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// The value and the encodings an upstream may echo it in: hex in either case, base64
+    /// and base64url, percent-encoding. A value inside a longer base64 string (a Basic
+    /// `user:secret`, a token) is encoded at one of three alignments; for each, only the
+    /// characters the value alone decides are kept, and they appear whatever surrounds it.
+    /// Encoded forms shorter than [`MIN_ECHO_FORM`] are left out: they would match by chance.
+    pub fn echo_forms(&self) -> Vec<Secret> {
+        use base64::{
+            Engine as _,
+            engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD},
+        };
+        use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+        // RFC 3986's unreserved characters stay as they are in most encoders' output.
+        const UNRESERVED_KEPT: &AsciiSet = &NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'.')
+            .remove(b'_')
+            .remove(b'~');
+        let raw = self.0.as_bytes();
+        let mut encoded = vec![hex::encode(raw), hex::encode_upper(raw)];
+        for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+            for offset in 0..3 {
+                let mut aligned = vec![0u8; offset];
+                aligned.extend_from_slice(raw);
+                let text = engine.encode(&aligned);
+                // Character i holds bits 6i..6i+6; the value's are 8·offset..8·(offset+len).
+                let first = (8 * offset).div_ceil(6);
+                let end = 8 * (offset + raw.len()) / 6;
+                if let Some(core) = text.get(first..end) {
+                    encoded.push(core.to_owned());
+                }
+            }
+        }
+        encoded.push(utf8_percent_encode(&self.0, NON_ALPHANUMERIC).to_string());
+        encoded.push(utf8_percent_encode(&self.0, UNRESERVED_KEPT).to_string());
+        let mut forms = vec![self.clone()];
+        for form in encoded {
+            if form.len() >= MIN_ECHO_FORM && !forms.iter().any(|f| f.0 == form) {
+                forms.push(Secret(form));
+            }
+        }
+        forms
+    }
 }
+
+/// The shortest encoded form of a secret that is scrubbed from responses.
+pub const MIN_ECHO_FORM: usize = 8;
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -208,6 +254,35 @@ fn validate_name(path: &Path, name: &str) -> Result<(), SecretError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_encoding_of_a_value_inside_a_longer_one_contains_one_of_its_echo_forms() {
+        use base64::{
+            Engine as _,
+            engine::general_purpose::{STANDARD, URL_SAFE},
+        };
+        let secret = Secret::new("sk-live-4f1d?2e9c/+");
+        let forms: Vec<String> = secret
+            .echo_forms()
+            .iter()
+            .map(|f| f.expose().to_owned())
+            .collect();
+        let found = |text: &str| forms.iter().any(|f| text.contains(f.as_str()));
+        for prefix in ["", "a", "ab", "user:", "Bearer x"] {
+            for suffix in ["", "z", "zz", "&more"] {
+                let whole = format!("{prefix}{}{suffix}", secret.expose());
+                for text in [STANDARD.encode(&whole), URL_SAFE.encode(&whole)] {
+                    assert!(found(&text), "{prefix:?}+{suffix:?}: {text}");
+                }
+            }
+        }
+        assert!(found(&hex::encode(secret.expose())));
+        assert!(found(&hex::encode_upper(secret.expose())));
+        assert!(found("sk-live-4f1d%3F2e9c%2F%2B"));
+        assert!(found("sk%2Dlive%2D4f1d%3F2e9c%2F%2B"));
+        // A short value's encodings would match anything; only the value itself is kept.
+        assert_eq!(Secret::new("abc").echo_forms().len(), 1);
+    }
 
     fn write(path: &Path, text: &str, mode: u32) {
         fs::write(path, text).unwrap();

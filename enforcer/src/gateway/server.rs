@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -170,6 +171,11 @@ pub enum GatewayError {
          does not start. It holds when the grant began (nanoseconds since the Unix epoch)"
     )]
     GrantStart { path: PathBuf, problem: String },
+    #[error(
+        "the secret store's values are too many or too long to scrub from responses; \
+         the gateway does not start rather than let an echoed credential through"
+    )]
+    Scrubber,
 }
 
 pub struct Gateway {
@@ -205,6 +211,9 @@ pub struct Credentials {
     /// Every secret value this gateway has held: an upstream may still echo one it was
     /// sent before a rotation.
     scrub: Vec<Secret>,
+    /// Every echo form (see [`Secret::echo_forms`]) of every `scrub` value, matched in
+    /// one pass over a response; `None` when there is none.
+    echoes: Option<AhoCorasick>,
 }
 
 impl Credentials {
@@ -224,7 +233,25 @@ impl Credentials {
                 scrub.push(secret.clone());
             }
         }
-        Ok(Credentials { prepared, scrub })
+        let forms: Vec<Secret> = scrub
+            .iter()
+            .filter(|s| !s.expose().is_empty())
+            .flat_map(Secret::echo_forms)
+            .collect();
+        let echoes = if forms.is_empty() {
+            None
+        } else {
+            let matcher = AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(forms.iter().map(|f| f.expose().as_bytes()))
+                .map_err(|_| GatewayError::Scrubber)?;
+            Some(matcher)
+        };
+        Ok(Credentials {
+            prepared,
+            scrub,
+            echoes,
+        })
     }
 }
 
@@ -1410,40 +1437,32 @@ impl Gateway {
         }
     }
 
-    /// Replaces every secret value an upstream echoed with a placeholder; bytes without
-    /// one are returned as they are.
-    fn scrub(&self, mut bytes: Bytes) -> Bytes {
-        for secret in &self.credentials().scrub {
-            let needle = secret.expose().as_bytes();
-            if needle.is_empty() || memchr::memmem::find(&bytes, needle).is_none() {
-                continue;
+    /// Replaces every secret value an upstream echoed, as it is or encoded, with a
+    /// placeholder; bytes without one are returned as they are.
+    fn scrub(&self, bytes: Bytes) -> Bytes {
+        let credentials = self.credentials();
+        match &credentials.echoes {
+            Some(echoes) if echoes.is_match(&bytes[..]) => {
+                let mut out = Vec::with_capacity(bytes.len());
+                echoes.replace_all_with_bytes(&bytes, &mut out, |_, _, dst| {
+                    dst.extend_from_slice(b"[REDACTED]");
+                    true
+                });
+                Bytes::from(out)
             }
-            let finder = memchr::memmem::Finder::new(needle);
-            let mut out = Vec::with_capacity(bytes.len());
-            let mut rest = &bytes[..];
-            while let Some(at) = finder.find(rest) {
-                out.extend_from_slice(&rest[..at]);
-                out.extend_from_slice(b"[REDACTED]");
-                rest = &rest[at + needle.len()..];
-            }
-            out.extend_from_slice(rest);
-            bytes = Bytes::from(out);
+            _ => bytes,
         }
-        bytes
     }
 
     /// Scrubs response header values; only headers that hold a secret are rebuilt.
     fn scrub_headers(&self, headers: &mut HeaderMap) {
         let credentials = self.credentials();
-        let holds_secret = |v: &HeaderValue| {
-            credentials.scrub.iter().any(|s| {
-                let s = s.expose().as_bytes();
-                !s.is_empty() && memchr::memmem::find(v.as_bytes(), s).is_some()
-            })
+        let Some(echoes) = &credentials.echoes else {
+            return;
         };
         let tainted: Vec<HeaderName> = headers
             .iter()
-            .filter(|(_, v)| holds_secret(v))
+            .filter(|(_, v)| echoes.is_match(v.as_bytes()))
             .map(|(n, _)| n.clone())
             .collect();
         for name in tainted {
