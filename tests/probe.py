@@ -310,6 +310,32 @@ def probe_bind(name, host, port, family):
         report(name, False, err_name(exc))
 
 
+def probe_abstract(name, socket_name):
+    """Connects to the abstract Unix socket socket_name; ok when the connect succeeds."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(TIMEOUT)
+            s.connect("\0" + socket_name)
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
+def probe_abstract_self(name):
+    """Listens on an abstract Unix socket of its own and connects to it."""
+    try:
+        socket_name = "\0probe-self-%d" % os.getpid()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(socket_name)
+            server.listen(1)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(TIMEOUT)
+                s.connect(socket_name)
+        report(name, True)
+    except Exception as exc:  # noqa: BLE001
+        report(name, False, err_name(exc))
+
+
 def hold(host, port):
     """Opens a connection to the gateway's echo service, proves it works, then waits for
     'go' on stdin and tries the same connection again and a new one."""
@@ -432,6 +458,12 @@ def run(args):
         elif cmd == "bind6":
             probe_bind(f"bind6 [{args[i+1]}]:{args[i+2]}", args[i + 1], args[i + 2], socket.AF_INET6)
             i += 3
+        elif cmd == "abstract":
+            probe_abstract(f"abstract {args[i+1]}", args[i + 1])
+            i += 2
+        elif cmd == "abstract-self":
+            probe_abstract_self("abstract-self")
+            i += 1
         elif cmd == "hold":
             hold(args[i + 1], args[i + 2])
             i += 3

@@ -658,6 +658,56 @@ fn a_port_two_gateways_share_stays_reserved_until_neither_uses_it() {
 }
 
 #[test]
+fn abstract_unix_sockets_of_the_host_are_out_of_reach() {
+    use std::os::{linux::net::SocketAddrExt, unix::net::UnixListener};
+    if !privileged("abstract_unix_sockets_of_the_host_are_out_of_reach") {
+        return;
+    }
+    let inst = Instance::new("abstract");
+    let gateway = Server::start("127.0.0.1:0");
+    // A host service listening on an abstract socket, which has no file permissions.
+    let name = format!(
+        "enforcer-test-{}-{}",
+        std::process::id(),
+        inst.cgroup_parent.len()
+    );
+    let addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
+    let listener = UnixListener::bind_addr(&addr).expect("bind the abstract socket");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            if stream.is_ok() {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let probes = args(&["abstract", &name, "abstract-self"]);
+    let control = inst.unconfined(&probes);
+    control.assert_ok("abstract enforcer-test");
+    control.assert_ok("abstract-self");
+    let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+
+    let (status, confined) = inst.confine(gateway.addr, &[], &probes);
+    assert!(status.success(), "confine failed: {}", confined.stderr);
+    // Its own abstract sockets still work: only the host's are out of reach.
+    confined.assert_ok("abstract-self");
+    if enforcer::sandbox::landlock::abi_version() >= 6 {
+        confined.assert_denied("abstract enforcer-test");
+        assert_eq!(confined.get("abstract enforcer-test").1, "EPERM");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), before);
+    } else {
+        // Without Landlock scopes the kernel cannot tell, and the enforcer says so.
+        assert!(
+            confined.stderr.contains("no Landlock scopes"),
+            "stderr:\n{}",
+            confined.stderr
+        );
+    }
+}
+
+#[test]
 fn the_kernel_cuts_the_agent_off_when_its_ttl_passes() {
     if !privileged("the_kernel_cuts_the_agent_off_when_its_ttl_passes") {
         return;

@@ -14,6 +14,7 @@ use std::{
 };
 
 mod identity;
+pub mod landlock;
 mod seccomp;
 
 pub use identity::{AGENT_UIDS, AgentHome, UidLease, lease_agent_uid};
@@ -388,8 +389,10 @@ impl AgentCgroup {
     /// so neither it nor anything it starts can regain privileges; it leads a session of
     /// its own, so it has no controlling terminal to push input into (`TIOCSTI`) once it
     /// exits; every descriptor but stdio is closed at exec, so no socket opened outside
-    /// the cgroup reaches it; its umask is 077; and [`AgentFilter`] refuses the system
-    /// calls that reach past the kernel programs.
+    /// the cgroup reaches it; its umask is 077; where the kernel has Landlock scopes it can
+    /// neither connect to the host's abstract Unix sockets nor signal processes outside
+    /// it ([`landlock`]); and [`AgentFilter`] refuses the system calls that reach past the
+    /// kernel programs.
     pub fn spawn(
         &self,
         program: &OsString,
@@ -411,6 +414,16 @@ impl AgentCgroup {
         let (uid, gid) = (user.uid, user.gid);
         let procs_fd = procs.as_raw_fd();
         let filter = AgentFilter::new();
+        let scope = landlock::Scope::create()
+            .map_err(io_err("creating the agent's Landlock scope".to_owned()))?;
+        if scope.is_none() {
+            tracing::warn!(
+                landlock_abi = landlock::abi_version(),
+                "this kernel has no Landlock scopes (Linux 6.12): the agent can reach \
+                 abstract Unix sockets of the host"
+            );
+        }
+        let scope_fd = scope.as_ref().map(landlock::Scope::raw_fd);
         let highest_fd = highest_open_fd()?;
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls on values copied in, allocating nothing.
@@ -450,6 +463,9 @@ impl AgentCgroup {
                 if libc::setresuid(uid, uid, uid) != 0 {
                     return Err(io::Error::last_os_error());
                 }
+                if let Some(fd) = scope_fd {
+                    landlock::enforce(fd)?;
+                }
                 filter.install()
             });
         }
@@ -459,6 +475,7 @@ impl AgentCgroup {
             self.path.display()
         )))?;
         drop(procs);
+        drop(scope);
         Ok(child)
     }
 
