@@ -56,6 +56,14 @@ impl Secret {
         }
         encoded.push(utf8_percent_encode(&self.0, NON_ALPHANUMERIC).to_string());
         encoded.push(utf8_percent_encode(&self.0, UNRESERVED_KEPT).to_string());
+        // Inside a JSON string: quotes, backslashes and control characters escaped, and
+        // '/' as "\/" the way some encoders write it.
+        if let Ok(quoted) = serde_json::to_string(&self.0)
+            && let Some(inner) = quoted.get(1..quoted.len() - 1)
+        {
+            encoded.push(inner.to_owned());
+            encoded.push(inner.replace('/', "\\/"));
+        }
         let mut forms = vec![self.clone()];
         for form in encoded {
             if form.len() >= MIN_ECHO_FORM && !forms.iter().any(|f| f.0 == form) {
@@ -280,6 +288,24 @@ mod tests {
         assert!(found(&hex::encode_upper(secret.expose())));
         assert!(found("sk-live-4f1d%3F2e9c%2F%2B"));
         assert!(found("sk%2Dlive%2D4f1d%3F2e9c%2F%2B"));
+        assert!(found(r#"{"key":"sk-live-4f1d?2e9c\/+"}"#));
+        let quoted = Secret::new("pa\"ss/wo\\rd\n");
+        let forms: Vec<String> = quoted
+            .echo_forms()
+            .iter()
+            .map(|f| f.expose().to_owned())
+            .collect();
+        for echoed in [
+            serde_json::to_string(quoted.expose()).unwrap(),
+            serde_json::to_string(quoted.expose())
+                .unwrap()
+                .replace('/', "\\/"),
+        ] {
+            assert!(
+                forms.iter().any(|f| echoed.contains(f.as_str())),
+                "{echoed}"
+            );
+        }
         // A short value's encodings would match anything; only the value itself is kept.
         assert_eq!(Secret::new("abc").echo_forms().len(), 1);
     }
