@@ -1181,6 +1181,54 @@ sys.stdin.readline()
 "#;
 
 #[test]
+fn denials_of_a_confine_next_to_the_daemon_reach_its_audit_log() {
+    if !privileged("denials_of_a_confine_next_to_the_daemon_reach_its_audit_log") {
+        return;
+    }
+    let d = Daemon::start("confinenext");
+    // The daemon reads the deny events of the installation; a `confine` on the same pins
+    // must not take them from it.
+    std::thread::sleep(Duration::from_millis(300));
+    let gateway = TcpListener::bind("127.0.0.1:0").expect("gateway stand-in");
+    let out = d
+        .enforcer()
+        .args(["confine", "--name", "next-to-daemon", "--gateway"])
+        .arg(gateway.local_addr().expect("addr").to_string())
+        .arg("--")
+        .arg("/usr/bin/python3")
+        .arg(&d.probe)
+        .args(["tcp4", "127.0.0.2", "9", "udp4", "127.0.0.2", "9"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("confine");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another enforcer process")
+            && stderr.contains("kernel denials: connect4=1 sendmsg4=1"),
+        "{stderr}"
+    );
+    let started = Instant::now();
+    loop {
+        let shown = Command::new(enforcer_bin())
+            .args(["audit", "show", "--json", "--kind", "kernel_deny"])
+            .arg(d.path("audit"))
+            .output()
+            .expect("audit show");
+        let text = String::from_utf8_lossy(&shown.stdout);
+        if text.contains("connect4") && text.contains("sendmsg4") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(common::scaled_secs(10)),
+            "the daemon's audit log lacks the denials:\n{text}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
 fn a_kernel_deny_flood_is_summed_up_and_other_agents_stay_served() {
     if !privileged("a_kernel_deny_flood_is_summed_up_and_other_agents_stay_served") {
         return;

@@ -121,6 +121,22 @@ pub fn confine(args: ConfineArgs) -> anyhow::Result<ExitCode> {
             args.ttl.map(|t| format!(", for {t}s")).unwrap_or_default()
         );
         let status = supervise(&args.kernel, child)?;
+        if let Ok(counters) = enforcement.counters(agent.id) {
+            let denied: Vec<String> = hook::NAMES
+                .iter()
+                .zip(counters.denied)
+                .filter(|(_, n)| *n > 0)
+                .map(|(hook, n)| format!("{hook}={n}"))
+                .collect();
+            eprintln!(
+                "enforcer: agent {name} ended; kernel denials: {}",
+                if denied.is_empty() {
+                    "none".to_owned()
+                } else {
+                    denied.join(" ")
+                }
+            );
+        }
         Ok(exit_code(status))
     })();
 
@@ -155,7 +171,14 @@ fn supervise(
     let pid = child.id() as i32;
     let waiter = std::thread::spawn(move || child.wait());
     runtime.block_on(async move {
-        let mut reader = EventReader::open(&pin_dir)?;
+        let mut reader = EventReader::try_open(&pin_dir)?;
+        if reader.is_none() {
+            tracing::warn!(
+                "another enforcer process (the daemon, or another confine) reads this \
+                 installation's deny events: this agent's denials are logged there, and \
+                 counted here"
+            );
+        }
         let mut sigterm =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
@@ -164,7 +187,10 @@ fn supervise(
         });
         loop {
             tokio::select! {
-                batch = reader.next_batch() => {
+                batch = async { match reader.as_mut() {
+                    Some(reader) => reader.next_batch().await,
+                    None => std::future::pending().await,
+                } } => {
                     let (events, undecodable) = batch?;
                     for event in events {
                         tracing::warn!(target: "enforcer::kernel", %event, "kernel denied");

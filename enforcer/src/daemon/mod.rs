@@ -1746,11 +1746,25 @@ impl Daemon {
     }
 
     async fn kernel_events(self: Arc<Self>) {
-        let mut reader = match EventReader::open(&self.config().pin_dir) {
-            Ok(reader) => reader,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read kernel deny events");
-                return;
+        let mut told = false;
+        let mut reader = loop {
+            match EventReader::try_open(&self.config().pin_dir) {
+                Ok(Some(reader)) => break reader,
+                // A `confine` run reads them; the daemon takes over once it ends.
+                Ok(None) => {
+                    if !told {
+                        tracing::warn!(
+                            "another enforcer process reads the kernel's deny events; they \
+                             reach the audit log once it ends (counters stay exact)"
+                        );
+                        told = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read kernel deny events");
+                    return;
+                }
             }
         };
         let mut tick = tokio::time::interval(DENY_WINDOW / 4);

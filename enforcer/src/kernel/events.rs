@@ -97,10 +97,37 @@ impl fmt::Display for KernelDeny {
 /// Reads deny events as they arrive. Each event goes to exactly one reader.
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
+    /// Held for as long as this process reads the ring buffer.
+    _reading: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl EventReader {
-    pub fn open(pin_dir: &Path) -> Result<Self, KernelError> {
+    /// Opens the installation's ring buffer for reading, unless another enforcer process
+    /// reads it (`Ok(None)`). A ring buffer has one reader: a record one process takes is
+    /// gone for the others, so two readers would each see some of the denials, and the
+    /// daemon's audit log would miss those a `confine` next to it took. The reader holds
+    /// an exclusive lock on the pin directory.
+    pub fn try_open(pin_dir: &Path) -> Result<Option<Self>, KernelError> {
+        let dir = std::fs::File::open(pin_dir)
+            .map_err(|e| KernelError::io(format!("opening {}", pin_dir.display()), e))?;
+        let reading =
+            match nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => lock,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+                Err((_, errno)) => {
+                    return Err(KernelError::io(
+                        format!("locking {} to read kernel events", pin_dir.display()),
+                        errno.into(),
+                    ));
+                }
+            };
+        Self::open_locked(pin_dir, reading).map(Some)
+    }
+
+    fn open_locked(
+        pin_dir: &Path,
+        reading: nix::fcntl::Flock<std::fs::File>,
+    ) -> Result<Self, KernelError> {
         let maps_dir = pin_dir.join("maps");
         let data = MapData::from_pin(maps_dir.join(names::EVENTS_MAP))
             .map_err(|e| map_error(&maps_dir, names::EVENTS_MAP, e))?;
@@ -115,7 +142,10 @@ impl EventReader {
                     e.into_parts().1,
                 )
             })?;
-        Ok(Self { ring })
+        Ok(Self {
+            ring,
+            _reading: reading,
+        })
     }
 
     /// Waits for events and returns every one that is ready. Records that do not decode
