@@ -482,8 +482,11 @@ impl Enforcement {
     /// Removes an agent's policy and counters. Its cgroup, if it still exists, is then
     /// denied everything.
     pub fn remove_agent(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
+        // An entry that cannot be read is still removed; its port then stays reserved.
         let port = self
-            .agent(cgroup_id)?
+            .agent(cgroup_id)
+            .ok()
+            .flatten()
             .and_then(|p| p.gateway())
             .map(|g| g.port());
         match self.policy.remove(&cgroup_id) {
@@ -494,10 +497,13 @@ impl Enforcement {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(self.map_err(names::COUNTERS_MAP, e)),
         }
-        match port {
-            Some(port) => self.release_gateway_port(port, cgroup_id),
-            None => Ok(()),
+        if let Some(port) = port
+            && let Err(e) = self.release_gateway_port(port, cgroup_id)
+        {
+            // The agent is gone; a port left reserved only keeps agents from binding it.
+            tracing::warn!(port, error = %e, "a gateway port stays reserved");
         }
+        Ok(())
     }
 
     pub fn agent(&self, cgroup_id: u64) -> Result<Option<AgentPolicy>, KernelError> {
