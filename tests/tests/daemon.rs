@@ -179,10 +179,17 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::File::create(self.path("daemon.log")).expect("log");
-        let child = Command::new(enforcer_bin())
+        let mut daemon = Command::new(enforcer_bin());
+        daemon
             .args(["daemon", "--config"])
-            .arg(self.path("enforcer.toml"))
+            .arg(self.path("enforcer.toml"));
+        self.spawn_command(daemon);
+    }
+
+    /// Starts `command` (one that runs the daemon) and waits for its control socket.
+    fn spawn_command(&mut self, mut command: Command) {
+        let log = std::fs::File::create(self.path("daemon.log")).expect("log");
+        let child = command
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -1663,6 +1670,174 @@ fn a_cgroup_reusing_an_ended_agents_name_is_not_taken_for_that_agent_at_restart(
         "listed as the daemon's: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// What systemd does with the daemon's descriptor store, done by the test: it keeps the
+/// sockets the daemon stores (`FDSTORE=1`), drops those it takes out (`FDSTOREREMOVE=1`),
+/// and passes the kept ones to the next daemon process (`LISTEN_FDS`).
+struct ServiceManager {
+    notify: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+    kept: Vec<(String, std::os::fd::OwnedFd)>,
+    ready: bool,
+}
+
+impl ServiceManager {
+    fn new(path: PathBuf) -> Self {
+        let notify = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+        notify.set_nonblocking(true).expect("nonblocking");
+        ServiceManager {
+            notify,
+            path,
+            kept: Vec::new(),
+            ready: false,
+        }
+    }
+
+    /// Takes in every notification sent so far.
+    fn receive(&mut self) {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        use std::os::fd::{AsRawFd, FromRawFd};
+        loop {
+            let mut buf = [0u8; 512];
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 8]);
+            let Ok(msg) = recvmsg::<()>(
+                self.notify.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) else {
+                return;
+            };
+            let mut fds = Vec::new();
+            for cmsg in msg.cmsgs().expect("cmsgs") {
+                if let ControlMessageOwned::ScmRights(received) = cmsg {
+                    // SAFETY: the kernel just installed these descriptors in this process.
+                    fds.extend(
+                        received
+                            .into_iter()
+                            .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+            let len = msg.bytes;
+            let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+            let field = |key: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .map(str::to_owned)
+            };
+            let name = field("FDNAME=").unwrap_or_else(|| "stored".into());
+            if text.lines().any(|l| l == "READY=1") {
+                self.ready = true;
+            }
+            if text.lines().any(|l| l == "FDSTORE=1") {
+                self.kept
+                    .extend(fds.into_iter().map(|fd| (name.clone(), fd)));
+            }
+            if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+                self.kept.retain(|(n, _)| *n != name);
+            }
+        }
+    }
+
+    /// The daemon, started the way systemd starts it: told where to notify, and given
+    /// the kept sockets from descriptor 3 on.
+    fn daemon_command(&self, d: &Daemon) -> Command {
+        use std::os::fd::AsRawFd;
+        let names: Vec<&str> = self.kept.iter().map(|(n, _)| n.as_str()).collect();
+        let sources: Vec<i32> = self.kept.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+        // `LISTEN_PID` must be the daemon's pid: the shell's, which exec keeps.
+        let mut command = Command::new("/bin/sh");
+        command
+            .args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
+            .arg(enforcer_bin())
+            .args(["daemon", "--config"])
+            .arg(d.path("enforcer.toml"))
+            .env("NOTIFY_SOCKET", &self.path)
+            .env("LISTEN_FDS", sources.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"));
+        // SAFETY: only fcntl(2) and dup2(2) between fork and exec. The sockets are first
+        // copied far up, so that moving one to 3, 4, … never overwrites another.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                let mut high = [0i32; 8];
+                for (i, fd) in sources.iter().enumerate().take(high.len()) {
+                    high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 512);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, copy) in high.iter().enumerate().take(sources.len()) {
+                    if libc::dup2(*copy, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        command
+    }
+}
+
+#[test]
+fn under_a_service_manager_a_crashed_daemons_gateway_stays_bound_and_is_served_again() {
+    if !privileged(
+        "under_a_service_manager_a_crashed_daemons_gateway_stays_bound_and_is_served_again",
+    ) {
+        return;
+    }
+    let up = Upstream::start();
+    let mut d = Daemon::start("fdstore");
+    d.shutdown();
+    let mut manager = ServiceManager::new(d.path("notify.sock"));
+    let command = manager.daemon_command(&d);
+    d.spawn_command(command);
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("fdstore", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(&env, &a(&["wait", "http", "GET", &url, ""]));
+    let gateway = gateway_of(&d, "agent-fdstore");
+    manager.receive();
+    assert!(
+        manager.ready,
+        "the daemon never said it was ready:\n{}",
+        d.log()
+    );
+    assert_eq!(
+        manager
+            .kept
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>(),
+        ["agent-fdstore"],
+        "{}",
+        d.log()
+    );
+
+    d.kill9();
+    // The manager holds the socket: nobody can take the agent's gateway address.
+    let taken = std::net::TcpListener::bind(gateway);
+    assert!(
+        taken
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse),
+        "the gateway address was free while the daemon was down: {taken:?}"
+    );
+    let command = manager.daemon_command(&d);
+    d.spawn_command(command);
+    assert!(
+        d.log()
+            .contains("serving the gateway socket the service manager kept"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(gateway_of(&d, "agent-fdstore"), gateway);
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    probes.assert_ok("http GET");
+    // Once the agent ended, the daemon took its socket out of the store.
+    manager.receive();
+    assert!(manager.kept.is_empty(), "{:?}", manager.kept);
 }
 
 /// An agent whose record `damage` spoiled while the daemon was killed: after the restart it

@@ -7,6 +7,7 @@
 pub mod config;
 mod deny_log;
 mod metrics;
+mod systemd;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -306,6 +307,9 @@ pub struct Daemon {
     shutdown: Notify,
     trips: AtomicU64,
     next_port: std::sync::atomic::AtomicU32,
+    /// Gateway sockets the service manager kept while the daemon was down, by agent, until
+    /// the agents are resumed.
+    kept_sockets: Mutex<BTreeMap<String, std::net::TcpListener>>,
     me: Weak<Daemon>,
 }
 
@@ -415,6 +419,8 @@ impl Daemon {
         if !nix::unistd::geteuid().is_root() {
             return Err(DaemonError::NotRoot);
         }
+        // Before anything else opens a descriptor of its own.
+        let kept_sockets = kept_gateway_sockets();
         raise_open_files_limit()?;
         let cfg = loaded.config.clone();
         // Before anything is set up: a directory that refuses the socket stops the start.
@@ -485,6 +491,7 @@ impl Daemon {
             shutdown: Notify::new(),
             trips: AtomicU64::new(0),
             next_port: std::sync::atomic::AtomicU32::new(0),
+            kept_sockets: Mutex::new(kept_sockets),
             me: me.clone(),
         });
         daemon
@@ -492,6 +499,7 @@ impl Daemon {
             .append(Event::new(EventKind::DaemonStarted).detail("config", cfg_path(&daemon)))
             .await?;
         daemon.resume().await;
+        daemon.drop_unclaimed_sockets();
 
         let listener = bind_control(&cfg.control_socket)?;
         let control = tokio::spawn(daemon.clone().serve_control(listener));
@@ -501,6 +509,9 @@ impl Daemon {
             .map(|addr| tokio::spawn(metrics::serve(daemon.clone(), addr)));
         let expiry = tokio::spawn(daemon.clone().watch_expiry());
         tracing::info!(control = %cfg.control_socket.display(), "enforcer daemon ready");
+        if let Err(e) = systemd::notify("READY=1", &[]) {
+            tracing::warn!(error = %e, "telling the service manager the daemon is ready failed");
+        }
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(io_err("installing the SIGTERM handler"))?;
@@ -514,6 +525,7 @@ impl Daemon {
         // leaving it open with no gateway behind its address once the daemon is gone. So
         // those waiting are refused, one in flight is waited for (it is then in `agents`),
         // and the lock is held until the daemon exits.
+        let _ = systemd::notify("STOPPING=1", &[]);
         daemon.stopping.store(true, Ordering::SeqCst);
         let _no_more_openings = daemon.activation.lock().await;
         control.abort();
@@ -804,13 +816,16 @@ impl Daemon {
                     .values()
                     .filter_map(|s| s.gateway)
                     .collect();
-                bind_free_port(
+                let listener = bind_free_port(
                     cfg.gateway_ip,
                     cfg.gateway_ports,
                     &self.next_port,
                     &reserved,
                 )
-                .await?
+                .await?;
+                self.keep_socket(name, &listener);
+                undo.kept_socket = Some(name.to_owned());
+                listener
             }
         };
         let gateway_addr = listener.local_addr().map_err(io_err("gateway address"))?;
@@ -1039,7 +1054,14 @@ impl Daemon {
             .lock()
             .map(|r| r.contains(verified.id()))
             .unwrap_or(true);
-        let listener = bind_retry(record.gateway).await?;
+        let listener = match self.claim_kept_socket(&record.name, record.gateway) {
+            Some(kept) => kept,
+            None => {
+                let listener = bind_retry(record.gateway).await?;
+                self.keep_socket(&record.name, &listener);
+                listener
+            }
+        };
         let serving = serving_handle(&listener, record.gateway)?;
         let (gateway, counts) = self.new_gateway(&record.name, &verified, dir, cgroup.id)?;
         // A new CA: the old one died with the old process, so the agent's file is rewritten.
@@ -1144,6 +1166,50 @@ impl Daemon {
 
     /// Cuts off an agent no gateway of ours serves, lists it as failed with the reason
     /// and records it.
+    /// Hands a new gateway socket to the service manager's store, so that it stays bound
+    /// (and nobody else can bind its address) if the daemon dies. Not having a store is
+    /// no error: the socket then lives as long as the daemon.
+    fn keep_socket(&self, name: &str, listener: &std::net::TcpListener) {
+        if let Err(e) = systemd::store(name, std::os::fd::AsFd::as_fd(listener)) {
+            tracing::warn!(agent = %name, error = %e, "handing the gateway socket to the service manager failed");
+        }
+    }
+
+    /// Takes an agent's gateway socket out of the service manager's store once it ends.
+    fn forget_socket(&self, name: &str) {
+        if let Err(e) = systemd::forget(name) {
+            tracing::warn!(agent = %name, error = %e, "taking the gateway socket out of the service manager's store failed");
+        }
+    }
+
+    /// The socket the service manager kept for `name`, if it is bound to `addr`.
+    fn claim_kept_socket(&self, name: &str, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let kept = self.kept_sockets.lock().ok()?.remove(name)?;
+        match kept.local_addr() {
+            Ok(bound) if bound == addr => {
+                tracing::info!(agent = %name, %addr, "serving the gateway socket the service manager kept");
+                Some(kept)
+            }
+            _ => {
+                tracing::warn!(agent = %name, %addr, "the kept gateway socket is bound elsewhere; binding anew");
+                self.forget_socket(name);
+                None
+            }
+        }
+    }
+
+    /// Closes kept sockets no resumed agent claimed, and takes them out of the store.
+    fn drop_unclaimed_sockets(&self) {
+        let unclaimed = match self.kept_sockets.lock() {
+            Ok(mut kept) => std::mem::take(&mut *kept),
+            Err(_) => return,
+        };
+        for name in unclaimed.keys() {
+            tracing::info!(agent = %name, "closing a kept gateway socket no agent claimed");
+            self.forget_socket(name);
+        }
+    }
+
     fn strand(&self, name: &str, stranded: Stranded) {
         let cut = self.cut_off(&stranded.cgroup);
         // Whatever serves it later, this cut is lifted by an operator, not by a restart.
@@ -1228,6 +1294,7 @@ impl Daemon {
             .lock()
             .map_err(|_| poisoned())?
             .remove_agent(stranded.cgroup.id)?;
+        self.forget_socket(name);
         if let Some(dir) = &stranded.dir {
             let _ = std::fs::remove_file(dir.join(RECORD));
         }
@@ -1267,6 +1334,7 @@ impl Daemon {
             .lock()
             .map_err(|_| poisoned())?
             .remove_agent(agent.cgroup.id)?;
+        self.forget_socket(name);
         let _ = std::fs::remove_file(agent.dir.join(RECORD));
         let _ = self.audit.submit(
             Event::new(EventKind::Other)
@@ -1935,6 +2003,8 @@ struct Undo {
     /// The agent whose CA file a replacement may have rewritten, and the PEM of the
     /// gateway that goes on serving it.
     ca: Option<(String, String)>,
+    /// The agent whose new gateway socket was handed to the service manager's store.
+    kept_socket: Option<String>,
 }
 
 impl Undo {
@@ -1952,6 +2022,9 @@ impl Undo {
                 tracing::error!(cgroup = id, error = %e, "restoring a kernel entry failed");
                 let _ = k.trip(id);
             }
+        }
+        if let Some(name) = self.kept_socket {
+            daemon.forget_socket(&name);
         }
         if let Some((name, pem)) = self.ca
             && let Err(e) = daemon.write_ca_pem(&name, &pem)
@@ -2065,6 +2138,26 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(format!("chmod {}", path.display())))?;
     Ok(listener)
+}
+
+/// The gateway sockets the service manager passed back, by agent: listening TCP sockets
+/// stored under a valid agent name. Anything else passed is closed.
+fn kept_gateway_sockets() -> BTreeMap<String, std::net::TcpListener> {
+    let mut kept = BTreeMap::new();
+    for (name, fds) in systemd::passed() {
+        let valid_name = crate::sandbox::validate_agent_name(&name).is_ok();
+        for fd in fds {
+            if valid_name
+                && !kept.contains_key(&name)
+                && systemd::is_listening_tcp(std::os::fd::AsFd::as_fd(&fd))
+            {
+                kept.insert(name.clone(), std::net::TcpListener::from(fd));
+            } else {
+                tracing::warn!(name = %name, "closing a descriptor the service manager passed that is no gateway socket");
+            }
+        }
+    }
+    kept
 }
 
 /// Binds the next free port of the range that is not `reserved`, starting after the one
