@@ -1824,6 +1824,11 @@ fn under_a_service_manager_a_crashed_daemons_gateway_stays_bound_and_is_served_a
             .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse),
         "the gateway address was free while the daemon was down: {taken:?}"
     );
+    // And it still listens: a connection waits in its backlog for the next daemon.
+    assert!(
+        std::net::TcpStream::connect_timeout(&gateway, Duration::from_secs(2)).is_ok(),
+        "the kept gateway socket does not listen"
+    );
     let command = manager.daemon_command(&d);
     d.spawn_command(command);
     assert!(
