@@ -1164,8 +1164,6 @@ impl Daemon {
         }
     }
 
-    /// Cuts off an agent no gateway of ours serves, lists it as failed with the reason
-    /// and records it.
     /// Hands a new gateway socket to the service manager's store, so that it stays bound
     /// (and nobody else can bind its address) if the daemon dies. Not having a store is
     /// no error: the socket then lives as long as the daemon.
@@ -1210,6 +1208,8 @@ impl Daemon {
         }
     }
 
+    /// Cuts off an agent no gateway of ours serves, lists it as failed with the reason
+    /// and records it.
     fn strand(&self, name: &str, stranded: Stranded) {
         let cut = self.cut_off(&stranded.cgroup);
         // Whatever serves it later, this cut is lifted by an operator, not by a restart.

@@ -402,10 +402,13 @@ impl Enforcement {
         self.policy
             .insert(cgroup_id, policy, 0)
             .map_err(|e| self.map_err(names::POLICY_MAP, e))?;
-        match old_port {
-            Some(port) if Some(port) != new_port => self.release_gateway_port(port, cgroup_id),
-            _ => Ok(()),
+        if let Some(port) = old_port.filter(|&p| Some(p) != new_port)
+            && let Err(e) = self.release_gateway_port(port, cgroup_id)
+        {
+            // The new entry is written; a port left reserved only keeps agents from it.
+            tracing::warn!(port, error = %e, "a gateway port stays reserved");
         }
+        Ok(())
     }
 
     /// Frees `port` for binding once `cgroup_id`'s entry no longer names it, unless another
