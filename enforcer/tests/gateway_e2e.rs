@@ -1234,6 +1234,18 @@ fn decisions_go_to_the_audit_log_and_a_dead_log_refuses() {
         "{body}"
     );
     assert_eq!(up.requests.load(Ordering::SeqCst), before);
+    // Nor is a request held for an operator when its hold cannot be recorded.
+    let (status, body) = curl(
+        s.proxy,
+        &["-X", "POST", &format!("http://127.0.0.1:{port}/api/v3/big")],
+    );
+    assert_eq!(
+        (status, body.contains("audit_unavailable")),
+        (503, true),
+        "{body}"
+    );
+    assert!(s.gateway.approvals().list().is_empty());
+    assert_eq!(up.requests.load(Ordering::SeqCst), before);
 }
 
 #[test]

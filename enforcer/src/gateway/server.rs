@@ -674,12 +674,7 @@ impl Gateway {
             // A forwarded request's result is withheld without its record; a refusal
             // stays the refusal it was.
             if decision.outcome != "denied" {
-                return Refusal::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "audit_unavailable",
-                    "the decision could not be recorded".into(),
-                )
-                .into_response();
+                return Refusal::audit_unavailable().into_response();
             }
         }
         response
@@ -918,7 +913,12 @@ impl Gateway {
                 status: 0,
                 ..decision.clone()
             };
-            let _ = self.sink.record(&held_event);
+            // Nobody is asked to approve what the log cannot show was held.
+            if let Err(e) = self.sink.record(&held_event) {
+                decision.step = "audit";
+                tracing::error!(error = %e, "audit unavailable; refusing");
+                return Err(Refusal::audit_unavailable());
+            }
             let mut abandoned = Abandoned {
                 sink: self.sink.as_ref(),
                 decision: Some(Decision {
@@ -1042,11 +1042,7 @@ impl Gateway {
         if let Err(e) = recorded {
             decision.step = "audit";
             tracing::error!(error = %e, "audit unavailable; refusing");
-            return Err(Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "audit_unavailable",
-                "the decision could not be recorded".into(),
-            ));
+            return Err(Refusal::audit_unavailable());
         }
 
         // Waiting for the record gave the grant time to end: nothing leaves after it did.
@@ -1643,6 +1639,14 @@ impl Refusal {
             StatusCode::FORBIDDEN,
             "circuit_open",
             format!("the circuit is open: {reason}"),
+        )
+    }
+
+    fn audit_unavailable() -> Self {
+        Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the decision could not be recorded".into(),
         )
     }
 
