@@ -1983,3 +1983,84 @@ fn a_stop_cuts_off_a_tripped_agent_whose_kernel_entry_was_left_open() {
     probes.assert_denied("http GET");
     assert_eq!(up.count(), 0);
 }
+
+/// Makes every file in a directory immutable, as a disk that refuses writes would; the
+/// flags come off again on drop, so the test's directory can still be removed.
+struct Immutable(Vec<PathBuf>);
+
+impl Immutable {
+    fn files_in(dir: &Path) -> Self {
+        let mut frozen = Immutable(Vec::new());
+        for entry in std::fs::read_dir(dir).expect("read dir") {
+            let path = entry.expect("dir entry").path();
+            set_immutable(&path, true).unwrap_or_else(|e| {
+                panic!(
+                    "cannot make {} immutable (FS_IOC_SETFLAGS): {e}",
+                    path.display()
+                )
+            });
+            frozen.0.push(path);
+        }
+        frozen
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = set_immutable(path, false);
+        }
+    }
+}
+
+fn set_immutable(path: &Path, on: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const FS_IMMUTABLE_FL: libc::c_int = 0x10;
+    let file = std::fs::File::open(path)?;
+    let mut flags: libc::c_int = 0;
+    // SAFETY: both ioctls take a pointer to an int, which outlives the calls.
+    unsafe {
+        if libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        flags = if on {
+            flags | FS_IMMUTABLE_FL
+        } else {
+            flags & !FS_IMMUTABLE_FL
+        };
+        if libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_reset_the_audit_log_cannot_hold_does_not_happen() {
+    if !privileged("a_reset_the_audit_log_cannot_hold_does_not_happen") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("unlogged");
+    let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
+    let env = d.envelope("unlogged", up.addr, 600, "");
+    let (child, reader, seen) = d.run_until_ready(&env, &a(&["wait", "http", "GET", &url, ""]));
+    let tripped = d.ctl(&["trip", "agent-unlogged"]);
+    assert!(
+        tripped.status.success(),
+        "trip: {}",
+        String::from_utf8_lossy(&tripped.stderr)
+    );
+    // From here on the log's disk refuses every write.
+    let frozen = Immutable::files_in(&d.path("audit"));
+    let reset = d.ctl(&["reset", "agent-unlogged"]);
+    let stderr = String::from_utf8_lossy(&reset.stderr).into_owned();
+    assert!(!reset.status.success(), "an unrecorded reset went through");
+    assert!(stderr.contains("audit_unavailable"), "{stderr}");
+    assert_eq!(d.kernel_state("agent-unlogged"), "tripped", "{}", d.log());
+    drop(frozen);
+    let (_, probes) = common::go_and_finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![false], "{:?}", probes.results);
+    assert_eq!(up.count(), 0);
+}

@@ -26,7 +26,7 @@ use serde_json::json;
 use tokio::{net::UnixListener, sync::Notify};
 
 use crate::{
-    audit::{AuditConfig, AuditLog, Event, EventKind},
+    audit::{AuditConfig, AuditLog, Event, EventKind, Until},
     control::{self, Op, Request, Response},
     envelope::{UsedIds, VerifiedEnvelope},
     gateway::{
@@ -1378,7 +1378,11 @@ impl Daemon {
         Ok(json!({ "agent": name, "state": "tripped" }))
     }
 
-    fn reset(&self, name: &str, peer: control::Peer) -> Result<serde_json::Value, DaemonError> {
+    async fn reset(
+        &self,
+        name: &str,
+        peer: control::Peer,
+    ) -> Result<serde_json::Value, DaemonError> {
         let (gateway, cgroup_id, revoked, id, expires_at) = self.with_agent(name, |a| {
             (
                 a.gateway.clone(),
@@ -1391,6 +1395,38 @@ impl Daemon {
         if revoked {
             return Err(DaemonError::Revoked(id));
         }
+        // A reset gives the agent its way out back: it happens only once the log holds it.
+        self.audit
+            .submit_until(
+                Event::new(EventKind::OperatorReset)
+                    .agent(name)
+                    .envelope(&id)
+                    .detail("pid", peer.pid),
+                Until::Written,
+            )?
+            .await?;
+        let reopened = self.reopen(&gateway, cgroup_id, expires_at, peer);
+        if let Err(e) = &reopened {
+            let _ = self.audit.submit(
+                Event::new(EventKind::Other)
+                    .agent(name)
+                    .envelope(&id)
+                    .rule("operator_reset_failed")
+                    .detail("error", e.to_string()),
+            );
+        }
+        reopened?;
+        Ok(json!({ "agent": name, "state": "active" }))
+    }
+
+    /// Closes the breaker and reopens the kernel entry, which the deadline still bounds.
+    fn reopen(
+        &self,
+        gateway: &Gateway,
+        cgroup_id: u64,
+        expires_at: time::OffsetDateTime,
+        peer: control::Peer,
+    ) -> Result<(), DaemonError> {
         gateway
             .breaker()
             .reset(&OperatorReset::checked_by_control_plane(format!(
@@ -1407,13 +1443,7 @@ impl Daemon {
             policy.deadline_boottime_ns = boottime_deadline(expires_at)?;
             kernel.set_agent(cgroup_id, &policy)?;
         }
-        let _ = self.audit.submit(
-            Event::new(EventKind::OperatorReset)
-                .agent(name)
-                .envelope(&id)
-                .detail("pid", peer.pid),
-        );
-        Ok(json!({ "agent": name, "state": "active" }))
+        Ok(())
     }
 
     /// Cuts the agent off first, in the gateway and the kernel, and only then persists the
@@ -1694,7 +1724,7 @@ impl Daemon {
             Op::Trip { agent } => self.trip(&agent, peer),
             // A reset reopens the kernel entry, so a stop must not pass it by.
             Op::Reset { agent } => match self.serialized().await {
-                Ok(_serial) => self.reset(&agent, peer),
+                Ok(_serial) => self.reset(&agent, peer).await,
                 Err(e) => Err(e),
             },
             Op::Revoke { agent } => self.revoke(&agent, peer),
