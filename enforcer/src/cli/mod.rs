@@ -103,6 +103,11 @@ pub fn init_tracing(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // When stderr cannot be written (a log file on a full disk, a closed pipe), the
+        // subscriber would report it with `eprintln!`, which panics, taking down the task
+        // that logged: a control request or a gateway connection then ends without its
+        // answer. Diagnostics are best effort; the audit log is the record.
+        .log_internal_errors(false)
         .init();
 }
 

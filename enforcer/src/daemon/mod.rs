@@ -188,6 +188,19 @@ fn raise_open_files_limit() -> Result<u64, DaemonError> {
     Ok(limit.rlim_cur)
 }
 
+/// A write past the file size limit (RLIMIT_FSIZE) then fails with EFBIG, and the audit
+/// log or ledger that made it refuses the action it was for and says why. By default the
+/// kernel would kill the daemon with SIGXFSZ instead, leaving every agent without its
+/// gateway and nothing in the log to say what happened. The daemon spawns no programs,
+/// so the ignored signal reaches no agent.
+fn report_file_size_limit_as_an_error() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: SIG_IGN runs no code of ours in the handler, so nothing in it can be unsafe.
+    if let Err(e) = unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) } {
+        tracing::warn!(error = %e, "could not ignore SIGXFSZ; a file size limit would kill the daemon");
+    }
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     let context = context.into();
     move |source| DaemonError::Io { context, source }
@@ -422,6 +435,7 @@ impl Daemon {
         // Before anything else opens a descriptor of its own.
         let kept_sockets = kept_gateway_sockets();
         raise_open_files_limit()?;
+        report_file_size_limit_as_an_error();
         let cfg = loaded.config.clone();
         // Before anything is set up: a directory that refuses the socket stops the start.
         if let Some(dir) = cfg
