@@ -1984,53 +1984,39 @@ fn a_stop_cuts_off_a_tripped_agent_whose_kernel_entry_was_left_open() {
     assert_eq!(up.count(), 0);
 }
 
-/// Makes every file in a directory immutable, as a disk that refuses writes would; the
-/// flags come off again on drop, so the test's directory can still be removed.
-struct Immutable(Vec<PathBuf>);
+/// Caps the size of every file the daemon writes (RLIMIT_FSIZE, set from outside with
+/// prlimit) at what its audit log holds now: from here on every append to the log fails,
+/// as on a full disk. The cap comes off again on drop.
+struct FileSizeCap(libc::pid_t);
 
-impl Immutable {
-    fn files_in(dir: &Path) -> Self {
-        let mut frozen = Immutable(Vec::new());
-        for entry in std::fs::read_dir(dir).expect("read dir") {
-            let path = entry.expect("dir entry").path();
-            set_immutable(&path, true).unwrap_or_else(|e| {
-                panic!(
-                    "cannot make {} immutable (FS_IOC_SETFLAGS): {e}",
-                    path.display()
-                )
-            });
-            frozen.0.push(path);
-        }
-        frozen
+impl FileSizeCap {
+    fn at_audit_log_of(d: &Daemon) -> Self {
+        let pid = d.child.as_ref().expect("daemon running").id() as libc::pid_t;
+        let size = std::fs::read_dir(d.path("audit"))
+            .expect("audit dir")
+            .map(|e| e.expect("dir entry").metadata().expect("metadata").len())
+            .max()
+            .expect("an audit segment");
+        set_file_size_limit(pid, size).expect("prlimit RLIMIT_FSIZE on the daemon");
+        FileSizeCap(pid)
     }
 }
 
-impl Drop for Immutable {
+impl Drop for FileSizeCap {
     fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = set_immutable(path, false);
-        }
+        let _ = set_file_size_limit(self.0, libc::RLIM_INFINITY);
     }
 }
 
-fn set_immutable(path: &Path, on: bool) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    const FS_IMMUTABLE_FL: libc::c_int = 0x10;
-    let file = std::fs::File::open(path)?;
-    let mut flags: libc::c_int = 0;
-    // SAFETY: both ioctls take a pointer to an int, which outlives the calls.
-    unsafe {
-        if libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        flags = if on {
-            flags | FS_IMMUTABLE_FL
-        } else {
-            flags & !FS_IMMUTABLE_FL
-        };
-        if libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+fn set_file_size_limit(pid: libc::pid_t, bytes: u64) -> std::io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit reads the new limit from a struct that outlives the call and is
+    // given no old-limit pointer to write.
+    if unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -2051,14 +2037,18 @@ fn a_reset_the_audit_log_cannot_hold_does_not_happen() {
         "trip: {}",
         String::from_utf8_lossy(&tripped.stderr)
     );
-    // From here on the log's disk refuses every write.
-    let frozen = Immutable::files_in(&d.path("audit"));
+    // From here on every write to the log fails.
+    let capped = FileSizeCap::at_audit_log_of(&d);
     let reset = d.ctl(&["reset", "agent-unlogged"]);
     let stderr = String::from_utf8_lossy(&reset.stderr).into_owned();
     assert!(!reset.status.success(), "an unrecorded reset went through");
-    assert!(stderr.contains("audit_unavailable"), "{stderr}");
+    assert!(
+        stderr.contains("audit_unavailable"),
+        "{stderr}\n{}",
+        d.log()
+    );
     assert_eq!(d.kernel_state("agent-unlogged"), "tripped", "{}", d.log());
-    drop(frozen);
+    drop(capped);
     let (_, probes) = common::go_and_finish(child, reader, seen);
     let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
     assert_eq!(oks, vec![false], "{:?}", probes.results);
