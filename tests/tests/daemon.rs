@@ -567,6 +567,7 @@ fn t2_t7_budget_and_breaker_cut_the_agent_off_until_an_operator_resets() {
     let agents = d.ctl(&["agents"]);
     let agents = String::from_utf8_lossy(&agents.stdout);
     assert!(agents.contains("\"state\": \"tripped\""), "{agents}");
+    assert!(agents.contains("\"state\": \"recording\""), "{agents}");
     // The agent itself cannot reset; the operator can.
     let reset = d.ctl(&["reset", "agent-budget"]);
     assert!(
@@ -1344,31 +1345,27 @@ fn a_kernel_deny_flood_is_summed_up_and_other_agents_stay_served() {
     );
 }
 
-#[test]
-fn metrics_connections_are_capped_and_idle_ones_closed() {
-    if !privileged("metrics_connections_are_capped_and_idle_ones_closed") {
-        return;
-    }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let metrics: SocketAddr = ([127, 0, 0, 1], port).into();
-    let d = Daemon::start_with("metrics", &format!("metrics_listen = \"{metrics}\"\n"));
-    // Refused counts as no answer: the metrics listener may come up after the control socket.
-    let scrape = || -> String {
-        let Ok(mut s) = TcpStream::connect(metrics) else {
-            return String::new();
-        };
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        let mut answer = String::new();
-        let _ = s.read_to_string(&mut answer);
-        answer
+/// The daemon's metrics page; refused counts as no answer.
+fn scrape_metrics(metrics: SocketAddr) -> String {
+    let Ok(mut s) = TcpStream::connect(metrics) else {
+        return String::new();
     };
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
+/// The first metrics page: the listener may come up after the control socket.
+fn first_scrape(d: &Daemon, metrics: SocketAddr) -> String {
     let wait_for = Instant::now();
-    while !scrape().contains("enforcer_agents") {
+    loop {
+        let page = scrape_metrics(metrics);
+        if page.contains("enforcer_agents") {
+            return page;
+        }
         assert!(
             wait_for.elapsed() < Duration::from_secs(common::scaled_secs(10)),
             "metrics never answered:\n{}",
@@ -1376,6 +1373,26 @@ fn metrics_connections_are_capped_and_idle_ones_closed() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn free_metrics_addr() -> SocketAddr {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    ([127, 0, 0, 1], port).into()
+}
+
+#[test]
+fn metrics_connections_are_capped_and_idle_ones_closed() {
+    if !privileged("metrics_connections_are_capped_and_idle_ones_closed") {
+        return;
+    }
+    let metrics = free_metrics_addr();
+    let d = Daemon::start_with("metrics", &format!("metrics_listen = \"{metrics}\"\n"));
+    let scrape = || scrape_metrics(metrics);
+    let first = first_scrape(&d, metrics);
+    assert!(first.contains("\nenforcer_audit_up 1\n"), "{first}");
 
     // Connections that never finish their request head, more than the daemon serves.
     let cap = 32;
@@ -2027,7 +2044,8 @@ fn a_reset_the_audit_log_cannot_hold_does_not_happen() {
         return;
     }
     let up = Upstream::start();
-    let d = Daemon::start("unlogged");
+    let metrics = free_metrics_addr();
+    let d = Daemon::start_with("unlogged", &format!("metrics_listen = \"{metrics}\"\n"));
     let url = format!("http://127.0.0.1:{}/api/ticker", up.addr.port());
     let env = d.envelope("unlogged", up.addr, 600, "");
     let (child, reader, seen) = d.run_until_ready(&env, &a(&["wait", "http", "GET", &url, ""]));
@@ -2048,6 +2066,14 @@ fn a_reset_the_audit_log_cannot_hold_does_not_happen() {
         d.log()
     );
     assert_eq!(d.kernel_state("agent-unlogged"), "tripped", "{}", d.log());
+    // Operators see that the log stopped, and why.
+    let agents = d.ctl(&["agents"]);
+    let status: serde_json::Value = serde_json::from_slice(&agents.stdout).expect("json");
+    assert_eq!(status["audit"]["state"], "failed", "{status}");
+    let error = status["audit"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("File too large"), "{status}");
+    let page = first_scrape(&d, metrics);
+    assert!(page.contains("\nenforcer_audit_up 0\n"), "{page}");
     drop(capped);
     let (_, probes) = common::go_and_finish(child, reader, seen);
     let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();

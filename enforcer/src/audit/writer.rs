@@ -576,6 +576,14 @@ impl AuditLog {
         rx.blocking_recv().unwrap_or_else(|_| Err(h.shared.gone()))
     }
 
+    /// Why the log takes no more records, once a write or fsync failed (or it was closed);
+    /// `None` while it records. A failure is for good: only reopening the log ends it.
+    pub fn failure(&self) -> Option<AuditError> {
+        let shared = &self.handle.shared;
+        (shared.failed.load(Ordering::SeqCst) || shared.closed.load(Ordering::SeqCst))
+            .then(|| shared.gone())
+    }
+
     pub fn stats(&self) -> Stats {
         let shared = &self.handle.shared;
         Stats {

@@ -139,6 +139,16 @@ pub(super) fn render(daemon: &Daemon) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP enforcer_audit_up 1 while the audit log records; 0 once a write or fsync failed, after which every request is refused until the daemon restarts.\n# TYPE enforcer_audit_up gauge\nenforcer_audit_up {}",
+        u8::from(daemon.audit.failure().is_none())
+    );
+    let _ = writeln!(
+        out,
+        "# HELP enforcer_audit_records_total Records the audit log acknowledged.\n# TYPE enforcer_audit_records_total counter\nenforcer_audit_records_total {}",
+        daemon.audit.stats().records
+    );
+    let _ = writeln!(
+        out,
         "# HELP enforcer_trips_total Circuit breaker trips.\n# TYPE enforcer_trips_total counter\nenforcer_trips_total {}",
         daemon.trips.load(Ordering::Relaxed)
     );

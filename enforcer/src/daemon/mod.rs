@@ -1719,8 +1719,18 @@ impl Daemon {
                         .iter()
                         .map(|(name, s)| self.describe_stranded(name, s)),
                 );
-                Ok(json!({ "agents": list }))
+                Ok(json!({ "agents": list, "audit": self.audit_health() }))
             }
+        }
+    }
+
+    /// Whether the audit log still records: once it failed, every request is refused with
+    /// `audit_unavailable` until the daemon restarts and reopens it.
+    fn audit_health(&self) -> serde_json::Value {
+        let records = self.audit.stats().records;
+        match self.audit.failure() {
+            None => json!({ "state": "recording", "records": records }),
+            Some(e) => json!({ "state": "failed", "records": records, "error": e.to_string() }),
         }
     }
 
