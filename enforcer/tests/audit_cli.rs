@@ -56,3 +56,40 @@ fn verify_says_by_its_exit_status_whether_every_record_is_signed() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.starts_with("FAILED"), "{out}");
 }
+
+#[test]
+fn show_into_a_pipe_closed_early_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let config = AuditConfig {
+        queue_capacity: 8192,
+        ..AuditConfig::new(&dir)
+    };
+    let (log, _) = AuditLog::open(config, key).unwrap();
+    // More than a pipe holds, so `show` is still writing when the reader goes away.
+    for i in 0..5000 {
+        log.submit(Event::new(EventKind::RequestAllowed).detail("n", i))
+            .unwrap();
+    }
+    log.close_blocking().unwrap();
+    // What `enforcer audit show DIR | head -n 1` does.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_enforcer"))
+        .args(["audit", "show"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("request_allowed"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}

@@ -68,6 +68,16 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if matches!(
+        cli.command,
+        Command::Status(_)
+            | Command::Keygen(_)
+            | Command::Envelope(_)
+            | Command::Audit(_)
+            | Command::Completions { .. }
+    ) {
+        end_quietly_on_a_closed_pipe();
+    }
     match cli.command {
         Command::Confine(args) => confine::confine(args),
         Command::Trip(args) => confine::trip(args),
@@ -90,6 +100,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Commands that only print behave like other Unix tools when the reader goes away
+/// (`enforcer audit show DIR | head`): SIGPIPE ends them. Rust ignores it by default, which
+/// turns the closed pipe into a "Broken pipe" error or a panic in `println!`. The daemon,
+/// the gateway and the commands that run an agent keep ignoring it: for them a peer that
+/// goes away is an error to handle, not a reason to stop, and so it is for the operator
+/// commands, whose error names the daemon that hung up.
+fn end_quietly_on_a_closed_pipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: restoring the default disposition installs no handler of ours.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
 
 pub fn init_tracing(verbose: u8) {
