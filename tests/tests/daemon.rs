@@ -2039,8 +2039,8 @@ fn set_file_size_limit(pid: libc::pid_t, bytes: u64) -> std::io::Result<()> {
 }
 
 #[test]
-fn a_reset_the_audit_log_cannot_hold_does_not_happen() {
-    if !privileged("a_reset_the_audit_log_cannot_hold_does_not_happen") {
+fn neither_a_reset_nor_an_activation_happens_unrecorded() {
+    if !privileged("neither_a_reset_nor_an_activation_happens_unrecorded") {
         return;
     }
     let up = Upstream::start();
@@ -2074,6 +2074,25 @@ fn a_reset_the_audit_log_cannot_hold_does_not_happen() {
     assert!(error.contains("File too large"), "{status}");
     let page = first_scrape(&d, metrics);
     assert!(page.contains("\nenforcer_audit_up 0\n"), "{page}");
+    // Nor does a new Envelope take effect unrecorded.
+    let other = d.envelope("unlogged-other", up.addr, 600, "");
+    let answer = control(
+        &d,
+        &serde_json::json!({
+            "version": 1,
+            "op": "activate",
+            "envelope": std::fs::read_to_string(&other).expect("envelope"),
+        }),
+    );
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert_eq!(answer["kind"], "audit_unavailable", "{answer}");
+    let listed = d.kernel_states();
+    assert!(
+        !listed
+            .iter()
+            .any(|(name, _)| name == "agent-unlogged-other"),
+        "{listed:?}"
+    );
     drop(capped);
     let (_, probes) = common::go_and_finish(child, reader, seen);
     let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();

@@ -715,14 +715,6 @@ impl Daemon {
                     stranded.remove(&name);
                 }
                 let summary = self.describe(&agent);
-                let _ = self.audit.submit(
-                    Event::new(EventKind::EnvelopeActivated)
-                        .agent(&name)
-                        .envelope(agent.envelope.id())
-                        .detail("key_id", agent.envelope.key_id())
-                        .detail("gateway", agent.gateway_addr.to_string())
-                        .detail("notes", notes.clone()),
-                );
                 if let Ok(mut agents) = self.agents.lock() {
                     agents.insert(name, agent);
                 }
@@ -865,6 +857,21 @@ impl Daemon {
             undo.ca = Some((name.to_owned(), prev.gateway.ca_pem()));
         }
         let ca_path = self.write_ca(name, &gateway)?;
+
+        // An Envelope takes effect only once the log holds its activation; if it cannot,
+        // everything above is undone and the refusal recorded (where the log still takes
+        // records). The agent's process is not running yet, and its gateway not serving.
+        self.audit
+            .submit_until(
+                Event::new(EventKind::EnvelopeActivated)
+                    .agent(name)
+                    .envelope(verified.id())
+                    .detail("key_id", verified.key_id())
+                    .detail("gateway", gateway_addr.to_string())
+                    .detail("notes", notes.clone()),
+                Until::Written,
+            )?
+            .await?;
 
         // The point of no return: the id is spent only once everything else worked.
         self.used_ids
