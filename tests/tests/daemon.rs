@@ -944,6 +944,15 @@ fn kill_9_of_the_daemon_keeps_agents_confined_and_budgets_spent() {
 }
 
 /// One request on the control socket, as the operator's tools send it.
+/// Activates the Envelope in `envelope` the way `enforcer run` asks for it; the daemon's answer.
+fn activate_over_control(d: &Daemon, envelope: &Path) -> serde_json::Value {
+    let envelope = std::fs::read_to_string(envelope).expect("envelope");
+    control(
+        d,
+        &serde_json::json!({ "version": 1, "op": "activate", "envelope": envelope }),
+    )
+}
+
 fn control(d: &Daemon, request: &serde_json::Value) -> serde_json::Value {
     let mut stream =
         std::os::unix::net::UnixStream::connect(d.path("run/control.sock")).expect("control");
@@ -1037,14 +1046,7 @@ fn an_agent_without_a_gateway_is_listed_as_failed() {
     // A new Envelope takes the agent over, with a gateway of its own elsewhere; the old
     // address stays out of reach.
     let renewed = d.envelope("failed", up.addr, 600, "");
-    let answer = control(
-        &d,
-        &serde_json::json!({
-            "version": 1,
-            "op": "activate",
-            "envelope": std::fs::read_to_string(&renewed).expect("envelope"),
-        }),
-    );
+    let answer = activate_over_control(&d, &renewed);
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(answer["result"]["state"], "active", "{answer}");
     assert_ne!(gateway_of(&d, "agent-failed"), gateway);
@@ -1078,14 +1080,7 @@ fn a_new_envelope_serves_the_same_socket_and_a_failed_replacement_keeps_the_old_
     let blocker = d.path("state/public/agent-replace-ca.tmp");
     std::fs::create_dir(&blocker).expect("block the CA file");
     let second = d.envelope("replace", up.addr, 600, "");
-    let answer = control(
-        &d,
-        &serde_json::json!({
-            "version": 1,
-            "op": "activate",
-            "envelope": std::fs::read_to_string(&second).expect("envelope"),
-        }),
-    );
+    let answer = activate_over_control(&d, &second);
     std::fs::remove_dir(&blocker).expect("unblock");
     assert_eq!(answer["ok"], false, "{answer}");
     assert_eq!(gateway_of(&d, "agent-replace"), gateway);
@@ -1144,14 +1139,7 @@ fn a_restart_resumes_the_last_envelope_of_a_replaced_agent() {
     let mut last = String::new();
     for _ in 0..2 {
         let next = d.envelope("replaced", up.addr, 600, "");
-        let answer = control(
-            &d,
-            &serde_json::json!({
-                "version": 1,
-                "op": "activate",
-                "envelope": std::fs::read_to_string(&next).expect("envelope"),
-            }),
-        );
+        let answer = activate_over_control(&d, &next);
         assert_eq!(answer["ok"], true, "{answer}");
         last = answer["result"]["envelope"]
             .as_str()
@@ -1910,14 +1898,7 @@ fn unusable_record_after_a_restart(damage: fn(&Path)) {
     drop(impostor);
     std::thread::sleep(Duration::from_millis(100));
     let other = d.envelope("badrecord-other", up.addr, 600, "");
-    let answer = control(
-        &d,
-        &serde_json::json!({
-            "version": 1,
-            "op": "activate",
-            "envelope": std::fs::read_to_string(&other).expect("envelope"),
-        }),
-    );
+    let answer = activate_over_control(&d, &other);
     assert_eq!(answer["ok"], true, "{answer}");
     assert_ne!(gateway_of(&d, "agent-badrecord-other"), gateway);
     stdin.write_all(b"go\n").expect("go");
@@ -2076,14 +2057,7 @@ fn neither_a_reset_nor_an_activation_happens_unrecorded() {
     assert!(page.contains("\nenforcer_audit_up 0\n"), "{page}");
     // Nor does a new Envelope take effect unrecorded.
     let other = d.envelope("unlogged-other", up.addr, 600, "");
-    let answer = control(
-        &d,
-        &serde_json::json!({
-            "version": 1,
-            "op": "activate",
-            "envelope": std::fs::read_to_string(&other).expect("envelope"),
-        }),
-    );
+    let answer = activate_over_control(&d, &other);
     assert_eq!(answer["ok"], false, "{answer}");
     assert_eq!(answer["kind"], "audit_unavailable", "{answer}");
     let listed = d.kernel_states();
