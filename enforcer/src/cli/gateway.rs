@@ -123,6 +123,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(path, gateway.ca_pem())
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    enforcer::daemon::report_file_size_limit_as_an_error();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)

@@ -190,14 +190,14 @@ fn raise_open_files_limit() -> Result<u64, DaemonError> {
 
 /// A write past the file size limit (RLIMIT_FSIZE) then fails with EFBIG, and the audit
 /// log or ledger that made it refuses the action it was for and says why. By default the
-/// kernel would kill the daemon with SIGXFSZ instead, leaving every agent without its
-/// gateway and nothing in the log to say what happened. The daemon spawns no programs,
-/// so the ignored signal reaches no agent.
-fn report_file_size_limit_as_an_error() {
+/// kernel would kill the process with SIGXFSZ instead, leaving every agent without its
+/// gateway and nothing in the log to say what happened. For the daemon and the standalone
+/// gateway, which spawn no programs, so the ignored signal reaches no agent.
+pub fn report_file_size_limit_as_an_error() {
     use nix::sys::signal::{SigHandler, Signal, signal};
     // SAFETY: SIG_IGN runs no code of ours in the handler, so nothing in it can be unsafe.
     if let Err(e) = unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) } {
-        tracing::warn!(error = %e, "could not ignore SIGXFSZ; a file size limit would kill the daemon");
+        tracing::warn!(error = %e, "could not ignore SIGXFSZ; a file size limit would kill this process");
     }
 }
 
