@@ -4,7 +4,10 @@ use std::{ffi::OsString, net::SocketAddr, process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::Args;
 use enforcer::{
-    kernel::{self, Enforcement, events::EventReader},
+    kernel::{
+        self, Enforcement,
+        events::{EventReader, KernelDeny},
+    },
     sandbox::CgroupParent,
 };
 use enforcer_common::{
@@ -190,15 +193,7 @@ fn supervise(
                 batch = async { match reader.as_mut() {
                     Some(reader) => reader.next_batch().await,
                     None => std::future::pending().await,
-                } } => {
-                    let (events, undecodable) = batch?;
-                    for event in events {
-                        tracing::warn!(target: "enforcer::kernel", %event, "kernel denied");
-                    }
-                    if undecodable > 0 {
-                        tracing::error!(undecodable, "kernel events that could not be decoded");
-                    }
-                }
+                } } => log_denials(batch?),
                 _ = tokio::signal::ctrl_c() => {
                     // SAFETY: plain kill(2) of our own child.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -211,11 +206,25 @@ fn supervise(
                     let status = joined
                         .map_err(|_| anyhow::anyhow!("the agent waiter vanished"))?
                         .map_err(|_| anyhow::anyhow!("the agent waiter panicked"))??;
+                    // The exit and the agent's last denials can be ready at once, and the
+                    // exit may be picked first: those denials are logged all the same.
+                    if let Some(reader) = reader.as_mut() {
+                        log_denials(reader.ready_now());
+                    }
                     return Ok(status);
                 }
             }
         }
     })
+}
+
+fn log_denials((events, undecodable): (Vec<KernelDeny>, usize)) {
+    for event in events {
+        tracing::warn!(target: "enforcer::kernel", %event, "kernel denied");
+    }
+    if undecodable > 0 {
+        tracing::error!(undecodable, "kernel events that could not be decoded");
+    }
 }
 
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {

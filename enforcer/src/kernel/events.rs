@@ -157,21 +157,31 @@ impl EventReader {
                 .readable_mut()
                 .await
                 .map_err(|e| KernelError::io("waiting for kernel events", e))?;
-            let ring = guard.get_inner_mut();
-            let mut events = Vec::new();
-            let mut undecodable = 0;
-            while let Some(item) = ring.next() {
-                match KernelDeny::decode(&item) {
-                    Some(event) => events.push(event),
-                    None => undecodable += 1,
-                }
-            }
+            let batch = take_ready(guard.get_inner_mut());
             guard.clear_ready();
-            if !events.is_empty() || undecodable > 0 {
-                return Ok((events, undecodable));
+            if !batch.0.is_empty() || batch.1 > 0 {
+                return Ok(batch);
             }
         }
     }
+
+    /// Every event in the ring buffer now, without waiting: what a reader that is about to
+    /// stop (its agent just exited) still owes, since the kernel wrote it before the exit.
+    pub fn ready_now(&mut self) -> (Vec<KernelDeny>, usize) {
+        take_ready(self.ring.get_mut())
+    }
+}
+
+fn take_ready(ring: &mut RingBuf<MapData>) -> (Vec<KernelDeny>, usize) {
+    let mut events = Vec::new();
+    let mut undecodable = 0;
+    while let Some(item) = ring.next() {
+        match KernelDeny::decode(&item) {
+            Some(event) => events.push(event),
+            None => undecodable += 1,
+        }
+    }
+    (events, undecodable)
 }
 
 #[cfg(test)]
