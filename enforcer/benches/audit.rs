@@ -42,7 +42,7 @@ fn event(i: u64) -> Event {
 fn durable_round(
     dir: &Path,
     key: &SigningKey,
-    events: Vec<Event>,
+    events: &[Event],
 ) -> Result<(f64, u64), Box<dyn std::error::Error>> {
     let cfg = AuditConfig {
         queue_capacity: 16_384,
@@ -102,8 +102,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // one raw run compares two different disks. Instead both sides run in alternating
     // order over several rounds, each round's raw side replaying exactly the bytes and the
     // fsync count of a durable run, and the median of the per-round ratios is reported.
-    // Events are built before the clock starts: the raw side gets its bytes for free too,
-    // so only recording (render, hash, sign, write, fsync, acknowledge) is compared.
+    // Events are built before the clock starts and dropped after it stops: the raw side
+    // gets its bytes for free too, so only recording (render, hash, sign, write, fsync,
+    // acknowledge) is compared, not the caller's making and freeing of its events.
     let mut ratios = Vec::with_capacity(ROUNDS);
     let (mut durable_total, mut raw_total, mut fsyncs_total, mut mb) = (0.0, 0.0, 0, 0.0);
     let mut previous: Option<(Vec<u8>, u64)> = None;
@@ -119,7 +120,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
             raw_secs = raw_round(&raw_path, &lines, *fsyncs)?;
         }
-        let (durable_secs, fsyncs) = durable_round(&dir, &key, events)?;
+        let (durable_secs, fsyncs) = durable_round(&dir, &key, &events)?;
+        drop(events);
         let mut bytes = Vec::new();
         for seg in list_segments(&dir)? {
             bytes.extend(fs::read(&seg.path)?);

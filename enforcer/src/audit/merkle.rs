@@ -15,6 +15,29 @@ pub fn chain_hash(line: &[u8]) -> Hash {
     leaf_hash(line)
 }
 
+/// [`chain_hash`] of a line fed in two parts: the opening, which depends on the record
+/// alone and is hashed by whoever renders it, on their own thread; and the closing (time,
+/// seq, prev), which only the writer knows. The writer, which every record passes through
+/// in turn, then hashes just the last blocks of each line.
+#[derive(Clone)]
+pub struct LineHash(Sha256);
+
+impl LineHash {
+    pub fn of_opening(opening: &[u8]) -> Self {
+        let mut h = Sha256::new();
+        h.update([0u8]);
+        h.update(opening);
+        Self(h)
+    }
+
+    /// The hash of the whole line: the opening followed by `closing`.
+    pub fn finish(&self, closing: &[u8]) -> Hash {
+        let mut h = self.0.clone();
+        h.update(closing);
+        h.finalize().into()
+    }
+}
+
 pub fn leaf_hash(entry: &[u8]) -> Hash {
     let mut h = Sha256::new();
     h.update([0u8]);

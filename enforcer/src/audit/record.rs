@@ -1,7 +1,11 @@
-//! The bytes of a record line. Every line starts with the same fixed prefix
-//! `{"seq":N,"prev":"<64 hex>","kind":"<kind>"` so the verifier reads sequence, link and
-//! kind without a JSON parser; checkpoint lines have a fully fixed layout so any change to
+//! The bytes of a record line. Every line opens with `{"kind":"<kind>"` and closes with
+//! `,"ts":"<time>","seq":N,"prev":"<64 hex>"}`, so the verifier reads kind, sequence and
+//! link without a JSON parser; checkpoint lines have a fully fixed layout so any change to
 //! one of their bytes is caught even at the very end of the log.
+//!
+//! What the writer adds (time, seq, prev) comes last on purpose: everything before it
+//! depends on the record alone, so the caller renders and hashes it on its own thread
+//! ([`LineHash`](super::merkle::LineHash)) and the writer only hashes the closing.
 use std::io::Write as _;
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
@@ -16,7 +20,7 @@ use super::{
 
 pub const CHECKPOINT_KIND: &str = "checkpoint";
 
-/// What every line starts with.
+/// What every line opens and closes with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head<'a> {
     pub seq: u64,
@@ -58,32 +62,15 @@ const HEX_DIGIT: [u8; 256] = {
     t
 };
 
-/// Reads the fixed prefix of a line; the error says which part is wrong.
+/// Reads the fixed opening and closing of a line; the error says which part is wrong.
 pub fn parse_head(line: &[u8]) -> Result<Head<'_>, &'static str> {
-    let rest = line
-        .strip_prefix(b"{\"seq\":")
-        .ok_or("does not start with {\"seq\":")?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 || digits > 20 || (digits > 1 && rest[0] == b'0') {
-        return Err("seq is not a canonical decimal number");
-    }
-    let mut seq: u64 = 0;
-    for &d in &rest[..digits] {
-        seq = seq
-            .checked_mul(10)
-            .and_then(|s| s.checked_add(u64::from(d - b'0')))
-            .ok_or("seq overflows")?;
-    }
-    let rest = rest[digits..]
-        .strip_prefix(b",\"prev\":\"")
-        .ok_or("prev does not follow seq")?;
-    let prev = rest
-        .get(..64)
-        .and_then(parse_hash)
-        .ok_or("prev is not 64 lower-case hex digits")?;
-    let rest = rest[64..]
-        .strip_prefix(b"\",\"kind\":\"")
-        .ok_or("kind does not follow prev")?;
+    let Some(rest) = line.strip_prefix(b"{\"kind\":\"") else {
+        return Err(if line.starts_with(b"{\"seq\":") {
+            "opens with seq, the record layout of earlier enforcer versions, which this one does not read"
+        } else {
+            "does not open with {\"kind\":"
+        });
+    };
     let len = rest
         .iter()
         .take_while(|b| b.is_ascii_lowercase() || **b == b'_')
@@ -101,9 +88,33 @@ pub fn parse_head(line: &[u8]) -> Result<Head<'_>, &'static str> {
     {
         return Err("kind is not a known record kind");
     }
-    if line.last() != Some(&b'}') {
-        return Err("does not end with }");
+    let rest = line
+        .strip_suffix(b"\"}")
+        .ok_or("does not close with the prev hash and }")?;
+    let hex_start = rest
+        .len()
+        .checked_sub(64)
+        .ok_or("prev is not 64 lower-case hex digits")?;
+    let prev = parse_hash(&rest[hex_start..]).ok_or("prev is not 64 lower-case hex digits")?;
+    let rest = rest[..hex_start]
+        .strip_suffix(b",\"prev\":\"")
+        .ok_or("prev does not follow seq")?;
+    let digits = rest.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let seq_digits = &rest[rest.len() - digits..];
+    if digits == 0 || digits > 20 || (digits > 1 && seq_digits[0] == b'0') {
+        return Err("seq is not a canonical decimal number");
     }
+    let mut seq: u64 = 0;
+    for &d in seq_digits {
+        seq = seq
+            .checked_mul(10)
+            .and_then(|s| s.checked_add(u64::from(d - b'0')))
+            .ok_or("seq overflows")?;
+    }
+    // No byte of `,"seq":` can be part of the opening, so the two never overlap.
+    rest[..rest.len() - digits]
+        .strip_suffix(b",\"seq\":")
+        .ok_or("seq does not precede prev")?;
     Ok(Head { seq, prev, kind })
 }
 
@@ -146,7 +157,7 @@ const HEX_PAIR: [[u8; 2]; 256] = {
 /// Appends `s` as a JSON string, byte for byte as `serde_json` writes it. Almost every
 /// string in an event needs no escape: those are copied whole, the rest go to serde_json.
 fn push_json_str(buf: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
-    if !s.bytes().any(|b| ESCAPED[usize::from(b)]) {
+    if !needs_escape(s.as_bytes()) {
         buf.reserve(s.len() + 2);
         buf.push(b'"');
         buf.extend_from_slice(s.as_bytes());
@@ -155,6 +166,26 @@ fn push_json_str(buf: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
     } else {
         serde_json::to_writer(&mut *buf, s)
     }
+}
+
+/// Whether `s` holds a byte serde_json escapes in a string: a control character, `"` or
+/// `\\`. Every string of every event is scanned, so eight bytes at a time (the zero-byte
+/// tests of "Bit Twiddling Hacks", exact for "is there any such byte").
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let any_below = |v: u64, n: u8| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGHS != 0;
+    let any_equal = |v: u64, b: u8| any_below(v ^ (ONES * u64::from(b)), 1);
+    let mut chunks = s.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let v = u64::from_ne_bytes(word);
+        if any_below(v, 0x20) || any_equal(v, b'"') || any_equal(v, b'\\') {
+            return true;
+        }
+    }
+    chunks.remainder().iter().any(|&b| ESCAPED[usize::from(b)])
 }
 
 /// The bytes serde_json escapes in a string: controls, `"` and `\\`.
@@ -232,14 +263,28 @@ fn push_json_map(
     Ok(())
 }
 
-fn push_head(buf: &mut Vec<u8>, seq: u64, prev: &Hash, kind: &str) {
-    buf.extend_from_slice(b"{\"seq\":");
+/// Appends the start of a line: `{"kind":"<kind>"`.
+pub(crate) fn push_opening(buf: &mut Vec<u8>, kind: &str) {
+    buf.extend_from_slice(b"{\"kind\":\"");
+    buf.extend_from_slice(kind.as_bytes());
+    buf.push(b'"');
+}
+
+/// Appends the end of a line, what only the writer knows: time, seq and prev.
+pub(crate) fn push_closing(
+    buf: &mut Vec<u8>,
+    ts: &str,
+    seq: u64,
+    prev: &Hash,
+) -> Result<(), serde_json::Error> {
+    buf.extend_from_slice(b",\"ts\":");
+    push_json_str(buf, ts)?;
+    buf.extend_from_slice(b",\"seq\":");
     push_decimal(buf, seq);
     buf.extend_from_slice(b",\"prev\":\"");
     push_hex(buf, prev);
-    buf.extend_from_slice(b"\",\"kind\":\"");
-    buf.extend_from_slice(kind.as_bytes());
-    buf.push(b'"');
+    buf.extend_from_slice(b"\"}");
+    Ok(())
 }
 
 /// Appends the line for `event` (without newline) to `buf`, redacting as it goes.
@@ -250,28 +295,16 @@ pub fn render_event(
     ts: &str,
     event: &Event,
 ) -> Result<(), serde_json::Error> {
-    push_event_head(buf, seq, prev, event.kind.as_str(), ts)?;
-    render_body(buf, event)
+    render_opening(buf, event)?;
+    push_closing(buf, ts, seq, prev)
 }
 
-/// Appends the start of an event's line: seq, prev, kind and timestamp.
-pub(crate) fn push_event_head(
-    buf: &mut Vec<u8>,
-    seq: u64,
-    prev: &Hash,
-    kind: &str,
-    ts: &str,
-) -> Result<(), serde_json::Error> {
-    push_head(buf, seq, prev, kind);
-    buf.extend_from_slice(b",\"ts\":");
-    push_json_str(buf, ts)
-}
-
-/// Appends the rest of an event's line after its timestamp, closing brace included. It
+/// Appends what a line holds before its closing: kind, envelope, agent, rule, details. It
 /// depends on the event alone, not on its place in the log, so callers render it on their
-/// own thread before queueing and the writer only adds the head. Credentials in details
+/// own thread before queueing and the writer only adds the closing. Credentials in details
 /// are written as `"[redacted]"` (see [`redact`](super::event::redact)).
-pub(crate) fn render_body(buf: &mut Vec<u8>, event: &Event) -> Result<(), serde_json::Error> {
+pub(crate) fn render_opening(buf: &mut Vec<u8>, event: &Event) -> Result<(), serde_json::Error> {
+    push_opening(buf, event.kind.as_str());
     for (name, value) in [
         (&b",\"envelope\":"[..], &event.envelope),
         (b",\"agent\":", &event.agent),
@@ -286,7 +319,6 @@ pub(crate) fn render_body(buf: &mut Vec<u8>, event: &Event) -> Result<(), serde_
         buf.extend_from_slice(b",\"details\":");
         push_json_map(buf, &event.details)?;
     }
-    buf.push(b'}');
     Ok(())
 }
 
@@ -370,21 +402,22 @@ impl Checkpoint {
     }
 
     pub fn render(&self, buf: &mut Vec<u8>) {
-        push_head(buf, self.seq, &self.prev, CHECKPOINT_KIND);
+        push_opening(buf, CHECKPOINT_KIND);
         let frontier: Vec<String> = self.frontier.iter().map(hex::encode).collect();
-        // ts comes from our own RFC 3339 formatter or a parsed line that round-trips, and
-        // the JSON string encoder keeps it exact either way.
-        let ts = serde_json::to_string(&self.ts).unwrap_or_default();
         let frontier = serde_json::to_string(&frontier).unwrap_or_default();
+        // Writing into a Vec cannot fail, and JSON strings encode any text: neither result
+        // carries anything. `parse` compares a line with this rendering, so a checkpoint
+        // that did not render whole would be refused, never accepted.
         let _ = write!(
             buf,
-            ",\"ts\":{ts},\"tree_size\":{},\"root\":\"{}\",\"frontier\":{frontier},\"key_id\":\"{}\",\"key\":\"{}\",\"sig\":\"{}\"}}",
+            ",\"tree_size\":{},\"root\":\"{}\",\"frontier\":{frontier},\"key_id\":\"{}\",\"key\":\"{}\",\"sig\":\"{}\"",
             self.tree_size,
             hex::encode(self.root),
             self.key_id,
             B64.encode(self.key.as_bytes()),
             B64.encode(self.sig.to_bytes()),
         );
+        let _ = push_closing(buf, &self.ts, self.seq, &self.prev);
     }
 
     pub fn to_line(&self) -> Vec<u8> {
@@ -527,29 +560,53 @@ mod tests {
     }
 
     #[test]
-    fn heads_render_like_the_formatter() {
+    fn openings_and_closings_render_like_the_formatter() {
         for seq in [0, 7, 10, 999, 1000, u64::MAX] {
             let prev: Hash = std::array::from_fn(|i| (i as u8).wrapping_mul(37));
             let mut buf = Vec::new();
-            push_head(&mut buf, seq, &prev, "request_allowed");
+            push_opening(&mut buf, "request_allowed");
+            push_closing(&mut buf, "2025-01-01T00:00:00Z", seq, &prev).unwrap();
             let expected = format!(
-                "{{\"seq\":{seq},\"prev\":\"{}\",\"kind\":\"request_allowed\"",
+                "{{\"kind\":\"request_allowed\",\"ts\":\"2025-01-01T00:00:00Z\",\"seq\":{seq},\"prev\":\"{}\"}}",
                 hex::encode(prev)
             );
             assert_eq!(String::from_utf8(buf).unwrap(), expected);
+            let head = parse_head(expected.as_bytes()).unwrap();
+            assert_eq!(
+                (head.seq, head.prev, head.kind),
+                (seq, prev, "request_allowed")
+            );
         }
     }
 
     #[test]
-    fn heads_reject_noncanonical_prefixes() {
+    fn heads_reject_noncanonical_lines() {
+        let hex = "ab".repeat(32);
+        let line = |kind: &str, seq: &str| {
+            format!("{{\"kind\":\"{kind}\",\"ts\":\"t\",\"seq\":{seq},\"prev\":\"{hex}\"}}")
+        };
+        assert!(parse_head(line("request_allowed", "1").as_bytes()).is_ok());
         for bad in [
-            &b"{\"seq\":01,\"prev\":\"00\"}"[..],
-            b"{\"seq\":1 ,",
-            b"{\"seq\":99999999999999999999,",
-            b"",
+            line("request_allowed", "01"),
+            line("request_allowed", "1 "),
+            line("request_allowed", ""),
+            line("request_allowed", "99999999999999999999"),
+            line("request_alowed", "1"),
+            line("Request_allowed", "1"),
+            line("request_allowed", "1").replace("\"}", "\" }"),
+            line("request_allowed", "1").replace(&hex, &hex.to_uppercase()),
+            line("request_allowed", "1").replace(",\"seq\"", ",\"sequence\""),
+            format!("{{\"seq\":1,\"prev\":\"{hex}\",\"kind\":\"request_allowed\"}}"),
+            String::new(),
         ] {
-            assert!(parse_head(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(parse_head(bad.as_bytes()).is_err(), "{bad}");
         }
+        let old = format!("{{\"seq\":1,\"prev\":\"{hex}\",\"kind\":\"request_allowed\"}}");
+        assert!(
+            parse_head(old.as_bytes())
+                .unwrap_err()
+                .contains("earlier enforcer versions")
+        );
     }
 
     #[test]
@@ -598,6 +655,19 @@ mod json_tests {
             }
         }
         assert_eq!(parse_hash(&text[..63]), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn strings_are_written_as_serde_json_writes_them(s in "(\\PC|[\u{0}-\u{1f}\"\\\\\u{7f}\u{80}-\u{ff}]){0,40}") {
+            let mut fast = Vec::new();
+            push_json_str(&mut fast, &s).unwrap();
+            proptest::prop_assert_eq!(fast, serde_json::to_vec(&s).unwrap());
+            proptest::prop_assert_eq!(
+                needs_escape(s.as_bytes()),
+                s.bytes().any(|b| ESCAPED[usize::from(b)])
+            );
+        }
     }
 
     #[test]

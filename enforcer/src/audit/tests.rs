@@ -300,12 +300,12 @@ fn a_crash_mid_write_is_recovered_and_recorded() {
     let last = list_segments(dir.path()).unwrap().pop().unwrap().path;
     let before = fs::read(&last).unwrap();
     let mut torn = before.clone();
-    torn.extend_from_slice(b"{\"seq\":6,\"prev\":\"00");
+    torn.extend_from_slice(b"{\"kind\":\"request_allowed\",\"ts\":\"2025");
     fs::write(&last, &torn).unwrap();
 
     let (log, report) = AuditLog::open(config(dir.path()), key(1)).unwrap();
     let rec = report.recovered.clone().unwrap();
-    assert_eq!(rec.discarded_bytes, 19);
+    assert_eq!(rec.discarded_bytes, 36);
     assert_eq!(rec.offset, before.len() as u64);
     assert_eq!(rec.last_good_seq, Some(5));
     let r = log.append_blocking(event(99)).unwrap();
@@ -421,7 +421,13 @@ fn open_refuses_a_damaged_tail() {
     write_log(config(dir.path()), key(1), (0..15).map(event));
     let mut lines = all_lines(dir.path());
     let n = lines.len();
-    let pos = lines[n - 2].2.len() - 5;
+    // A byte of the record's own content, just before the closing the writer added.
+    let pos = lines[n - 2]
+        .2
+        .windows(6)
+        .position(|w| w == b",\"ts\":")
+        .unwrap()
+        - 2;
     lines[n - 2].2[pos] ^= 0x04;
     rewrite(dir.path(), &lines);
     match AuditLog::open(config(dir.path()), key(1)) {
@@ -750,7 +756,7 @@ fn written_records_are_in_the_file_when_answered_and_keep_their_order() {
             .iter()
             .map(|s| fs::read_to_string(&s.path).unwrap())
             .collect();
-        let needle = format!("{{\"seq\":{},", receipt.seq);
+        let needle = format!(",\"seq\":{},\"prev\":", receipt.seq);
         assert!(
             on_disk.contains(&needle),
             "record {} not in the file",

@@ -1,7 +1,7 @@
 //! Offline verification: every link, every sequence number, every checkpoint signature and
 //! root, and the first bad record named by file, line and seq. Lines are never parsed as
-//! JSON except checkpoints: the fixed prefix gives seq, prev and kind, and the raw bytes are
-//! hashed, which keeps verification above a million records a second.
+//! JSON except checkpoints: the fixed opening and closing give kind, seq and prev, and the
+//! raw bytes are hashed, which keeps verification above a million records a second.
 use std::{
     fmt, fs,
     path::{Path, PathBuf},

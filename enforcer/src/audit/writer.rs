@@ -1,13 +1,15 @@
 //! The writer: one thread owns the files; the request path enqueues into a bounded queue and
 //! either waits for its record or gets an error it must treat as "refuse".
 //! The work is spread so the one thread every record must pass through does only what
-//! depends on the record's place in the log: callers redact and render their events'
-//! bodies before queueing; the writer adds seq, prev and time, hashes, signs checkpoints
+//! depends on the record's place in the log: callers redact, render and hash their events'
+//! openings before queueing; the writer closes each line with time, seq and prev, finishes
+//! its hash, signs checkpoints
 //! and writes each batch into the segment file at once; the sync thread fsyncs, one fsync
 //! for every batch written while the previous one ran (group commit), and acknowledges in
 //! order. A caller waits for either point ([`Until`]): written (its record survives a
 //! crash of this process) or durable (fsynced: it survives a crash of the host).
 use std::{
+    borrow::Borrow,
     cell::RefCell,
     collections::VecDeque,
     fs::{self, File, OpenOptions},
@@ -32,8 +34,8 @@ use tokio::sync::oneshot;
 use super::{
     AuditError,
     event::{Event, EventKind},
-    merkle::{Frontier, Hash, chain_hash},
-    record::{Checkpoint, parse_head, push_event_head, render_body},
+    merkle::{Frontier, Hash, LineHash, chain_hash},
+    record::{Checkpoint, parse_head, push_closing, render_opening},
     verify::{Chain, Failure, Problem, StepError, list_segments, segment_name},
 };
 
@@ -139,9 +141,10 @@ pub enum Until {
 
 /// A record or control message waiting for the writer, in the order it was queued.
 enum Item {
-    /// A record whose body (see [`render_body`]) ends at `end` in its inbox's `bodies`.
+    /// A record whose opening (see [`render_opening`]) ends at `end` in its inbox's
+    /// `openings`, hashed as far as `hash`.
     Record {
-        kind: EventKind,
+        hash: LineHash,
         end: usize,
         until: Until,
         ack: oneshot::Sender<Result<Receipt, AuditError>>,
@@ -155,8 +158,8 @@ enum Item {
 /// lock per batch instead of one per record, and is woken only when it ran out of work.
 #[derive(Default)]
 struct Inbox {
-    /// Rendered record bodies, back to back.
-    bodies: Vec<u8>,
+    /// Rendered record openings, back to back.
+    openings: Vec<u8>,
     items: VecDeque<Item>,
     /// Records in `items`: what the capacity limits.
     records: usize,
@@ -197,6 +200,16 @@ impl Queue {
 
     fn is_empty(&self) -> bool {
         self.lock().items.is_empty()
+    }
+
+    /// Wakes the writer thread if it sleeps while records wait for it.
+    fn wake_for_queued(&self) {
+        let mut inbox = self.lock();
+        let wake = !inbox.items.is_empty() && std::mem::take(&mut inbox.idle);
+        drop(inbox);
+        if wake {
+            self.ready.notify_one();
+        }
     }
 
     /// Sleeps until something is queued, the writer is nudged, every handle is gone, or
@@ -245,7 +258,7 @@ impl Queue {
 }
 
 thread_local! {
-    /// Where `submit` renders a record body before copying it into the queue, kept per
+    /// Where `submit` renders a record's opening before copying it into the queue, kept per
     /// thread so rendering allocates nothing and happens outside the queue's lock.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
@@ -257,6 +270,9 @@ struct Shared {
     closed: AtomicBool,
     records: AtomicU64,
     batches: AtomicU64,
+    /// The sync thread is fsyncing: records queued now make the next group at the
+    /// earliest, so the writer thread need not be woken for each one (see `submit_until`).
+    syncing: AtomicBool,
     /// Tests: the next write into a segment fails, as on a full or broken disk.
     #[cfg(test)]
     fail_next_write: AtomicBool,
@@ -388,9 +404,9 @@ impl AuditLog {
         writer.shared = shared.clone();
         let intake = Intake {
             queue: queue.clone(),
-            bodies: Vec::new(),
+            openings: Vec::new(),
             items: VecDeque::new(),
-            body_start: 0,
+            opening_start: 0,
         };
         let core = Arc::new(Mutex::new(Core {
             writer,
@@ -426,20 +442,28 @@ impl AuditLog {
 
     /// Queues a record without waiting; the result resolves once it is durable. An error
     /// means it will not be recorded and the caller must refuse the action it describes.
-    pub fn submit(&self, event: Event) -> Result<PendingRecord, AuditError> {
+    /// The event is rendered before this returns, so a borrowed one will do.
+    pub fn submit(&self, event: impl Borrow<Event>) -> Result<PendingRecord, AuditError> {
         self.submit_until(event, Until::Durable)
     }
 
     /// [`submit`](Self::submit), resolving once the record got as far as `until` says.
-    pub fn submit_until(&self, event: Event, until: Until) -> Result<PendingRecord, AuditError> {
+    pub fn submit_until(
+        &self,
+        event: impl Borrow<Event>,
+        until: Until,
+    ) -> Result<PendingRecord, AuditError> {
+        let event = event.borrow();
         let h = &*self.handle;
         if h.shared.failed.load(Ordering::SeqCst) || h.shared.closed.load(Ordering::SeqCst) {
             return Err(h.shared.gone());
         }
         SCRATCH.with(|scratch| {
-            let mut body = scratch.borrow_mut();
-            body.clear();
-            render_body(&mut body, &event).map_err(|e| AuditError::Encode(e.to_string().into()))?;
+            let mut opening = scratch.borrow_mut();
+            opening.clear();
+            render_opening(&mut opening, event)
+                .map_err(|e| AuditError::Encode(e.to_string().into()))?;
+            let hash = LineHash::of_opening(&opening);
             let (ack, rx) = oneshot::channel();
             let mut inbox = h.queue.lock();
             if inbox.stopped {
@@ -456,16 +480,25 @@ impl AuditLog {
             // hands over as before: it waits milliseconds for the disk anyway, and the
             // writer thread's batches keep group commits large.
             let inline = until == Until::Written;
-            inbox.bodies.extend_from_slice(&body);
-            let end = inbox.bodies.len();
+            inbox.openings.extend_from_slice(&opening);
+            let end = inbox.openings.len();
             inbox.items.push_back(Item::Record {
-                kind: event.kind,
+                hash,
                 end,
                 until,
                 ack,
             });
             inbox.records += 1;
-            let wake = !inline && std::mem::take(&mut inbox.idle);
+            // While an fsync runs, the writer sleeps on until a batch worth its wake-up has
+            // gathered, or the fsync ends (the sync thread wakes it then): one wake-up per
+            // record would cost the caller more than rendering it.
+            let wake = !inline
+                && inbox.idle
+                && (inbox.records >= h.capacity.min(WRITER_WAKE_BATCH)
+                    || !h.shared.syncing.load(Ordering::SeqCst));
+            if wake {
+                inbox.idle = false;
+            }
             drop(inbox);
             if wake {
                 h.queue.ready.notify_one();
@@ -541,12 +574,12 @@ impl AuditLog {
     }
 
     /// Records `event` and returns once it is fsynced: the call to make before acting.
-    pub async fn append(&self, event: Event) -> Result<Receipt, AuditError> {
+    pub async fn append(&self, event: impl Borrow<Event>) -> Result<Receipt, AuditError> {
         self.submit(event)?.await
     }
 
     /// [`append`](Self::append) for blocking code.
-    pub fn append_blocking(&self, event: Event) -> Result<Receipt, AuditError> {
+    pub fn append_blocking(&self, event: impl Borrow<Event>) -> Result<Receipt, AuditError> {
         self.submit(event)?.wait_blocking()
     }
 
@@ -601,6 +634,8 @@ fn now_rfc3339() -> String {
 
 /// RFC 3339 UTC timestamps for every record, byte for byte what [`now_rfc3339`] gives,
 /// with the date and time of day formatted once per second instead of once per record.
+/// The records of one batch are written together and share the time read as the batch
+/// began ([`tick`](Self::tick)).
 struct Clock {
     second: i64,
     /// `YYYY-MM-DDTHH:MM:SS` of `second`.
@@ -615,6 +650,16 @@ impl Clock {
             prefix: String::new(),
             text: String::with_capacity(40),
         }
+    }
+
+    /// Reads the system clock for the records rendered from now on.
+    fn tick(&mut self) {
+        self.now();
+    }
+
+    /// The time read by the last [`tick`](Self::tick) or [`now`](Self::now).
+    fn last(&self) -> &str {
+        &self.text
     }
 
     fn now(&mut self) -> &str {
@@ -716,6 +761,9 @@ struct SyncState {
     jobs: Vec<Job>,
     /// The sync thread waits without a deadline: any job must wake it.
     idle: bool,
+    /// The sync thread waits for company for a group nobody waits on: a job someone
+    /// waits on must wake it. Busy fsyncing, it looks at the jobs once done, unwoken.
+    relaxed: bool,
     /// The writer is done: finish what is queued, then stop.
     closed: bool,
     /// The sync thread has stopped; nothing handed over now would be fsynced.
@@ -733,7 +781,7 @@ impl SyncJobs {
         if state.stopped {
             return Err(job);
         }
-        let wake = state.idle || job.awaited();
+        let wake = state.idle || (state.relaxed && job.awaited());
         state.jobs.push(job);
         drop(state);
         if wake {
@@ -767,11 +815,13 @@ impl SyncJobs {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 break;
             };
+            state.relaxed = true;
             state = self
                 .ready
                 .wait_timeout(state, left)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+            state.relaxed = false;
         }
         Some(std::mem::take(&mut state.jobs))
     }
@@ -863,7 +913,7 @@ fn sync_group(jobs: Vec<Job>, shared: &Shared) -> Result<bool, AuditError> {
 
 /// The sync thread: whatever the writer handed over while the last fsync ran shares the
 /// next one. After a failure it fails every job still coming.
-fn sync_thread(jobs: Arc<SyncJobs>, shared: Arc<Shared>) {
+fn sync_thread(jobs: Arc<SyncJobs>, shared: Arc<Shared>, queue: Arc<Queue>) {
     let _stop = StopOnExit(jobs.clone());
     let mut failed = false;
     let mut last_sync = Instant::now();
@@ -876,7 +926,13 @@ fn sync_thread(jobs: Arc<SyncJobs>, shared: Arc<Shared>) {
             }
             continue;
         }
-        match sync_group(group, &shared) {
+        shared.syncing.store(true, Ordering::SeqCst);
+        let synced = sync_group(group, &shared);
+        // Cleared before looking at the queue, so a record queued meanwhile is seen
+        // either here or by its caller, who then wakes the writer itself.
+        shared.syncing.store(false, Ordering::SeqCst);
+        queue.wake_for_queued();
+        match synced {
             Ok(true) => return,
             Ok(false) => {}
             Err(_) => failed = true,
@@ -1189,10 +1245,10 @@ impl Writer {
         ))
     }
 
-    /// Chains and hashes the line just rendered at `self.buf[start..]` and ends it with a
-    /// newline. Lines are rendered in place: no copy per record.
-    fn commit_line(&mut self, start: usize) -> Receipt {
-        let hash = chain_hash(&self.buf[start..]);
+    /// Takes the line just rendered into `self.buf`, whose hash is `hash`, into the chain
+    /// and the tree, and ends it with a newline. Lines are rendered in place: no copy per
+    /// record.
+    fn commit_line(&mut self, hash: Hash) -> Receipt {
         self.frontier.push(hash);
         self.buf.push(b'\n');
         let receipt = Receipt {
@@ -1206,23 +1262,26 @@ impl Writer {
 
     /// Records an event the log writes itself, on the writer's thread.
     fn add_event(&mut self, event: &Event) -> Result<Receipt, AuditError> {
-        let mut body = Vec::new();
-        render_body(&mut body, event).map_err(|e| AuditError::Encode(e.to_string().into()))?;
-        self.add_record(event.kind, &body)
+        let mut opening = Vec::new();
+        render_opening(&mut opening, event)
+            .map_err(|e| AuditError::Encode(e.to_string().into()))?;
+        let hash = LineHash::of_opening(&opening);
+        self.clock.tick();
+        self.add_record(&hash, &opening)
     }
 
-    /// Gives a record rendered by [`render_body`] its place in the log.
-    fn add_record(&mut self, kind: EventKind, body: &[u8]) -> Result<Receipt, AuditError> {
-        let start = loop {
+    /// Gives a record opened by [`render_opening`] and hashed that far its place in the
+    /// log.
+    fn add_record(&mut self, opened: &LineHash, opening: &[u8]) -> Result<Receipt, AuditError> {
+        let hash = loop {
             let start = self.buf.len();
-            let ts = self.clock.now();
-            if let Err(e) =
-                push_event_head(&mut self.buf, self.next_seq, &self.prev, kind.as_str(), ts)
-            {
+            self.buf.extend_from_slice(opening);
+            let closing = self.buf.len();
+            let ts = self.clock.last();
+            if let Err(e) = push_closing(&mut self.buf, ts, self.next_seq, &self.prev) {
                 self.buf.truncate(start);
                 return Err(AuditError::Encode(e.to_string().into()));
             }
-            self.buf.extend_from_slice(body);
             let line_len = (self.buf.len() - start) as u64;
             let used = self.seg_bytes + start as u64;
             if used > 0 && used + line_len + 1 > self.config.segment_max_bytes {
@@ -1230,9 +1289,9 @@ impl Writer {
                 self.rotate()?;
                 continue;
             }
-            break start;
+            break opened.finish(&self.buf[closing..]);
         };
-        let receipt = self.commit_line(start);
+        let receipt = self.commit_line(hash);
         self.since_checkpoint += 1;
         if self.since_checkpoint >= self.config.checkpoint_every {
             self.add_checkpoint();
@@ -1245,7 +1304,7 @@ impl Writer {
         let cp = Checkpoint::sign(&self.frontier, self.prev, ts, &self.key);
         let start = self.buf.len();
         cp.render(&mut self.buf);
-        self.commit_line(start);
+        self.commit_line(chain_hash(&self.buf[start..]));
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
     }
@@ -1327,13 +1386,13 @@ impl Writer {
     fn handle(
         &mut self,
         item: Item,
-        body: &[u8],
+        opening: &[u8],
         shutdown: &mut Option<oneshot::Sender<Result<(), AuditError>>>,
     ) -> Result<(), AuditError> {
         match item {
             Item::Record {
-                kind, until, ack, ..
-            } => match self.add_record(kind, body) {
+                hash, until, ack, ..
+            } => match self.add_record(&hash, opening) {
                 Ok(r) if until == Until::Written => self.written.push((r, ack)),
                 Ok(r) => self.acks.push(Ack::Record(r, ack)),
                 Err(e) => {
@@ -1386,12 +1445,12 @@ impl Writer {
         }
     }
 
-    fn start_sync_thread(&mut self) -> bool {
+    fn start_sync_thread(&mut self, queue: Arc<Queue>) -> bool {
         let jobs = Arc::new(SyncJobs::default());
         let (shared, for_thread) = (self.shared.clone(), jobs.clone());
         match std::thread::Builder::new()
             .name("audit-sync".into())
-            .spawn(move || sync_thread(for_thread, shared))
+            .spawn(move || sync_thread(for_thread, shared, queue))
         {
             Ok(t) => {
                 self.sync_thread = Some(t);
@@ -1406,12 +1465,12 @@ impl Writer {
         }
     }
 
-    /// Whether a record with a body of `body_len` bytes might not fit in the current
-    /// segment. Errs towards yes: the head's length is only bounded here.
-    fn may_rotate(&self, body_len: usize) -> bool {
-        /// More than `seq`, `prev`, `kind` and `ts` with their keys take.
-        const HEAD_BOUND: u64 = 512;
-        self.seg_bytes + self.buf.len() as u64 + body_len as u64 + HEAD_BOUND
+    /// Whether a record with an opening of `opening_len` bytes might not fit in the current
+    /// segment. Errs towards yes: the closing's length is only bounded here.
+    fn may_rotate(&self, opening_len: usize) -> bool {
+        /// More than the closing (`ts`, `seq`, `prev` with their keys) takes.
+        const CLOSING_BOUND: u64 = 512;
+        self.seg_bytes + self.buf.len() as u64 + opening_len as u64 + CLOSING_BOUND
             > self.config.segment_max_bytes
     }
 
@@ -1437,6 +1496,9 @@ struct Core {
 /// The most records a caller writes in one round in the writer's place: a caller is a
 /// request being served, and a backlog larger than this is the writer thread's.
 const INLINE_BATCH: usize = 256;
+
+/// Records queued while an fsync runs before a caller wakes the writer thread for them.
+const WRITER_WAKE_BATCH: usize = 256;
 
 /// What writing in the writer's place ended with.
 enum Inline {
@@ -1465,18 +1527,21 @@ impl Core {
         let mut result = Ok(());
         let mut handed_on = false;
         let batch = writer.config.max_batch.min(INLINE_BATCH);
+        writer.clock.tick();
         while writer.acks.len() + writer.written.len() < batch {
             match intake.next() {
                 // A record that may start a new segment is the writer thread's too: the
                 // rotation fsyncs, and a request must not wait for the disk.
-                Next::Item(item @ Item::Record { .. }, body) if !writer.may_rotate(body.len()) => {
-                    result = writer.handle(item, &intake.bodies[body], &mut None);
+                Next::Item(item @ Item::Record { .. }, opening)
+                    if !writer.may_rotate(opening.len()) =>
+                {
+                    result = writer.handle(item, &intake.openings[opening], &mut None);
                     if result.is_err() {
                         break;
                     }
                 }
-                Next::Item(item, body) => {
-                    intake.unread(item, body);
+                Next::Item(item, opening) => {
+                    intake.unread(item, opening);
                     handed_on = true;
                     break;
                 }
@@ -1507,7 +1572,7 @@ impl Core {
             return Round::Stopped;
         }
         let first = match intake.next() {
-            Next::Item(item, body) => Some((item, body)),
+            Next::Item(item, opening) => Some((item, opening)),
             Next::Empty => None,
             Next::HungUp => {
                 // Every handle is gone: seal what was written.
@@ -1524,15 +1589,16 @@ impl Core {
         };
         let mut shutdown = None;
         let mut result = Ok(());
-        if let Some((item, body)) = first {
-            result = writer.handle(item, &intake.bodies[body], &mut shutdown);
+        if let Some((item, opening)) = first {
+            writer.clock.tick();
+            result = writer.handle(item, &intake.openings[opening], &mut shutdown);
             while result.is_ok()
                 && shutdown.is_none()
                 && writer.acks.len() + writer.written.len() < writer.config.max_batch
             {
                 match intake.next() {
-                    Next::Item(item, body) => {
-                        result = writer.handle(item, &intake.bodies[body], &mut shutdown);
+                    Next::Item(item, opening) => {
+                        result = writer.handle(item, &intake.openings[opening], &mut shutdown);
                     }
                     Next::Empty | Next::HungUp => break,
                 }
@@ -1590,7 +1656,12 @@ fn lock_core<'a>(core: &'a Mutex<Core>, shared: &Shared) -> MutexGuard<'a, Core>
 /// The writer thread: writes what callers queue behind one another, signs checkpoints
 /// when due, takes control messages, and seals the log when every handle is gone.
 fn writer_thread(core: &Mutex<Core>, queue: &Queue, shared: &Shared) {
-    if !lock_core(core, shared).writer.start_sync_thread() {
+    let started = {
+        let mut core = lock_core(core, shared);
+        let queue = core.intake.queue.clone();
+        core.writer.start_sync_thread(queue)
+    };
+    if !started {
         let mut core = lock_core(core, shared);
         core.finished = true;
         core.intake.close();
@@ -1620,7 +1691,7 @@ enum Wait {
 }
 
 enum Next {
-    /// An item, with its record body's place in [`Intake::bodies`] (empty for others).
+    /// An item, with its record opening's place in [`Intake::openings`] (empty for others).
     Item(Item, Range<usize>),
     /// Nothing came in time.
     Empty,
@@ -1631,10 +1702,10 @@ enum Next {
 /// The writer's end of the queue: what it took from the inbox, used up in order.
 struct Intake {
     queue: Arc<Queue>,
-    bodies: Vec<u8>,
+    openings: Vec<u8>,
     items: VecDeque<Item>,
-    /// Where the next record's body starts in `bodies`.
-    body_start: usize,
+    /// Where the next record's opening starts in `openings`.
+    opening_start: usize,
 }
 
 impl Intake {
@@ -1649,39 +1720,39 @@ impl Intake {
         }
         match self.items.pop_front() {
             Some(item) => {
-                let body = match &item {
+                let opening = match &item {
                     Item::Record { end, .. } => {
-                        let body = self.body_start..*end;
-                        self.body_start = *end;
-                        body
+                        let opening = self.opening_start..*end;
+                        self.opening_start = *end;
+                        opening
                     }
                     Item::Checkpoint(_) | Item::Shutdown(_) => 0..0,
                 };
-                Next::Item(item, body)
+                Next::Item(item, opening)
             }
             None => Next::Empty,
         }
     }
 
     /// Puts back the item [`next`](Self::next) just gave, to be given again.
-    fn unread(&mut self, item: Item, body: Range<usize>) {
+    fn unread(&mut self, item: Item, opening: Range<usize>) {
         if let Item::Record { .. } = item {
-            self.body_start = body.start;
+            self.opening_start = opening.start;
         }
         self.items.push_front(item);
     }
 
     /// Takes everything queued; `false` if nothing is.
     fn refill(&mut self) -> bool {
-        self.bodies.clear();
-        self.body_start = 0;
+        self.openings.clear();
+        self.opening_start = 0;
         let mut inbox = self.queue.lock();
         if inbox.items.is_empty() {
             return false;
         }
         inbox.records = 0;
         std::mem::swap(&mut inbox.items, &mut self.items);
-        std::mem::swap(&mut inbox.bodies, &mut self.bodies);
+        std::mem::swap(&mut inbox.openings, &mut self.openings);
         true
     }
 }
@@ -1700,7 +1771,7 @@ impl Intake {
         inbox.stopped = true;
         inbox.idle = false;
         let items = std::mem::take(&mut inbox.items);
-        inbox.bodies = Vec::new();
+        inbox.openings = Vec::new();
         inbox.records = 0;
         drop(inbox);
         drop(items);
