@@ -206,6 +206,15 @@ pub(crate) fn is_secret_key(key: &str) -> bool {
 }
 
 pub(crate) fn looks_like_secret_value(v: &str) -> bool {
+    // Every string of every record comes here, and nearly all are decided by their first
+    // byte: neither whitespace (as `trim_start` sees it) nor the `b` of bearer and basic.
+    match v.as_bytes().first() {
+        None => return false,
+        Some(b) if b.is_ascii() && !matches!(b, b'\t'..=b'\r' | b' ' | b'b' | b'B') => {
+            return false;
+        }
+        Some(_) => {}
+    }
     let v = v.trim_start().as_bytes();
     let starts = |p: &[u8]| v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p);
     starts(b"bearer ") || starts(b"basic ")
@@ -316,6 +325,15 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn the_secret_value_matcher_agrees_with_trimming(
+            v in "[ \t\n\u{b}\u{c}\r\u{85}\u{a0}\u{2003}\u{1c}x]{0,3}(bearer|Basic|BEARER|bear|b|B|a|\\PC)[ x]?.{0,4}",
+        ) {
+            let t = v.trim_start().to_ascii_lowercase();
+            let reference = t.starts_with("bearer ") || t.starts_with("basic ");
+            proptest::prop_assert_eq!(looks_like_secret_value(&v), reference, "{:?}", v);
+        }
+
         #[test]
         fn the_secret_key_matcher_agrees_with_the_list(
             key in concat!(

@@ -1347,10 +1347,12 @@ impl Writer {
             return Ok(());
         }
         self.unsynced = false;
+        // The next batch is likely as large: no regrowing from nothing each time.
+        let next_acks = Vec::with_capacity(self.acks.len());
         let job = Job {
             file: self.segment.file.clone(),
             path: self.segment.path.clone(),
-            acks: std::mem::take(&mut self.acks),
+            acks: std::mem::replace(&mut self.acks, next_acks),
             shutdown,
         };
         match &self.jobs {
