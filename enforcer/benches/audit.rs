@@ -1,10 +1,10 @@
 //! Audit log throughput: durable appends (group commit + fsync) against raw appends of the
-//! same bytes with the same fsync pattern, and single-core verification speed.
+//! same bytes into the same files with the same fsyncs, and single-core verification speed.
 //!
 //! `cargo bench -p enforcer --bench audit`; AUDIT_BENCH_RECORDS overrides the records per round.
 use std::{
     collections::VecDeque,
-    fs::{self, OpenOptions},
+    fs::{self, File, OpenOptions},
     io::Write as _,
     path::Path,
     time::Instant,
@@ -69,22 +69,34 @@ fn durable_round(
     Ok((start.elapsed().as_secs_f64(), log.stats().batches.max(1)))
 }
 
-/// Raw appends of `lines` to a new file in `fsyncs` rounds of write + fsync.
-fn raw_round(path: &Path, lines: &[&[u8]], fsyncs: u64) -> std::io::Result<f64> {
-    let per_batch = lines.len().div_ceil(fsyncs as usize).max(1);
+/// Raw appends of a durable run's segments into a new directory `dir`, with the log's file
+/// handling: each segment a new file, the directory fsynced once it is made, its lines
+/// written in rounds of write + fsync (`fsyncs` of them over the whole run, as the group
+/// commits made), and its last round fsynced before the next file is made.
+fn raw_round(dir: &Path, segments: &[Vec<u8>], fsyncs: u64) -> std::io::Result<f64> {
+    let segments: Vec<Vec<&[u8]>> = segments
+        .iter()
+        .map(|seg| seg.split_inclusive(|b| *b == b'\n').collect())
+        .collect();
+    let lines: usize = segments.iter().map(Vec::len).sum();
+    let per_batch = lines.div_ceil(fsyncs as usize).max(1);
     let start = Instant::now();
-    let mut raw = OpenOptions::new()
-        .append(true)
-        .create_new(true)
-        .open(path)?;
+    fs::create_dir(dir)?;
     let mut buf = Vec::with_capacity(4 << 20);
-    for chunk in lines.chunks(per_batch) {
-        buf.clear();
-        for l in chunk {
-            buf.extend_from_slice(l);
+    for (i, seg) in segments.iter().enumerate() {
+        let mut raw = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(dir.join(format!("raw-{i}.jsonl")))?;
+        File::open(dir)?.sync_all()?;
+        for chunk in seg.chunks(per_batch) {
+            buf.clear();
+            for l in chunk {
+                buf.extend_from_slice(l);
+            }
+            raw.write_all(&buf)?;
+            raw.sync_data()?;
         }
-        raw.write_all(&buf)?;
-        raw.sync_data()?;
     }
     Ok(start.elapsed().as_secs_f64())
 }
@@ -100,35 +112,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A virtual disk's speed drifts by 2-3x within seconds, so one durable run followed by
     // one raw run compares two different disks. Instead both sides run in alternating
-    // order over several rounds, each round's raw side replaying exactly the bytes and the
-    // fsync count of a durable run, and the median of the per-round ratios is reported.
+    // order over several rounds, each round's raw side replaying exactly the files, the bytes
+    // and the fsyncs of a durable run, and the median of the per-round ratios is reported.
     // Events are built before the clock starts and dropped after it stops: the raw side
     // gets its bytes for free too, so only recording (render, hash, sign, write, fsync,
     // acknowledge) is compared, not the caller's making and freeing of its events.
     let mut ratios = Vec::with_capacity(ROUNDS);
     let (mut durable_total, mut raw_total, mut fsyncs_total, mut mb) = (0.0, 0.0, 0, 0.0);
-    let mut previous: Option<(Vec<u8>, u64)> = None;
+    let mut previous: Option<(Vec<Vec<u8>>, u64)> = None;
     let mut last_dir = base.path().join("log-0");
     for round in 0..ROUNDS {
         let dir = base.path().join(format!("log-{round}"));
-        let raw_path = base.path().join(format!("raw-{round}.jsonl"));
+        let raw_dir = base.path().join(format!("raw-{round}"));
         let events: Vec<Event> = (0..n).map(event).collect();
         // Odd rounds run the raw side first, on the previous round's bytes.
         let raw_first = round % 2 == 1 && previous.is_some();
         let mut raw_secs = 0.0;
-        if raw_first && let Some((bytes, fsyncs)) = &previous {
-            let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
-            raw_secs = raw_round(&raw_path, &lines, *fsyncs)?;
+        if raw_first && let Some((segments, fsyncs)) = &previous {
+            raw_secs = raw_round(&raw_dir, segments, *fsyncs)?;
         }
         let (durable_secs, fsyncs) = durable_round(&dir, &key, &events)?;
         drop(events);
-        let mut bytes = Vec::new();
-        for seg in list_segments(&dir)? {
-            bytes.extend(fs::read(&seg.path)?);
-        }
+        let segments = list_segments(&dir)?
+            .iter()
+            .map(|seg| fs::read(&seg.path))
+            .collect::<Result<Vec<_>, _>>()?;
         if !raw_first {
-            let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
-            raw_secs = raw_round(&raw_path, &lines, fsyncs)?;
+            raw_secs = raw_round(&raw_dir, &segments, fsyncs)?;
         }
         let ratio = raw_secs / durable_secs;
         println!(
@@ -141,10 +151,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         durable_total += durable_secs;
         raw_total += raw_secs;
         fsyncs_total += fsyncs;
-        mb = bytes.len() as f64 / 1e6;
-        previous = Some((bytes, fsyncs));
+        mb = segments.iter().map(Vec::len).sum::<usize>() as f64 / 1e6;
+        previous = Some((segments, fsyncs));
         // Keep the disk footprint to one round; the last log stays for `verify` below.
-        fs::remove_file(&raw_path)?;
+        fs::remove_dir_all(&raw_dir)?;
         if round > 0 {
             fs::remove_dir_all(&last_dir)?;
         }
