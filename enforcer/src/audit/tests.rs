@@ -790,3 +790,23 @@ fn written_records_are_fsynced_without_anyone_waiting() {
     }
     log.close_blocking().unwrap();
 }
+
+#[test]
+fn a_log_in_the_earlier_seq_first_layout_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = format!(
+        "{{\"seq\":0,\"prev\":\"{}\",\"kind\":\"daemon_started\",\"ts\":\"2025-01-01T00:00:00Z\"}}\n",
+        "0".repeat(64)
+    );
+    fs::write(dir.path().join(verify::segment_name(0)), line).unwrap();
+    let report = verify_with_key(dir.path(), &key(1));
+    let f = failure(&report);
+    assert!(f.to_string().contains("earlier enforcer versions"), "{f}");
+    match AuditLog::open(config(dir.path()), key(1)) {
+        Err(err) => assert!(
+            err.to_string().contains("earlier enforcer versions"),
+            "{err}"
+        ),
+        Ok(_) => panic!("a log in the earlier layout was opened for appending"),
+    }
+}
