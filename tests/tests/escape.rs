@@ -750,6 +750,44 @@ fn the_kernel_cuts_the_agent_off_when_its_ttl_passes() {
 }
 
 #[test]
+fn a_closed_stderr_does_not_stop_confine_from_cleaning_up() {
+    if !privileged("a_closed_stderr_does_not_stop_confine_from_cleaning_up") {
+        return;
+    }
+    let inst = Instance::new("closed-stderr");
+    let gateway = Server::start("127.0.0.1:0");
+    // A pipe whose reader is gone, as when `confine … 2>&1 | head -1` has printed its line:
+    // every line confine writes to stderr fails with EPIPE.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = inst
+        .command()
+        .args([
+            "confine",
+            "--gateway",
+            &gateway.addr.to_string(),
+            "--name",
+            "unheard",
+            "--",
+            "/bin/sh",
+            "-c",
+            "sleep 60 & sleep 0.2; exit 4",
+        ])
+        .stderr(writer)
+        .output()
+        .expect("confine");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "the agent's exit code, not a panic's"
+    );
+    assert!(
+        !inst.cgroup_dir().join("unheard").exists(),
+        "agent cgroup left behind"
+    );
+}
+
+#[test]
 fn cleanup_leaves_no_cgroup_or_policy_behind() {
     if !privileged("cleanup_leaves_no_cgroup_or_policy_behind") {
         return;

@@ -116,7 +116,7 @@ pub fn confine(args: ConfineArgs) -> anyhow::Result<ExitCode> {
         let child = agent.spawn(program, rest, &identity.user, &env)?;
         // The agent runs as the uid now, so no other chooser can take it.
         identity.lease = None;
-        eprintln!(
+        say!(
             "enforcer: agent {name} (cgroup id {}) confined as {}; only {} is reachable{}",
             agent.id,
             identity.user.name,
@@ -131,7 +131,7 @@ pub fn confine(args: ConfineArgs) -> anyhow::Result<ExitCode> {
                 .filter(|(_, n)| *n > 0)
                 .map(|(hook, n)| format!("{hook}={n}"))
                 .collect();
-            eprintln!(
+            say!(
                 "enforcer: agent {name} ended; kernel denials: {}",
                 if denied.is_empty() {
                     "none".to_owned()
@@ -248,7 +248,7 @@ pub fn trip(args: TripArgs) -> anyhow::Result<ExitCode> {
         Some(std::time::Duration::from_secs(10)),
     ) {
         Ok(_) => {
-            eprintln!(
+            say!(
                 "enforcer: agent {} tripped by the daemon: gateway and kernel refuse everything",
                 args.agent
             );
@@ -262,9 +262,10 @@ pub fn trip(args: TripArgs) -> anyhow::Result<ExitCode> {
     let agent = parent.agent(&args.agent)?;
     let mut enforcement = Enforcement::open(&args.kernel.pin_dir)?;
     enforcement.trip(agent.id)?;
-    eprintln!(
+    say!(
         "enforcer: agent {} (cgroup id {}) tripped: the kernel now drops everything it sends",
-        agent.name, agent.id
+        agent.name,
+        agent.id
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -382,7 +383,7 @@ pub fn unload(args: UnloadArgs) -> anyhow::Result<ExitCode> {
     } else {
         kernel::unload(&args.kernel.pin_dir)?;
     }
-    eprintln!(
+    say!(
         "enforcer: unloaded (pins under {} removed)",
         args.kernel.pin_dir.display()
     );

@@ -172,10 +172,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let ca = field("ca_file").context("the daemon did not name the CA file")?;
     if let Some(notes) = activated.get("notes").and_then(|n| n.as_array()) {
         for note in notes.iter().filter_map(|n| n.as_str()) {
-            eprintln!("enforcer: note: {note}");
+            say!("enforcer: note: {note}");
         }
     }
-    eprintln!(
+    say!(
         "enforcer: agent {agent} active until {}; gateway {gateway}",
         field("expires_at").unwrap_or_default()
     );
@@ -216,7 +216,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let status = status?;
     let summary = summary?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stdout(),
+            "{}",
+            serde_json::to_string_pretty(&summary)?
+        );
     } else {
         print_summary(&summary);
     }
@@ -272,12 +277,12 @@ fn wait_ending_on_signals(
 
 fn print_summary(s: &serde_json::Value) {
     let get = |p: &str| s.pointer(p).cloned().unwrap_or(serde_json::Value::Null);
-    eprintln!(
+    say!(
         "enforcer: summary for {} (Envelope {})",
         get("/agent"),
         get("/envelope")
     );
-    eprintln!(
+    say!(
         "  final state:       {}{}",
         get("/state"),
         s.pointer("/breaker")
@@ -285,7 +290,7 @@ fn print_summary(s: &serde_json::Value) {
             .map(|b| format!(" ({b})"))
             .unwrap_or_default()
     );
-    eprintln!(
+    say!(
         "  requests:          {} allowed, {} denied, {} held",
         get("/requests/allowed"),
         get("/requests/denied"),
@@ -293,9 +298,10 @@ fn print_summary(s: &serde_json::Value) {
     );
     if let Some(budgets) = s.get("budgets").and_then(|b| b.as_object()) {
         for (scope, b) in budgets {
-            eprintln!(
+            say!(
                 "  budget {scope}: requests {} spend {}",
-                b["requests"], b["spend"]
+                b["requests"],
+                b["spend"]
             );
         }
     }
@@ -304,5 +310,5 @@ fn print_summary(s: &serde_json::Value) {
         .and_then(|d| d.as_object())
         .map(|d| d.values().filter_map(|v| v.as_u64()).sum())
         .unwrap_or(0);
-    eprintln!("  kernel denials:    {denied}");
+    say!("  kernel denials:    {denied}");
 }

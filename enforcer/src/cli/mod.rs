@@ -1,4 +1,15 @@
 //! Command-line parsing and dispatch. Each group of subcommands has its own file.
+
+/// `eprintln!` that cannot panic. `run` and `confine` supervise an agent and ignore
+/// SIGPIPE; a stderr that is closed, or a pipe whose reader left, must not unwind past
+/// the code that ends the agent and cleans up after it. What cannot be written is lost.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod audit;
 mod confine;
 mod daemon;
