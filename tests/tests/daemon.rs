@@ -2073,3 +2073,57 @@ fn neither_a_reset_nor_an_activation_happens_unrecorded() {
     assert_eq!(oks, vec![false], "{:?}", probes.results);
     assert_eq!(up.count(), 0);
 }
+
+#[test]
+fn an_operator_s_approval_takes_effect_only_once_recorded() {
+    if !privileged("an_operator_s_approval_takes_effect_only_once_recorded") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("unlogged-approval");
+    let url = format!("http://127.0.0.1:{}/api/held", up.addr.port());
+    let env = d.envelope(
+        "held",
+        up.addr,
+        600,
+        "[[approvals]]\nmethods = [\"GET\"]\npath = \"/api/held\"\ntimeout_secs = 60\nreason = \"a human decides\"\n",
+    );
+    let (mut child, reader, seen) = d.run_until_ready(&env, &a(&["wait", "http", "GET", &url, ""]));
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("go");
+    }
+    let deadline = Instant::now() + Duration::from_secs(common::scaled_secs(20));
+    let id = loop {
+        let listed = d.ctl(&["approvals"]);
+        let list: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap_or_default();
+        if let Some(id) = list["approvals"][0]["held"]["id"].as_u64() {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "nothing held\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The log stops taking records: the approval must not take effect unrecorded.
+    let _capped = FileSizeCap::at_audit_log_of(&d);
+    let approved = d.ctl(&["approve", "agent-held", &id.to_string()]);
+    let stderr = String::from_utf8_lossy(&approved.stderr).into_owned();
+    assert!(
+        !approved.status.success(),
+        "an unrecorded approval went through"
+    );
+    assert!(
+        stderr.contains("audit_unavailable"),
+        "{stderr}\n{}",
+        d.log()
+    );
+    // The claimed request is denied, not left waiting for a decision that was refused.
+    let (_, probes) = common::finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![false], "{:?}", probes.results);
+    assert_eq!(up.count(), 0, "the held request reached the upstream");
+}

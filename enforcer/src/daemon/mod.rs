@@ -1774,8 +1774,8 @@ impl Daemon {
                     .collect();
                 json!({ "approvals": list })
             }),
-            Op::Approve { agent, id } => self.decide(&agent, id, true, peer),
-            Op::Deny { agent, id } => self.decide(&agent, id, false, peer),
+            Op::Approve { agent, id } => self.decide(&agent, id, true, peer).await,
+            Op::Deny { agent, id } => self.decide(&agent, id, false, peer).await,
             Op::Shutdown => {
                 self.shutdown.notify_one();
                 Ok(json!({ "state": "shutting down" }))
@@ -1787,7 +1787,7 @@ impl Daemon {
         }
     }
 
-    fn decide(
+    async fn decide(
         &self,
         name: &str,
         id: u64,
@@ -1796,23 +1796,33 @@ impl Daemon {
     ) -> Result<serde_json::Value, DaemonError> {
         let (gateway, env) =
             self.with_agent(name, |a| (a.gateway.clone(), a.envelope.id().to_owned()))?;
-        if !gateway.approvals().decide(id, approve) {
+        let Some(claim) = gateway.approvals().claim(id) else {
             return Err(DaemonError::UnknownAgent(format!(
                 "{name} has no held request {id}"
             )));
+        };
+        // The decision is on record before the held request learns it. If the log cannot
+        // take it, the claim is dropped, and that denies the request.
+        self.audit
+            .submit_until(
+                Event::new(if approve {
+                    EventKind::RequestApproved
+                } else {
+                    EventKind::RequestDenied
+                })
+                .agent(name)
+                .envelope(&env)
+                .rule("operator")
+                .detail("held_id", id)
+                .detail("pid", peer.pid),
+                Until::Written,
+            )?
+            .await?;
+        if !claim.decide(approve) {
+            return Err(DaemonError::UnknownAgent(format!(
+                "{name}'s held request {id} ended before the decision reached it"
+            )));
         }
-        let _ = self.audit.submit(
-            Event::new(if approve {
-                EventKind::RequestApproved
-            } else {
-                EventKind::RequestDenied
-            })
-            .agent(name)
-            .envelope(&env)
-            .rule("operator")
-            .detail("held_id", id)
-            .detail("pid", peer.pid),
-        );
         Ok(json!({ "agent": name, "id": id, "approved": approve }))
     }
 

@@ -71,10 +71,36 @@ impl Approvals {
 
     /// Decides a held request; false when no such request is waiting.
     pub fn decide(&self, id: u64, approve: bool) -> bool {
-        let entry = self.pending.lock().ok().and_then(|mut p| p.remove(&id));
-        match entry {
-            Some((_, tx)) => tx.send(approve).is_ok(),
-            None => false,
+        self.claim(id).is_some_and(|claim| claim.decide(approve))
+    }
+
+    /// Takes a held request off the list for one operator to decide, so the decision can
+    /// be recorded before it takes effect; `None` when no such request is waiting. A
+    /// claim dropped undecided denies the request.
+    pub fn claim(&self, id: u64) -> Option<Claim> {
+        let (held, tx) = self.pending.lock().ok()?.remove(&id)?;
+        Some(Claim { held, tx: Some(tx) })
+    }
+}
+
+/// A held request one operator is deciding; see [`Approvals::claim`].
+pub struct Claim {
+    pub held: Held,
+    tx: Option<oneshot::Sender<bool>>,
+}
+
+impl Claim {
+    /// Answers the held request; false when it no longer waits (it timed out or its
+    /// agent went away).
+    pub fn decide(mut self, approve: bool) -> bool {
+        self.tx.take().is_some_and(|tx| tx.send(approve).is_ok())
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(false);
         }
     }
 }
@@ -132,6 +158,31 @@ mod tests {
         );
         assert!(approvals.list().is_empty());
         assert!(!approvals.decide(999, true));
+    }
+
+    #[tokio::test]
+    async fn a_claim_is_one_operator_s_and_denies_when_dropped_undecided() {
+        let approvals = Arc::new(Approvals::default());
+        let a = approvals.clone();
+        let waiter = tokio::spawn(async move { a.hold(held(), Duration::from_secs(60)).await });
+        let id = loop {
+            if let Some(h) = approvals.list().first() {
+                break h.id;
+            }
+            tokio::task::yield_now().await;
+        };
+        let claim = approvals.claim(id).expect("held");
+        assert_eq!(claim.held.id, id);
+        assert!(
+            approvals.list().is_empty(),
+            "a claimed request is off the list"
+        );
+        assert!(
+            approvals.claim(id).is_none(),
+            "and nobody else can claim it"
+        );
+        drop(claim);
+        assert_eq!(waiter.await.unwrap(), Verdict::Denied);
     }
 
     #[tokio::test]
