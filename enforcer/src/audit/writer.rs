@@ -657,8 +657,12 @@ impl Clock {
         self.now();
     }
 
-    /// The time read by the last [`tick`](Self::tick) or [`now`](Self::now).
-    fn last(&self) -> &str {
+    /// The time read by the last [`tick`](Self::tick) or [`now`](Self::now); read now
+    /// if there was none.
+    fn last(&mut self) -> &str {
+        if self.text.is_empty() {
+            return self.now();
+        }
         &self.text
     }
 
@@ -828,17 +832,25 @@ impl SyncJobs {
 }
 
 /// Marks the hand-over stopped however the sync thread ends (a panic included), and drops
-/// what is still queued so those waiting learn their records were not fsynced.
-struct StopOnExit(Arc<SyncJobs>);
+/// what is still queued so those waiting learn their records were not fsynced. Records
+/// queued meanwhile wake the writer again, which then finds the sync thread gone and
+/// refuses them, instead of waiting for an fsync that never ends.
+struct StopOnExit {
+    jobs: Arc<SyncJobs>,
+    shared: Arc<Shared>,
+    queue: Arc<Queue>,
+}
 
 impl Drop for StopOnExit {
     fn drop(&mut self) {
         let left = {
-            let mut state = self.0.lock();
+            let mut state = self.jobs.lock();
             state.stopped = true;
             std::mem::take(&mut state.jobs)
         };
         drop(left);
+        self.shared.syncing.store(false, Ordering::SeqCst);
+        self.queue.wake_for_queued();
     }
 }
 
@@ -914,7 +926,11 @@ fn sync_group(jobs: Vec<Job>, shared: &Shared) -> Result<bool, AuditError> {
 /// The sync thread: whatever the writer handed over while the last fsync ran shares the
 /// next one. After a failure it fails every job still coming.
 fn sync_thread(jobs: Arc<SyncJobs>, shared: Arc<Shared>, queue: Arc<Queue>) {
-    let _stop = StopOnExit(jobs.clone());
+    let _stop = StopOnExit {
+        jobs: jobs.clone(),
+        shared: shared.clone(),
+        queue: queue.clone(),
+    };
     let mut failed = false;
     let mut last_sync = Instant::now();
     while let Some(group) = jobs.next_group(last_sync) {
