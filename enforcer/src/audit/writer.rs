@@ -3,10 +3,9 @@
 //! The work is spread so the one thread every record must pass through does only what
 //! depends on the record's place in the log: callers redact, render and hash their events'
 //! openings before queueing; the writer closes each line with time, seq and prev, finishes
-//! its hash, signs checkpoints
-//! and writes each batch into the segment file at once; the sync thread fsyncs, one fsync
-//! for every batch written while the previous one ran (group commit), and acknowledges in
-//! order. A caller waits for either point ([`Until`]): written (its record survives a
+//! its hash, signs checkpoints and writes each batch into the segment file at once; the
+//! sync thread fsyncs, one fsync for every batch written while the previous one ran (group
+//! commit), and acknowledges in order. A caller waits for either point ([`Until`]): written (its record survives a
 //! crash of this process) or durable (fsynced: it survives a crash of the host).
 use std::{
     borrow::Borrow,
