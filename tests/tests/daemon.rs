@@ -2089,15 +2089,7 @@ fn an_operator_s_approval_takes_effect_only_once_recorded() {
         "[[approvals]]\nmethods = [\"GET\"]\npath = \"/api/held\"\ntimeout_secs = 60\nreason = \"a human decides\"\n",
     );
     let (mut child, reader, seen) = d.run_until_ready(&env, &a(&["wait", "http", "GET", &url, ""]));
-    {
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(b"go\n")
-            .expect("go");
-    }
+    common::go(&mut child);
     let deadline = Instant::now() + Duration::from_secs(common::scaled_secs(20));
     let id = loop {
         let listed = d.ctl(&["approvals"]);

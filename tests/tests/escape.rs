@@ -761,18 +761,7 @@ fn a_closed_stderr_does_not_stop_confine_from_cleaning_up() {
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
     let out = inst
-        .command()
-        .args([
-            "confine",
-            "--gateway",
-            &gateway.addr.to_string(),
-            "--name",
-            "unheard",
-            "--",
-            "/bin/sh",
-            "-c",
-            "sleep 60 & sleep 0.2; exit 4",
-        ])
+        .confine_shell(gateway.addr, "unheard", "sleep 60 & sleep 0.2; exit 4")
         .stderr(writer)
         .output()
         .expect("confine");
@@ -796,18 +785,7 @@ fn cleanup_leaves_no_cgroup_or_policy_behind() {
     let gateway = Server::start("127.0.0.1:0");
     // The agent leaves a background process behind; confine must kill it on exit.
     let out = inst
-        .command()
-        .args([
-            "confine",
-            "--gateway",
-            &gateway.addr.to_string(),
-            "--name",
-            "leaver",
-            "--",
-            "/bin/sh",
-            "-c",
-            "sleep 60 & exit 3",
-        ])
+        .confine_shell(gateway.addr, "leaver", "sleep 60 & exit 3")
         .output()
         .expect("confine");
     assert_eq!(out.status.code(), Some(3), "exit code passes through");

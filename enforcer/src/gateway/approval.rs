@@ -126,6 +126,16 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// The id of the first request held, once one is.
+    async fn first_held(approvals: &Approvals) -> u64 {
+        loop {
+            if let Some(h) = approvals.list().first() {
+                return h.id;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn held() -> Held {
         Held {
             id: 0,
@@ -143,12 +153,7 @@ mod tests {
         for (approve, want) in [(true, Verdict::Approved), (false, Verdict::Denied)] {
             let a = approvals.clone();
             let waiter = tokio::spawn(async move { a.hold(held(), Duration::from_secs(5)).await });
-            let id = loop {
-                if let Some(h) = approvals.list().first() {
-                    break h.id;
-                }
-                tokio::task::yield_now().await;
-            };
+            let id = first_held(&approvals).await;
             assert!(approvals.decide(id, approve));
             assert_eq!(waiter.await.unwrap(), want);
         }
@@ -165,12 +170,7 @@ mod tests {
         let approvals = Arc::new(Approvals::default());
         let a = approvals.clone();
         let waiter = tokio::spawn(async move { a.hold(held(), Duration::from_secs(60)).await });
-        let id = loop {
-            if let Some(h) = approvals.list().first() {
-                break h.id;
-            }
-            tokio::task::yield_now().await;
-        };
+        let id = first_held(&approvals).await;
         let claim = approvals.claim(id).expect("held");
         assert_eq!(claim.held.id, id);
         assert!(

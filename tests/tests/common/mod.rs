@@ -110,6 +110,16 @@ impl Instance {
         cmd
     }
 
+    /// `enforcer confine --gateway G --name NAME -- /bin/sh -c SCRIPT`.
+    pub fn confine_shell(&self, gateway: SocketAddr, name: &str, script: &str) -> Command {
+        let mut cmd = self.command();
+        cmd.arg("confine")
+            .arg("--gateway")
+            .arg(gateway.to_string())
+            .args(["--name", name, "--", "/bin/sh", "-c", script]);
+        cmd
+    }
+
     /// `enforcer confine --gateway G [extra…] -- python3 probe.py [probe args…]`.
     pub fn confine_command(
         &self,
@@ -409,8 +419,8 @@ pub fn wait_for_line(reader: &mut impl BufRead, want: &str, seen: &mut String) {
     }
 }
 
-/// Tells a probe that waits (its `wait` step) to go on, then collects the rest.
-pub fn go_and_finish(mut child: Child, reader: impl Read, seen: String) -> (ExitStatus, Probes) {
+/// Tells a probe that waits (its `wait` step) to go on.
+pub fn go(child: &mut Child) {
     use std::io::Write;
     child
         .stdin
@@ -418,6 +428,11 @@ pub fn go_and_finish(mut child: Child, reader: impl Read, seen: String) -> (Exit
         .expect("stdin")
         .write_all(b"go\n")
         .expect("go");
+}
+
+/// Tells a probe that waits (its `wait` step) to go on, then collects the rest.
+pub fn go_and_finish(mut child: Child, reader: impl Read, seen: String) -> (ExitStatus, Probes) {
+    go(&mut child);
     finish(child, reader, seen)
 }
 
