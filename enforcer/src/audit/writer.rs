@@ -771,26 +771,47 @@ struct SyncState {
     closed: bool,
     /// The sync thread has stopped; nothing handed over now would be fsynced.
     stopped: bool,
+    /// Acknowledgement buffers the sync thread emptied, for the writer's next batches: a
+    /// fresh buffer per batch would be fresh pages too, zeroed by the kernel on first
+    /// touch, which cost the writer more than filling them.
+    spare: Vec<Vec<Ack>>,
 }
+
+/// Emptied acknowledgement buffers kept for reuse; more are dropped.
+const SPARE_ACK_BUFFERS: usize = 4;
 
 impl SyncJobs {
     fn lock(&self) -> MutexGuard<'_, SyncState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Hands `job` to the sync thread, or gives it back if that thread has stopped.
-    fn send(&self, job: Job) -> Result<(), Job> {
+    /// Hands `job` to the sync thread, or gives it back if that thread has stopped; takes
+    /// an emptied acknowledgement buffer, if there is one, for the next batch.
+    fn send(&self, job: Job) -> Result<Option<Vec<Ack>>, Job> {
         let mut state = self.lock();
         if state.stopped {
             return Err(job);
         }
         let wake = state.idle || (state.relaxed && job.awaited());
         state.jobs.push(job);
+        let spare = state.spare.pop();
         drop(state);
         if wake {
             self.ready.notify_one();
         }
-        Ok(())
+        Ok(spare)
+    }
+
+    /// Keeps emptied acknowledgement buffers for the writer.
+    fn give_back(&self, emptied: Vec<Vec<Ack>>) {
+        let mut state = self.lock();
+        for acks in emptied {
+            if state.spare.len() >= SPARE_ACK_BUFFERS {
+                break;
+            }
+            debug_assert!(acks.is_empty());
+            state.spare.push(acks);
+        }
     }
 
     /// The next group to fsync: everything handed over by the time it is due. `None` once
@@ -863,12 +884,13 @@ impl Drop for SyncSender {
     }
 }
 
-/// Sends a group's acknowledgements after its fsyncs succeeded; `true` if it closed the log.
-fn acknowledge(jobs: Vec<Job>, shared: &Shared) -> bool {
+/// Sends a group's acknowledgements after its fsyncs succeeded; `true` if it closed the
+/// log. Their emptied buffers go to `emptied`.
+fn acknowledge(jobs: Vec<Job>, shared: &Shared, emptied: &mut Vec<Vec<Ack>>) -> bool {
     let mut n = 0;
     let mut closed = false;
-    for job in jobs {
-        for ack in job.acks {
+    for mut job in jobs {
+        for ack in job.acks.drain(..) {
             match ack {
                 Ack::Record(r, tx) => {
                     n += 1;
@@ -884,6 +906,7 @@ fn acknowledge(jobs: Vec<Job>, shared: &Shared) -> bool {
             let _ = tx.send(Ok(()));
             closed = true;
         }
+        emptied.push(job.acks);
     }
     shared.records.fetch_add(n, Ordering::Relaxed);
     closed
@@ -892,7 +915,11 @@ fn acknowledge(jobs: Vec<Job>, shared: &Shared) -> bool {
 /// Fsyncs every segment a group of jobs wrote to (more than one only across a rotation),
 /// in order, then acknowledges them. On failure every acknowledgement gets the error and
 /// the log is marked failed: after a failed fsync the file's state is unknown.
-fn sync_group(jobs: Vec<Job>, shared: &Shared) -> Result<bool, AuditError> {
+fn sync_group(
+    jobs: Vec<Job>,
+    shared: &Shared,
+    emptied: &mut Vec<Vec<Ack>>,
+) -> Result<bool, AuditError> {
     let mut synced: Option<*const File> = None;
     let mut result = Ok(());
     for job in &jobs {
@@ -910,7 +937,7 @@ fn sync_group(jobs: Vec<Job>, shared: &Shared) -> Result<bool, AuditError> {
         shared.batches.fetch_add(1, Ordering::Relaxed);
     }
     match result {
-        Ok(()) => Ok(acknowledge(jobs, shared)),
+        Ok(()) => Ok(acknowledge(jobs, shared, emptied)),
         Err(err) => {
             tracing::error!(error = %err, "audit log failed; refusing further records");
             shared.fail(err.clone());
@@ -942,7 +969,9 @@ fn sync_thread(jobs: Arc<SyncJobs>, shared: Arc<Shared>, queue: Arc<Queue>) {
             continue;
         }
         shared.syncing.store(true, Ordering::SeqCst);
-        let synced = sync_group(group, &shared);
+        let mut emptied = Vec::new();
+        let synced = sync_group(group, &shared, &mut emptied);
+        jobs.give_back(emptied);
         // Cleared before looking at the queue, so a record queued meanwhile is seen
         // either here or by its caller, who then wakes the writer itself.
         shared.syncing.store(false, Ordering::SeqCst);
@@ -1362,18 +1391,26 @@ impl Writer {
             return Ok(());
         }
         self.unsynced = false;
-        // The next batch is likely as large: no regrowing from nothing each time.
-        let next_acks = Vec::with_capacity(self.acks.len());
         let job = Job {
             file: self.segment.file.clone(),
             path: self.segment.path.clone(),
-            acks: std::mem::replace(&mut self.acks, next_acks),
+            acks: std::mem::take(&mut self.acks),
             shutdown,
         };
+        let mut emptied = Vec::new();
         match &self.jobs {
-            Some(jobs) => jobs.0.send(job).map_err(|_| self.shared.gone()),
-            None => sync_group(vec![job], &self.shared).map(drop),
+            Some(jobs) => {
+                let spare = jobs.0.send(job).map_err(|_| self.shared.gone())?;
+                emptied.extend(spare);
+            }
+            None => {
+                sync_group(vec![job], &self.shared, &mut emptied)?;
+            }
         }
+        if let Some(acks) = emptied.pop() {
+            self.acks = acks;
+        }
+        Ok(())
     }
 
     /// Seals the current segment with a checkpoint and starts the next one, named for the
