@@ -176,28 +176,25 @@ fn needs_escape(s: &[u8]) -> bool {
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
     let any_below = |v: u64, n: u8| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGHS != 0;
     let any_equal = |v: u64, b: u8| any_below(v ^ (ONES * u64::from(b)), 1);
+    let needs = |word: [u8; 8]| {
+        let v = u64::from_ne_bytes(word);
+        any_below(v, 0x20) || any_equal(v, b'"') || any_equal(v, b'\\')
+    };
     let mut chunks = s.chunks_exact(8);
     for chunk in &mut chunks {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
-        let v = u64::from_ne_bytes(word);
-        if any_below(v, 0x20) || any_equal(v, b'"') || any_equal(v, b'\\') {
+        if needs(word) {
             return true;
         }
     }
-    chunks.remainder().iter().any(|&b| ESCAPED[usize::from(b)])
+    // Most keys and many values are shorter than a word: the rest is tested as one word
+    // too, filled up with spaces, which need no escape.
+    let rest = chunks.remainder();
+    let mut word = [b' '; 8];
+    word[..rest.len()].copy_from_slice(rest);
+    needs(word)
 }
-
-/// The bytes serde_json escapes in a string: controls, `"` and `\\`.
-const ESCAPED: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = i < 0x20 || i == b'"' as usize || i == b'\\' as usize;
-        i += 1;
-    }
-    t
-};
 
 /// Appends a detail value as compact JSON, byte for byte as `serde_json` writes it after
 /// [`redact`](super::event::redact), taking the string fast path at any depth. Redacting
@@ -665,7 +662,7 @@ mod json_tests {
             proptest::prop_assert_eq!(fast, serde_json::to_vec(&s).unwrap());
             proptest::prop_assert_eq!(
                 needs_escape(s.as_bytes()),
-                s.bytes().any(|b| ESCAPED[usize::from(b)])
+                s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
             );
         }
     }
