@@ -15,7 +15,9 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // Not `eprintln!`: with stderr gone it would panic and exit 101 instead of 1.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "error: {err:#}");
             ExitCode::FAILURE
         }
     }

@@ -2074,13 +2074,9 @@ fn neither_a_reset_nor_an_activation_happens_unrecorded() {
     assert_eq!(up.count(), 0);
 }
 
-#[test]
-fn an_operator_s_approval_takes_effect_only_once_recorded() {
-    if !privileged("an_operator_s_approval_takes_effect_only_once_recorded") {
-        return;
-    }
-    let up = Upstream::start();
-    let d = Daemon::start("unlogged-approval");
+/// Starts agent `held`, whose one GET waits for a human, and returns it with the id of
+/// its held request once the daemon lists it.
+fn one_held_request(d: &Daemon, up: &Upstream) -> (Child, BufReader<ChildStdout>, String, u64) {
     let url = format!("http://127.0.0.1:{}/api/held", up.addr.port());
     let env = d.envelope(
         "held",
@@ -2091,15 +2087,25 @@ fn an_operator_s_approval_takes_effect_only_once_recorded() {
     let (mut child, reader, seen) = d.run_until_ready(&env, &a(&["wait", "http", "GET", &url, ""]));
     common::go(&mut child);
     let deadline = Instant::now() + Duration::from_secs(common::scaled_secs(20));
-    let id = loop {
+    loop {
         let listed = d.ctl(&["approvals"]);
         let list: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap_or_default();
         if let Some(id) = list["approvals"][0]["held"]["id"].as_u64() {
-            break id;
+            return (child, reader, seen, id);
         }
         assert!(Instant::now() < deadline, "nothing held\n{}", d.log());
         std::thread::sleep(Duration::from_millis(50));
-    };
+    }
+}
+
+#[test]
+fn an_operator_s_approval_takes_effect_only_once_recorded() {
+    if !privileged("an_operator_s_approval_takes_effect_only_once_recorded") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("unlogged-approval");
+    let (child, reader, seen, id) = one_held_request(&d, &up);
     // The log stops taking records: the approval must not take effect unrecorded.
     let _capped = FileSizeCap::at_audit_log_of(&d);
     let approved = d.ctl(&["approve", "agent-held", &id.to_string()]);
@@ -2118,4 +2124,39 @@ fn an_operator_s_approval_takes_effect_only_once_recorded() {
     let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
     assert_eq!(oks, vec![false], "{:?}", probes.results);
     assert_eq!(up.count(), 0, "the held request reached the upstream");
+}
+
+#[test]
+fn an_approval_whose_answer_cannot_be_printed_still_says_it_was_made() {
+    if !privileged("an_approval_whose_answer_cannot_be_printed_still_says_it_was_made") {
+        return;
+    }
+    let up = Upstream::start();
+    let d = Daemon::start("unprinted-approval");
+    let (child, reader, seen, id) = one_held_request(&d, &up);
+    // stdout is a pipe whose reader is gone, as in `enforcer approve … | head -0`.
+    let (reader_end, writer_end) = std::io::pipe().expect("pipe");
+    drop(reader_end);
+    let approved = d
+        .enforcer()
+        .args(["approve", "agent-held", &id.to_string()])
+        .stdout(writer_end)
+        .output()
+        .expect("enforcer approve");
+    let stderr = String::from_utf8_lossy(&approved.stderr).into_owned();
+    assert_eq!(
+        approved.status.code(),
+        Some(1),
+        "a failure to print, not a panic: {stderr}"
+    );
+    assert!(
+        stderr.contains("the daemon answered, but its answer could not be printed")
+            && stderr.contains("\"approved\""),
+        "{stderr}"
+    );
+    // The approval was made all the same.
+    let (_, probes) = common::finish(child, reader, seen);
+    let oks: Vec<bool> = probes.results.iter().map(|r| r.1).collect();
+    assert_eq!(oks, vec![true], "{:?}\n{}", probes.results, d.log());
+    assert_eq!(up.count(), 1);
 }

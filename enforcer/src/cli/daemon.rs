@@ -120,7 +120,8 @@ pub enum OperatorCommand {
 pub fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let loaded = DaemonConfig::load(&args.config)?;
     if args.check {
-        println!("{}: ok", args.config.display());
+        super::print_line(&format!("{}: ok", args.config.display()))
+            .context("printing the result of the check")?;
         return Ok(ExitCode::SUCCESS);
     }
     require_root("daemon")?;
@@ -149,7 +150,14 @@ pub fn operator(cmd: OperatorCommand) -> anyhow::Result<ExitCode> {
         OperatorCommand::Shutdown { socket } => (socket, Op::Shutdown),
     };
     let result = call(&socket, op)?;
-    println!("{}", serde_json::to_string_pretty(&result)?);
+    let text = serde_json::to_string_pretty(&result)?;
+    // The daemon has acted by now: a stdout that is gone must not turn that into a panic,
+    // nor hide that it happened.
+    if let Err(e) = super::print_line(&text) {
+        say!("enforcer: the daemon answered, but its answer could not be printed: {e}");
+        say!("{text}");
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -113,6 +113,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `println!` that returns the error instead of panicking, for commands that keep
+/// ignoring SIGPIPE (see [`end_quietly_on_a_closed_pipe`]).
+fn print_line(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
+}
+
 /// Commands that only print behave like other Unix tools when the reader goes away
 /// (`enforcer audit show DIR | head`): SIGPIPE ends them. Rust ignores it by default, which
 /// turns the closed pipe into a "Broken pipe" error or a panic in `println!`. The daemon,
