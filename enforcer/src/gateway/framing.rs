@@ -211,11 +211,17 @@ impl Framing {
     }
 
     /// Parses one head, chunk-size line or trailer section at the start of `buf`; returns
-    /// how many bytes it took, or `None` if it is incomplete (or refused).
+    /// how many bytes it took, or `None` if it is incomplete (or refused). An element over
+    /// its limit is refused here as it is while it is pending, so the verdict does not
+    /// depend on whether it came in one read or several.
     fn element(&mut self, buf: &[u8]) -> Option<usize> {
         match self.state {
             State::Head => self.head(buf),
             State::ChunkSize => match httparse::parse_chunk_size(buf) {
+                Ok(httparse::Status::Complete((used, _))) if used > MAX_CHUNK_LINE => {
+                    self.refuse(HeadVerdict::BadChunk);
+                    None
+                }
                 Ok(httparse::Status::Complete((used, 0))) => {
                     self.state = State::Trailers;
                     Some(used)
@@ -239,6 +245,10 @@ impl Framing {
                     return None;
                 }
                 let end = memchr::memmem::find(buf, b"\r\n\r\n")?;
+                if end + 4 > self.max_head {
+                    self.refuse(HeadVerdict::BadChunk);
+                    return None;
+                }
                 self.state = State::Head;
                 Some(end + 4)
             }
@@ -250,6 +260,10 @@ impl Framing {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         let used = match req.parse(buf) {
+            Ok(httparse::Status::Complete(used)) if used > self.max_head => {
+                self.refuse(HeadVerdict::Unparsable);
+                return None;
+            }
             Ok(httparse::Status::Complete(used)) => used,
             Ok(httparse::Status::Partial) => return None,
             Err(_) => {
@@ -471,6 +485,105 @@ mod tests {
     fn connect_stops_following() {
         let stream = b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n\x16\x03\x01garbage";
         assert_eq!(every_split(stream), vec![Ok]);
+    }
+
+    /// One piece of an agent's stream: a request (head and body, well or badly framed) or
+    /// bytes that are none.
+    fn piece() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let body = proptest::collection::vec(any::<u8>(), 0..40);
+        let chunks = proptest::collection::vec(
+            (proptest::collection::vec(any::<u8>(), 1..20), ";e=1|"),
+            0..4,
+        );
+        let trailers = proptest::collection::vec("[A-Za-z-]{1,8}: [a-z0-9 ]{0,8}", 0..3);
+        let headers = proptest::collection::vec(
+            "(Host: x|X-Long: [a-z]{0,300}|Content-Length: ?[0-9]{1,2}|Content-Length: 1x|Transfer-Encoding: (chunked|gzip|Chunked)|Bad Header: 1)",
+            0..4,
+        );
+        prop_oneof![
+            8 => ("(GET|POST|PUT|CONNECT) /[a-z]{0,8} HTTP/1[.]1", headers, body, chunks, trailers).prop_map(
+                |(line, headers, body, chunks, trailers)| {
+                    let mut out = format!("{line}\r\n").into_bytes();
+                    let mut chunked = false;
+                    let mut length = None;
+                    for h in &headers {
+                        out.extend_from_slice(h.as_bytes());
+                        out.extend_from_slice(b"\r\n");
+                        chunked |= h.ends_with("chunked");
+                        if let Some(n) = h.strip_prefix("Content-Length:") {
+                            length = n.trim().parse::<usize>().ok();
+                        }
+                    }
+                    out.extend_from_slice(b"\r\n");
+                    if chunked {
+                        for (data, ext) in chunks {
+                            out.extend_from_slice(format!("{:x}{ext}\r\n", data.len()).as_bytes());
+                            out.extend_from_slice(&data);
+                            out.extend_from_slice(b"\r\n");
+                        }
+                        out.extend_from_slice(b"0\r\n");
+                        for t in trailers {
+                            out.extend_from_slice(t.as_bytes());
+                            out.extend_from_slice(b"\r\n");
+                        }
+                        out.extend_from_slice(b"\r\n");
+                    } else if let Some(n) = length {
+                        out.extend(body.iter().copied().cycle().take(n));
+                    }
+                    out
+                }
+            ),
+            1 => proptest::collection::vec(any::<u8>(), 1..30),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The verdicts depend on the bytes the agent sent, never on how the network cut
+        /// them into reads: a request that is refused whole is refused in pieces, and the
+        /// reverse.
+        #[test]
+        fn verdicts_do_not_depend_on_how_the_stream_is_split(
+            pieces in proptest::collection::vec(piece(), 1..5),
+            cuts in proptest::collection::vec(1usize..64, 0..40),
+            max_head in proptest::sample::select(vec![64usize, 256, 8192]),
+        ) {
+            let stream = pieces.concat();
+            let run = |reads: &mut dyn Iterator<Item = &[u8]>| {
+                let v = Verdicts::default();
+                let mut f = Framing::new(max_head, v.clone());
+                for read in reads {
+                    f.feed(read);
+                }
+                std::iter::from_fn(|| v.next()).collect::<Vec<_>>()
+            };
+            let whole = run(&mut std::iter::once(&stream[..]));
+            let mut rest = &stream[..];
+            let mut reads = Vec::new();
+            for cut in cuts {
+                let (read, after) = rest.split_at(cut.min(rest.len()));
+                reads.push(read);
+                rest = after;
+            }
+            reads.push(rest);
+            let split = run(&mut reads.into_iter());
+            proptest::prop_assert_eq!(&split, &whole, "{:?}", String::from_utf8_lossy(&stream));
+        }
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_refused_whole_as_in_pieces() {
+        let stream = format!("GET / HTTP/1.1\r\nX-Long: {}\r\n\r\n", "a".repeat(100));
+        let fed = |step: usize| {
+            let v = Verdicts::default();
+            let mut f = Framing::new(64, v.clone());
+            for read in stream.as_bytes().chunks(step) {
+                f.feed(read);
+            }
+            std::iter::from_fn(|| v.next()).collect::<Vec<_>>()
+        };
+        assert_eq!(fed(stream.len()), vec![Unparsable]);
+        assert_eq!(fed(40), vec![Unparsable]);
     }
 
     #[tokio::test]
