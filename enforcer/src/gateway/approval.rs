@@ -30,6 +30,10 @@ pub enum Verdict {
     TimedOut,
 }
 
+/// How long a hold whose time ran out while an operator was deciding it waits for that
+/// decision (which is recorded before it is given) before it counts as timed out.
+const CLAIMED_GRACE: Duration = Duration::from_secs(10);
+
 #[derive(Default)]
 pub struct Approvals {
     next: AtomicU64,
@@ -55,10 +59,30 @@ impl Approvals {
             approvals: self,
             id,
         };
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(true)) => Verdict::Approved,
-            Ok(Ok(false)) | Ok(Err(_)) => Verdict::Denied,
-            Err(_) => Verdict::TimedOut,
+        let mut rx = rx;
+        let answer = match tokio::time::timeout(timeout, &mut rx).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                // Time is up: the hold leaves the list now, so no operator can claim it
+                // after its timeout. One who claimed it before is recording a decision
+                // that is the answer, so the log never shows a decision followed by a
+                // timeout of the same request.
+                let claimed = match self.pending.lock() {
+                    Ok(mut pending) => pending.remove(&id).is_none(),
+                    Err(_) => false,
+                };
+                if !claimed {
+                    return Verdict::TimedOut;
+                }
+                match tokio::time::timeout(CLAIMED_GRACE, rx).await {
+                    Ok(answer) => answer,
+                    Err(_) => return Verdict::TimedOut,
+                }
+            }
+        };
+        match answer {
+            Ok(true) => Verdict::Approved,
+            Ok(false) | Err(_) => Verdict::Denied,
         }
     }
 
@@ -183,6 +207,32 @@ mod tests {
         );
         drop(claim);
         assert_eq!(waiter.await.unwrap(), Verdict::Denied);
+    }
+
+    #[tokio::test]
+    async fn a_decision_claimed_in_time_is_the_answer_even_after_the_timeout() {
+        let approvals = Arc::new(Approvals::default());
+        let a = approvals.clone();
+        let waiter = tokio::spawn(async move { a.hold(held(), Duration::from_millis(50)).await });
+        let id = first_held(&approvals).await;
+        let claim = approvals.claim(id).expect("held");
+        // The operator's record takes longer than the hold had left.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            claim.decide(true),
+            "the request still waits for the decision"
+        );
+        assert_eq!(waiter.await.unwrap(), Verdict::Approved);
+    }
+
+    #[tokio::test]
+    async fn a_hold_that_timed_out_cannot_be_claimed() {
+        let approvals = Arc::new(Approvals::default());
+        let a = approvals.clone();
+        let waiter = tokio::spawn(async move { a.hold(held(), Duration::from_millis(50)).await });
+        let id = first_held(&approvals).await;
+        assert_eq!(waiter.await.unwrap(), Verdict::TimedOut);
+        assert!(approvals.claim(id).is_none());
     }
 
     #[tokio::test]
