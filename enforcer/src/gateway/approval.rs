@@ -171,13 +171,21 @@ mod tests {
         }
     }
 
+    /// A request held for `timeout` on its own task, and its id once it is listed.
+    async fn spawn_hold(
+        approvals: &Arc<Approvals>,
+        timeout: Duration,
+    ) -> (tokio::task::JoinHandle<Verdict>, u64) {
+        let a = approvals.clone();
+        let waiter = tokio::spawn(async move { a.hold(held(), timeout).await });
+        (waiter, first_held(approvals).await)
+    }
+
     #[tokio::test]
     async fn approve_deny_and_timeout() {
         let approvals = Arc::new(Approvals::default());
         for (approve, want) in [(true, Verdict::Approved), (false, Verdict::Denied)] {
-            let a = approvals.clone();
-            let waiter = tokio::spawn(async move { a.hold(held(), Duration::from_secs(5)).await });
-            let id = first_held(&approvals).await;
+            let (waiter, id) = spawn_hold(&approvals, Duration::from_secs(5)).await;
             assert!(approvals.decide(id, approve));
             assert_eq!(waiter.await.unwrap(), want);
         }
@@ -192,9 +200,7 @@ mod tests {
     #[tokio::test]
     async fn a_claim_is_one_operator_s_and_denies_when_dropped_undecided() {
         let approvals = Arc::new(Approvals::default());
-        let a = approvals.clone();
-        let waiter = tokio::spawn(async move { a.hold(held(), Duration::from_secs(60)).await });
-        let id = first_held(&approvals).await;
+        let (waiter, id) = spawn_hold(&approvals, Duration::from_secs(60)).await;
         let claim = approvals.claim(id).expect("held");
         assert_eq!(claim.held.id, id);
         assert!(
@@ -212,9 +218,7 @@ mod tests {
     #[tokio::test]
     async fn a_decision_claimed_in_time_is_the_answer_even_after_the_timeout() {
         let approvals = Arc::new(Approvals::default());
-        let a = approvals.clone();
-        let waiter = tokio::spawn(async move { a.hold(held(), Duration::from_millis(50)).await });
-        let id = first_held(&approvals).await;
+        let (waiter, id) = spawn_hold(&approvals, Duration::from_millis(50)).await;
         let claim = approvals.claim(id).expect("held");
         // The operator's record takes longer than the hold had left.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -228,9 +232,7 @@ mod tests {
     #[tokio::test]
     async fn a_hold_that_timed_out_cannot_be_claimed() {
         let approvals = Arc::new(Approvals::default());
-        let a = approvals.clone();
-        let waiter = tokio::spawn(async move { a.hold(held(), Duration::from_millis(50)).await });
-        let id = first_held(&approvals).await;
+        let (waiter, id) = spawn_hold(&approvals, Duration::from_millis(50)).await;
         assert_eq!(waiter.await.unwrap(), Verdict::TimedOut);
         assert!(approvals.claim(id).is_none());
     }
