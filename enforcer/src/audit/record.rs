@@ -174,26 +174,42 @@ fn push_json_str(buf: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
 fn needs_escape(s: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    const SPACES: u64 = u64::from_ne_bytes([b' '; 8]);
     let any_below = |v: u64, n: u8| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGHS != 0;
     let any_equal = |v: u64, b: u8| any_below(v ^ (ONES * u64::from(b)), 1);
-    let needs = |word: [u8; 8]| {
-        let v = u64::from_ne_bytes(word);
-        any_below(v, 0x20) || any_equal(v, b'"') || any_equal(v, b'\\')
+    let needs = |v: u64| any_below(v, 0x20) || any_equal(v, b'"') || any_equal(v, b'\\');
+    // Loads of fixed width only: which lane a byte lands in does not matter for "any".
+    let u64_at = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&s[i..i + 8]);
+        u64::from_ne_bytes(w)
     };
-    let mut chunks = s.chunks_exact(8);
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        if needs(word) {
-            return true;
+    let u32_at = |i: usize| u64::from(u32::from_ne_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]));
+    let u16_at = |i: usize| u64::from(u16::from_ne_bytes([s[i], s[i + 1]]));
+    let n = s.len();
+    let v = match n {
+        0 => return false,
+        // Shorter than a word (most keys, many values): overlapping loads cover it, and
+        // spaces, which need no escape, fill the lanes left over.
+        1 => SPACES << 8 | u64::from(s[0]),
+        2 | 3 => SPACES << 32 | u16_at(n - 2) << 16 | u16_at(0),
+        4..=7 => u32_at(n - 4) << 32 | u32_at(0),
+        _ => {
+            let mut i = 0;
+            while i + 8 <= n {
+                if needs(u64_at(i)) {
+                    return true;
+                }
+                i += 8;
+            }
+            if i == n {
+                return false;
+            }
+            // The last bytes, as the word that ends the string.
+            u64_at(n - 8)
         }
-    }
-    // Most keys and many values are shorter than a word: the rest is tested as one word
-    // too, filled up with spaces, which need no escape.
-    let rest = chunks.remainder();
-    let mut word = [b' '; 8];
-    word[..rest.len()].copy_from_slice(rest);
-    needs(word)
+    };
+    needs(v)
 }
 
 /// Appends a detail value as compact JSON, byte for byte as `serde_json` writes it after
@@ -652,6 +668,29 @@ mod json_tests {
             }
         }
         assert_eq!(parse_hash(&text[..63]), None);
+    }
+
+    #[test]
+    fn an_escape_is_found_at_every_place_in_strings_of_every_short_length() {
+        for len in 0..=24 {
+            for place in 0..len {
+                for (byte, escaped) in [
+                    (0x00, true),
+                    (0x1f, true),
+                    (b'"', true),
+                    (b'\\', true),
+                    (b' ', false),
+                    (0x7f, false),
+                    (0x80, false),
+                    (0xff, false),
+                ] {
+                    let mut s = vec![b'a'; len];
+                    s[place] = byte;
+                    assert_eq!(needs_escape(&s), escaped, "{byte:#x} at {place} of {len}");
+                }
+            }
+            assert!(!needs_escape(&vec![b'a'; len]));
+        }
     }
 
     proptest::proptest! {
