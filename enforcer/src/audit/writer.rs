@@ -1799,6 +1799,10 @@ impl Intake {
     /// Takes everything queued; `false` if nothing is.
     fn refill(&mut self) -> bool {
         self.openings.clear();
+        // Empty already, but a drained deque starts its next fill where the last one
+        // ended; cleared, callers queue into its first, cache-warm slots again instead of
+        // wandering through all of its capacity.
+        self.items.clear();
         self.opening_start = 0;
         let mut inbox = self.queue.lock();
         if inbox.items.is_empty() {
