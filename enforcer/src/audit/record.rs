@@ -136,9 +136,13 @@ pub(crate) fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
 
 /// Appends `bytes` as lower-case hex.
 pub(crate) fn push_hex(buf: &mut Vec<u8>, bytes: &[u8]) {
-    buf.reserve(bytes.len() * 2);
-    for &b in bytes {
-        buf.extend_from_slice(&HEX_PAIR[usize::from(b)]);
+    // Spelled out on the stack and appended at once: a hash is one append, not 32.
+    for chunk in bytes.chunks(32) {
+        let mut out = [0u8; 64];
+        for (pair, &b) in out.chunks_exact_mut(2).zip(chunk) {
+            pair.copy_from_slice(&HEX_PAIR[usize::from(b)]);
+        }
+        buf.extend_from_slice(&out[..chunk.len() * 2]);
     }
 }
 
@@ -690,6 +694,18 @@ mod json_tests {
                 }
             }
             assert!(!needs_escape(&vec![b'a'; len]));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hex_is_written_as_the_hex_crate_writes_it(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100),
+        ) {
+            let mut text = b"x".to_vec();
+            push_hex(&mut text, &bytes);
+            let expected = hex::encode(&bytes);
+            proptest::prop_assert_eq!(&text[1..], expected.as_bytes());
         }
     }
 
