@@ -805,7 +805,8 @@ impl SyncJobs {
     /// Keeps emptied acknowledgement buffers for the writer.
     fn give_back(&self, emptied: Vec<Vec<Ack>>) {
         let mut state = self.lock();
-        for acks in emptied {
+        // Buffers that never held anything (batches nobody waited on) are not worth keeping.
+        for acks in emptied.into_iter().filter(|acks| acks.capacity() > 0) {
             if state.spare.len() >= SPARE_ACK_BUFFERS {
                 break;
             }
@@ -1397,17 +1398,15 @@ impl Writer {
             acks: std::mem::take(&mut self.acks),
             shutdown,
         };
-        let mut emptied = Vec::new();
-        match &self.jobs {
-            Some(jobs) => {
-                let spare = jobs.0.send(job).map_err(|_| self.shared.gone())?;
-                emptied.extend(spare);
-            }
+        let spare = match &self.jobs {
+            Some(jobs) => jobs.0.send(job).map_err(|_| self.shared.gone())?,
             None => {
+                let mut emptied = Vec::new();
                 sync_group(vec![job], &self.shared, &mut emptied)?;
+                emptied.pop()
             }
-        }
-        if let Some(acks) = emptied.pop() {
+        };
+        if let Some(acks) = spare {
             self.acks = acks;
         }
         Ok(())
