@@ -146,6 +146,81 @@ impl Event {
     }
 }
 
+/// An event made of borrowed parts, for callers that record one per request: it renders
+/// exactly as the [`Event`] with the same fields would, without building its map of
+/// owned keys and values first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EventView<'a> {
+    pub kind: EventKind,
+    pub envelope: Option<&'a str>,
+    pub agent: Option<&'a str>,
+    pub rule: Option<&'a str>,
+    /// In the order of their keys, as [`Event::details`] keeps them; each key once.
+    pub details: &'a [(&'a str, Detail<'a>)],
+}
+
+/// A detail's value in an [`EventView`]: what `Value::from` makes of the same value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Detail<'a> {
+    Str(&'a str),
+    U64(u64),
+    /// Not finite is written as `null`, as `Value::from(f64)` has it.
+    F64(f64),
+    Null,
+}
+
+impl Detail<'_> {
+    pub fn to_value(self) -> Value {
+        match self {
+            Detail::Str(s) => Value::from(s),
+            Detail::U64(n) => Value::from(n),
+            Detail::F64(f) => Value::from(f),
+            Detail::Null => Value::Null,
+        }
+    }
+}
+
+impl EventView<'_> {
+    /// The owned event with the same fields; it renders to the same bytes.
+    pub fn to_event(&self) -> Event {
+        Event {
+            kind: self.kind,
+            envelope: self.envelope.map(str::to_owned),
+            agent: self.agent.map(str::to_owned),
+            rule: self.rule.map(str::to_owned),
+            details: self
+                .details
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.to_value()))
+                .collect(),
+        }
+    }
+}
+
+/// What the log can record: an [`Event`], or an [`EventView`] of one.
+pub trait Recordable {
+    /// Appends the part of the line before its closing (see `record::render_opening`).
+    fn render_opening(&self, buf: &mut Vec<u8>) -> Result<(), serde_json::Error>;
+}
+
+impl Recordable for Event {
+    fn render_opening(&self, buf: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        super::record::render_opening(buf, self)
+    }
+}
+
+impl Recordable for EventView<'_> {
+    fn render_opening(&self, buf: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        super::record::render_view_opening(buf, self)
+    }
+}
+
+impl<T: Recordable + ?Sized> Recordable for &T {
+    fn render_opening(&self, buf: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        (**self).render_opening(buf)
+    }
+}
+
 pub const REDACTED: &str = "[redacted]";
 
 /// Key names (lower case, `-` read as `_`) that carry credentials, matched exactly or as a

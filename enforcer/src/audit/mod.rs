@@ -21,7 +21,7 @@ pub mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use event::{Event, EventKind};
+pub use event::{Detail, Event, EventKind, EventView, Recordable};
 pub use proof::{
     ConsistencyProof, InclusionProof, Proven, prove_consistency, prove_inclusion, verify_proof,
 };

@@ -8,7 +8,6 @@
 //! commit), and acknowledges in order. A caller waits for either point ([`Until`]): written (its record survives a
 //! crash of this process) or durable (fsynced: it survives a crash of the host).
 use std::{
-    borrow::Borrow,
     cell::RefCell,
     collections::VecDeque,
     fs::{self, File, OpenOptions},
@@ -32,7 +31,7 @@ use tokio::sync::oneshot;
 
 use super::{
     AuditError,
-    event::{Event, EventKind},
+    event::{Event, EventKind, Recordable},
     merkle::{Frontier, Hash, LineHash, chain_hash},
     record::{Checkpoint, parse_head, push_closing, render_opening},
     verify::{Chain, Failure, Problem, StepError, list_segments, segment_name},
@@ -442,17 +441,16 @@ impl AuditLog {
     /// Queues a record without waiting; the result resolves once it is durable. An error
     /// means it will not be recorded and the caller must refuse the action it describes.
     /// The event is rendered before this returns, so a borrowed one will do.
-    pub fn submit(&self, event: impl Borrow<Event>) -> Result<PendingRecord, AuditError> {
+    pub fn submit(&self, event: impl Recordable) -> Result<PendingRecord, AuditError> {
         self.submit_until(event, Until::Durable)
     }
 
     /// [`submit`](Self::submit), resolving once the record got as far as `until` says.
     pub fn submit_until(
         &self,
-        event: impl Borrow<Event>,
+        event: impl Recordable,
         until: Until,
     ) -> Result<PendingRecord, AuditError> {
-        let event = event.borrow();
         let h = &*self.handle;
         if h.shared.failed.load(Ordering::SeqCst) || h.shared.closed.load(Ordering::SeqCst) {
             return Err(h.shared.gone());
@@ -460,7 +458,8 @@ impl AuditLog {
         SCRATCH.with(|scratch| {
             let mut opening = scratch.borrow_mut();
             opening.clear();
-            render_opening(&mut opening, event)
+            event
+                .render_opening(&mut opening)
                 .map_err(|e| AuditError::Encode(e.to_string().into()))?;
             let hash = LineHash::of_opening(&opening);
             let (ack, rx) = oneshot::channel();
@@ -573,12 +572,12 @@ impl AuditLog {
     }
 
     /// Records `event` and returns once it is fsynced: the call to make before acting.
-    pub async fn append(&self, event: impl Borrow<Event>) -> Result<Receipt, AuditError> {
+    pub async fn append(&self, event: impl Recordable) -> Result<Receipt, AuditError> {
         self.submit(event)?.await
     }
 
     /// [`append`](Self::append) for blocking code.
-    pub fn append_blocking(&self, event: impl Borrow<Event>) -> Result<Receipt, AuditError> {
+    pub fn append_blocking(&self, event: impl Recordable) -> Result<Receipt, AuditError> {
         self.submit(event)?.wait_blocking()
     }
 
