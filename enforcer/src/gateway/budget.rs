@@ -20,7 +20,7 @@
 use std::{
     collections::BTreeMap,
     fs::{File, OpenOptions},
-    io::{self, Write},
+    io::{self, Write as _},
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::{
@@ -137,8 +137,23 @@ struct State {
     used: BTreeMap<String, Usage>,
     file: Option<File>,
     poisoned: bool,
-    /// Writes made so far (each a batch of lines); a [`Ticket`] names one.
+    /// Lines rendered but not yet written, in the order their tickets were given.
+    pending: Vec<u8>,
+    /// The last ticket given out; a [`Ticket`] names the lines of one call.
+    queued: u64,
+    /// Every ticket up to this one is in the ledger file.
     written: u64,
+    /// A caller is gathering the pending lines into one write (see `written_through`).
+    flushing: bool,
+}
+
+/// How a call's lines reach the file.
+#[derive(Clone, Copy, PartialEq)]
+enum Write {
+    /// Written (and fsynced if `sync`) before the call returns.
+    Now { sync: bool },
+    /// Left pending; the caller awaits `written_through` before acting on them.
+    Batched,
 }
 
 /// A ledger longer than this is rewritten with one line per scope when it is opened, so
@@ -278,10 +293,18 @@ pub struct Ledger {
     state: Mutex<State>,
     /// `None` for a ledger kept in memory only.
     syncer: Option<Arc<Syncer>>,
+    /// Woken whenever pending lines were written, or a gathering caller gave up.
+    flushed: Notify,
 }
 
 impl Drop for Ledger {
     fn drop(&mut self) {
+        // Lines of callers that stopped waiting (their requests never left) still count.
+        if let Ok(mut state) = self.state.lock()
+            && !state.poisoned
+        {
+            let _ = self.write_pending(&mut state, false);
+        }
         if let Some(syncer) = &self.syncer {
             syncer.closed.store(true, Ordering::Release);
             syncer.wanted.notify_one();
@@ -384,16 +407,21 @@ impl Ledger {
                 used,
                 file,
                 poisoned: false,
+                pending: Vec::new(),
+                queued: 0,
                 written: 0,
+                flushing: false,
             }),
             syncer,
+            flushed: Notify::new(),
         })
     }
 
     /// Reserves each scope's cost, in every scope or in none. The reservation is durable
     /// when this returns `Ok(Ok(()))`.
     pub fn reserve(&self, costs: &[(&str, Cost)]) -> Result<Result<(), Exceeded>, LedgerError> {
-        self.reserve_with(costs, true).map(|r| r.map(drop))
+        self.reserve_with(costs, Write::Now { sync: true })
+            .map(|r| r.map(drop))
     }
 
     /// [`reserve`](Self::reserve) with the fsync left to the background task: the
@@ -404,13 +432,29 @@ impl Ledger {
         &self,
         costs: &[(&str, Cost)],
     ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
-        self.reserve_with(costs, false)
+        self.reserve_with(costs, Write::Now { sync: false })
+    }
+
+    /// [`reserve_deferred`](Self::reserve_deferred) sharing its write(2): requests that
+    /// reserve while one caller gathers pending lines go out in that caller's write. The
+    /// reservation holds against concurrent requests at once, and is in the ledger file
+    /// when this returns.
+    pub async fn reserve_batched(
+        &self,
+        costs: &[(&str, Cost)],
+    ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
+        let ticket = match self.reserve_with(costs, Write::Batched)? {
+            Ok(ticket) => ticket,
+            Err(exceeded) => return Ok(Err(exceeded)),
+        };
+        self.written_through(ticket).await?;
+        Ok(Ok(ticket))
     }
 
     fn reserve_with(
         &self,
         costs: &[(&str, Cost)],
-        sync: bool,
+        write: Write,
     ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
         let mut state = self.lock()?;
         for (scope, cost) in costs {
@@ -467,7 +511,7 @@ impl Ledger {
                 bytes_down: 0,
             })
             .collect();
-        let ticket = self.persist(&mut state, &entries, sync)?;
+        let ticket = self.persist(&mut state, &entries, write)?;
         for entry in entries {
             if let Some(usage) = used_mut(&mut state.used, entry.scope) {
                 usage.requests += entry.requests;
@@ -485,7 +529,7 @@ impl Ledger {
         scopes: &[&str],
         bytes: u64,
     ) -> Result<Result<(), Exceeded>, LedgerError> {
-        self.charge_download_with(scopes, bytes, true)
+        self.charge_download_with(scopes, bytes, Write::Now { sync: true })
             .map(|r| r.map(drop))
     }
 
@@ -496,14 +540,29 @@ impl Ledger {
         scopes: &[&str],
         bytes: u64,
     ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
-        self.charge_download_with(scopes, bytes, false)
+        self.charge_download_with(scopes, bytes, Write::Now { sync: false })
+    }
+
+    /// [`charge_download_deferred`](Self::charge_download_deferred) sharing its write(2)
+    /// as [`reserve_batched`](Self::reserve_batched) does.
+    pub async fn charge_download_batched(
+        &self,
+        scopes: &[&str],
+        bytes: u64,
+    ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
+        let ticket = match self.charge_download_with(scopes, bytes, Write::Batched)? {
+            Ok(ticket) => ticket,
+            Err(exceeded) => return Ok(Err(exceeded)),
+        };
+        self.written_through(ticket).await?;
+        Ok(Ok(ticket))
     }
 
     fn charge_download_with(
         &self,
         scopes: &[&str],
         bytes: u64,
-        sync: bool,
+        write: Write,
     ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
         let mut state = self.lock()?;
         for scope in scopes {
@@ -528,7 +587,7 @@ impl Ledger {
                 bytes_down: bytes,
             })
             .collect();
-        let ticket = self.persist(&mut state, &entries, sync)?;
+        let ticket = self.persist(&mut state, &entries, write)?;
         for entry in entries {
             if let Some(usage) = used_mut(&mut state.used, entry.scope) {
                 usage.bytes_down += entry.bytes_down;
@@ -540,6 +599,7 @@ impl Ledger {
     /// Returns once the write `ticket` names (and every one before it) is on disk. An
     /// fsync failure poisons the ledger: every later call refuses.
     pub async fn durable(&self, ticket: Ticket) -> Result<(), LedgerError> {
+        self.written_through(ticket).await?;
         match &self.syncer {
             Some(syncer) => syncer.sync_through(ticket.0).await,
             None => Ok(()),
@@ -590,32 +650,42 @@ impl Ledger {
         &self,
         state: &mut State,
         entries: &[Entry<&str>],
-        sync: bool,
+        write: Write,
     ) -> Result<Ticket, LedgerError> {
-        let (Some(file), Some(path)) = (state.file.as_mut(), self.path.as_ref()) else {
-            return Ok(Ticket(0));
-        };
-        if entries.is_empty() {
+        if state.file.is_none() || entries.is_empty() {
             return Ok(Ticket(0));
         }
-        let mut buf = Vec::with_capacity(96 * entries.len());
+        let start = state.pending.len();
         let rendered = entries
             .iter()
-            .try_for_each(|entry| entry.push_line(&mut buf));
-        let result = rendered
-            .map_err(io::Error::other)
-            .and_then(|()| file.write_all(&buf))
+            .try_for_each(|entry| entry.push_line(&mut state.pending));
+        if let Err(e) = rendered {
+            state.pending.truncate(start);
+            return Err(self.poison(state, io::Error::other(e)));
+        }
+        state.queued += 1;
+        let ticket = Ticket(state.queued);
+        if let Write::Now { sync } = write {
+            self.write_pending(state, sync)?;
+        }
+        Ok(ticket)
+    }
+
+    /// Writes every pending line (its own and other callers'; the lines are additive, so
+    /// their order across calls does not matter) in one write(2).
+    fn write_pending(&self, state: &mut State, sync: bool) -> Result<(), LedgerError> {
+        let Some(file) = state.file.as_mut() else {
+            return Ok(());
+        };
+        let result = file
+            .write_all(&state.pending)
             .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
         if let Err(source) = result {
-            // After a failed write the file's tail is unknown; refuse from now on rather
-            // than guess what was recorded.
-            state.poisoned = true;
-            return Err(LedgerError::Io {
-                path: path.clone(),
-                source,
-            });
+            return Err(self.poison(state, source));
         }
-        state.written += 1;
+        state.pending.clear();
+        let had_pending = state.written < state.queued;
+        state.written = state.queued;
         if let Some(syncer) = &self.syncer {
             syncer.written.store(state.written, Ordering::Release);
             if sync {
@@ -624,7 +694,73 @@ impl Ledger {
                 syncer.wanted.notify_one();
             }
         }
-        Ok(Ticket(state.written))
+        if had_pending {
+            self.flushed.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// After a failed write the file's tail is unknown: refuse from now on rather than
+    /// guess what was recorded.
+    fn poison(&self, state: &mut State, source: io::Error) -> LedgerError {
+        state.poisoned = true;
+        self.flushed.notify_waiters();
+        LedgerError::Io {
+            path: self.path.clone().unwrap_or_default(),
+            source,
+        }
+    }
+
+    /// Returns once `ticket`'s lines are in the file. One waiting caller at a time gathers:
+    /// it lets the other ready tasks of its thread queue their lines first, then writes
+    /// them all at once; the rest wait for that write.
+    async fn written_through(&self, ticket: Ticket) -> Result<(), LedgerError> {
+        loop {
+            let flushed = self.flushed.notified();
+            tokio::pin!(flushed);
+            let gather = {
+                let mut state = self.lock()?;
+                if state.written >= ticket.0 {
+                    return Ok(());
+                }
+                if state.flushing {
+                    // Registered before the lock is let go, so the write cannot slip by.
+                    flushed.as_mut().enable();
+                    false
+                } else {
+                    state.flushing = true;
+                    true
+                }
+            };
+            if !gather {
+                flushed.await;
+                continue;
+            }
+            let gathering = Gathering(self);
+            tokio::task::yield_now().await;
+            let written = self
+                .lock()
+                .and_then(|mut state| self.write_pending(&mut state, false));
+            drop(gathering);
+            written?;
+        }
+    }
+}
+
+/// The gathering caller's turn; ends when it wrote, failed or was dropped mid-way (its
+/// request cancelled), so a waiting caller takes over.
+struct Gathering<'a>(&'a Ledger);
+
+impl Drop for Gathering<'_> {
+    fn drop(&mut self) {
+        let mut state = self
+            .0
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.flushing = false;
+        drop(state);
+        self.0.flushed.notify_waiters();
     }
 }
 
@@ -738,6 +874,80 @@ mod tests {
                 .unwrap(),
             Err(Exceeded::BytesDown { .. })
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batched_reservations_share_writes_and_never_overrun() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let ledger = Arc::new(Ledger::open(limits(100, 1e9), Some(&path)).unwrap());
+        let cost = Cost {
+            requests: 1,
+            spend: 0.5,
+            bytes_up: 0,
+        };
+        let tasks: Vec<_> = (0..300)
+            .map(|_| {
+                let (ledger, cost) = (ledger.clone(), cost.clone());
+                tokio::spawn(async move {
+                    let granted = ledger.reserve_batched(&[("envelope", cost)]).await.unwrap();
+                    // What a granted caller acts on is in the file already.
+                    if granted.is_ok() {
+                        let other =
+                            Ledger::open(limits(100, 1e9), Some(&path_of(&ledger))).unwrap();
+                        assert!(other.snapshot().unwrap()["envelope"].0.requests >= 1);
+                    }
+                    granted.is_ok()
+                })
+            })
+            .collect();
+        let mut granted = 0;
+        for task in tasks {
+            granted += usize::from(task.await.unwrap());
+        }
+        assert_eq!(granted, 100);
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert_eq!(lines, 100, "one line per granted reservation, none lost");
+        let other = Ledger::open(limits(100, 1e9), Some(&path)).unwrap();
+        assert_eq!(other.snapshot().unwrap()["envelope"].0.requests, 100);
+    }
+
+    fn path_of(ledger: &Ledger) -> PathBuf {
+        ledger.path.clone().unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_gathering_caller_that_is_dropped_hands_over_its_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let ledger = Arc::new(Ledger::open(limits(100, 1e9), Some(&path)).unwrap());
+        let cost = Cost {
+            requests: 1,
+            spend: 0.0,
+            bytes_up: 0,
+        };
+        let reserve = |ledger: Arc<Ledger>, cost: Cost| async move {
+            ledger.reserve_batched(&[("envelope", cost)]).await
+        };
+        // On this one thread the first caller gathers (and yields), the second waits on it;
+        // then the first is dropped mid-gathering.
+        let first = tokio::spawn(reserve(ledger.clone(), cost.clone()));
+        let second = tokio::spawn(reserve(ledger.clone(), cost.clone()));
+        tokio::task::yield_now().await;
+        assert!(
+            ledger.state.lock().unwrap().flushing,
+            "the first caller gathers"
+        );
+        first.abort();
+        let second = tokio::time::timeout(std::time::Duration::from_secs(5), second)
+            .await
+            .expect("the waiting caller took over the write")
+            .unwrap();
+        assert!(second.unwrap().is_ok());
+        assert!(first.await.unwrap_err().is_cancelled());
+        // Both lines are in the file: the dropped caller's reservation still counts.
+        let other = Ledger::open(limits(100, 1e9), Some(&path)).unwrap();
+        assert_eq!(other.snapshot().unwrap()["envelope"].0.requests, 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1003,9 +1003,10 @@ impl Gateway {
                 },
             ));
         }
-        // The reservation is in the ledger file when this returns (the write-ahead); its
-        // fsync is group-committed in the background.
-        match self.ledger.reserve_deferred(&costs) {
+        // The reservation is in the ledger file when this returns (the write-ahead), in
+        // one write(2) with those of the requests ready beside it; its fsync is
+        // group-committed in the background.
+        match self.ledger.reserve_batched(&costs).await {
             Ok(Ok(_written)) => {}
             Ok(Err(exceeded)) => {
                 return Err(Refusal::new(
@@ -1267,7 +1268,8 @@ impl Gateway {
             }
             match self
                 .ledger
-                .charge_download_deferred(scopes, data.len() as u64)
+                .charge_download_batched(scopes, data.len() as u64)
+                .await
             {
                 Ok(Ok(_written)) => {}
                 Ok(Err(exceeded)) => {
