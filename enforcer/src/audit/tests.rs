@@ -810,3 +810,48 @@ fn a_log_in_the_earlier_seq_first_layout_is_named_as_such() {
         Ok(_) => panic!("a log in the earlier layout was opened for appending"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gathered_records_are_written_before_their_callers_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = AuditLog::open(config(dir.path()), key(1)).unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let log = log.clone();
+            let dir = dir.path().to_owned();
+            tokio::spawn(async move {
+                let receipt = log.submit_gathered(&event(i)).unwrap().await.unwrap();
+                // Written means in the file: another reader finds the line now.
+                let seq = receipt.seq;
+                let found = all_lines(&dir).iter().any(|(_, _, l)| seq_of(l) == seq);
+                assert!(
+                    found,
+                    "record {seq} not in the file when its caller went on"
+                );
+                seq
+            })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 200);
+    log.close().await.unwrap();
+    assert!(verify_with_key(dir.path(), &key(1)).ok());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_gathered_record_whose_caller_is_dropped_is_still_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = AuditLog::open(config(dir.path()), key(1)).unwrap();
+    let before = all_lines(dir.path()).len();
+    // Dropped without ever being polled: the caller went away while it would have yielded.
+    drop(log.submit_gathered(&event(7)).unwrap());
+    let lines = all_lines(dir.path());
+    assert_eq!(lines.len(), before + 1, "the record went out with the drop");
+    log.close().await.unwrap();
+    assert!(verify_with_key(dir.path(), &key(1)).ok());
+}

@@ -355,6 +355,16 @@ impl Future for PendingRecord {
     }
 }
 
+/// Writes what is queued when dropped: a gathered record's caller may be cancelled while
+/// it yields, and its record must not wait for somebody else's.
+struct WriteQueuedOnDrop(AuditLog);
+
+impl Drop for WriteQueuedOnDrop {
+    fn drop(&mut self) {
+        self.0.write_queued();
+    }
+}
+
 impl AuditLog {
     /// Opens (or creates) the log in `config.dir`, repairs a torn tail, checks the tail
     /// since the last checkpoint, and starts the writer thread. Refuses a log whose tail
@@ -451,6 +461,40 @@ impl AuditLog {
         event: impl Recordable,
         until: Until,
     ) -> Result<PendingRecord, AuditError> {
+        let written_by_caller = until == Until::Written;
+        let pending = self.queue(event, until, written_by_caller)?;
+        if written_by_caller {
+            self.write_queued();
+        }
+        Ok(pending)
+    }
+
+    /// [`submit_until`](Self::submit_until) `Until::Written` for async callers that record
+    /// one event per request: the record is queued, the caller yields so that the other
+    /// ready tasks of its thread queue theirs, and one write(2) then takes them all. The
+    /// returned future resolves once the record is written; dropped before that, it
+    /// still writes what it queued.
+    pub fn submit_gathered(
+        &self,
+        event: &dyn Recordable,
+    ) -> Result<impl Future<Output = Result<Receipt, AuditError>> + Send + use<>, AuditError> {
+        let pending = self.queue(event, Until::Written, true)?;
+        let write_on_drop = WriteQueuedOnDrop(self.clone());
+        Ok(async move {
+            tokio::task::yield_now().await;
+            drop(write_on_drop);
+            pending.await
+        })
+    }
+
+    /// Queues `event`. `written_by_caller`: the caller writes the queue itself (see
+    /// `write_queued`), so the writer thread is not woken for it.
+    fn queue(
+        &self,
+        event: impl Recordable,
+        until: Until,
+        written_by_caller: bool,
+    ) -> Result<PendingRecord, AuditError> {
         let h = &*self.handle;
         if h.shared.failed.load(Ordering::SeqCst) || h.shared.closed.load(Ordering::SeqCst) {
             return Err(h.shared.gone());
@@ -477,7 +521,7 @@ impl AuditLog {
             // instead of waking the writer thread for it. A caller waiting for the fsync
             // hands over as before: it waits milliseconds for the disk anyway, and the
             // writer thread's batches keep group commits large.
-            let inline = until == Until::Written;
+            let inline = written_by_caller;
             inbox.openings.extend_from_slice(&opening);
             let end = inbox.openings.len();
             inbox.items.push_back(Item::Record {
@@ -500,9 +544,6 @@ impl AuditLog {
             drop(inbox);
             if wake {
                 h.queue.ready.notify_one();
-            }
-            if inline {
-                self.write_queued();
             }
             Ok(PendingRecord {
                 rx,

@@ -1,8 +1,8 @@
 //! Gateway decisions into the tamper-evident audit log.
 //!
 //! A request is forwarded only after its `request_allowed` record is in the log file
-//! ([`DecisionSink::record_before_acting`] waits for the writer's `write`, not for the
-//! disk): from then on no crash of this process can lose it, and the group commit's fsync
+//! ([`DecisionSink::record_before_acting`] waits for the `write`, not for the disk; the
+//! records of requests ready at the same time share one): from then on no crash of this process can lose it, and the group commit's fsync
 //! follows without holding the request. Outcomes (refusals, holds, a forwarded request's
 //! upstream status) are queued without waiting, in order. Any error — the queue full, a
 //! failed write or fsync, the log closed — is returned, and the gateway refuses.
@@ -98,9 +98,8 @@ impl DecisionSink for AuditSink {
     }
 
     fn record_before_acting<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
-        let pending = with_event(decision, |event| {
-            self.log.submit_until(event, Until::Written)
-        });
+        // Requests ready beside this one share its write(2).
+        let pending = with_event(decision, |event| self.log.submit_gathered(&event));
         Box::pin(async move {
             pending
                 .map_err(|e| e.to_string())?
