@@ -27,17 +27,8 @@ impl AuditSink {
 /// own strings. The URL's query is left out (it is where APIs take keys); everything else
 /// is the gateway's own words and numbers.
 pub fn with_event<R>(d: &Decision, record: impl FnOnce(EventView<'_>) -> R) -> R {
-    let kind = match d.outcome {
-        "allowed" => EventKind::RequestAllowed,
-        "held" => EventKind::RequestHeld,
-        "approved" => EventKind::RequestApproved,
-        _ => EventKind::RequestDenied,
-    };
-    let (scheme, rest) = d.url.split_once("://").unwrap_or(("", d.url.as_str()));
-    let (host, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, "/"),
-    };
+    let kind = kind_of(d);
+    let (scheme, host, path) = url_parts(d);
     let path = path.split(['?', '#']).next().unwrap_or_default();
     let upstream_status = d
         .upstream_status
@@ -79,6 +70,25 @@ pub fn with_event<R>(d: &Decision, record: impl FnOnce(EventView<'_>) -> R) -> R
         rule: Some(&d.rule),
         details: &details[..n],
     })
+}
+
+fn kind_of(d: &Decision) -> EventKind {
+    match d.outcome {
+        "allowed" => EventKind::RequestAllowed,
+        "held" => EventKind::RequestHeld,
+        "approved" => EventKind::RequestApproved,
+        _ => EventKind::RequestDenied,
+    }
+}
+
+/// Scheme, host and path with query of the decision's URL.
+fn url_parts(d: &Decision) -> (&str, &str, &str) {
+    let (scheme, rest) = d.url.split_once("://").unwrap_or(("", d.url.as_str()));
+    let (host, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    (scheme, host, path)
 }
 
 /// The audit event for one decision, owned.
@@ -149,18 +159,8 @@ mod tests {
 
     /// The event as it was built before views: detail by detail into an owned map.
     fn event_detail_by_detail(d: &Decision) -> Event {
-        let kind = match d.outcome {
-            "allowed" => EventKind::RequestAllowed,
-            "held" => EventKind::RequestHeld,
-            "approved" => EventKind::RequestApproved,
-            _ => EventKind::RequestDenied,
-        };
-        let (scheme, rest) = d.url.split_once("://").unwrap_or(("", d.url.as_str()));
-        let (host, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, "/"),
-        };
-        let mut e = Event::new(kind)
+        let (scheme, host, path) = url_parts(d);
+        let mut e = Event::new(kind_of(d))
             .envelope(d.envelope_id.as_str())
             .agent(d.agent.as_str())
             .rule(d.rule.as_str())
