@@ -11,7 +11,7 @@
 //! returns. From then on it survives anything that can happen to this process — a crash,
 //! `kill -9`, a restart of the daemon — so no restart can refill a budget. The fsync that
 //! makes it survive a crash of the whole host is group-committed by a background task
-//! ([`Ledger::reserve_deferred`], [`Ledger::charge_download_deferred`]) instead of making
+//! ([`Ledger::reserve_batched`], [`Ledger::charge_download_batched`]) instead of making
 //! every request wait for the disk: after a host crash nothing resumes an agent (its
 //! cgroup and processes are gone and its Envelope id is spent), so the page cache is the
 //! write-ahead that matters for the grant, and the disk copy follows within one fsync. A
@@ -150,8 +150,8 @@ struct State {
 /// How a call's lines reach the file.
 #[derive(Clone, Copy, PartialEq)]
 enum Write {
-    /// Written (and fsynced if `sync`) before the call returns.
-    Now { sync: bool },
+    /// Written and fsynced before the call returns.
+    Durable,
     /// Left pending; the caller awaits `written_through` before acting on them.
     Batched,
 }
@@ -420,25 +420,15 @@ impl Ledger {
     /// Reserves each scope's cost, in every scope or in none. The reservation is durable
     /// when this returns `Ok(Ok(()))`.
     pub fn reserve(&self, costs: &[(&str, Cost)]) -> Result<Result<(), Exceeded>, LedgerError> {
-        self.reserve_with(costs, Write::Now { sync: true })
+        self.reserve_with(costs, Write::Durable)
             .map(|r| r.map(drop))
     }
 
-    /// [`reserve`](Self::reserve) with the fsync left to the background task: the
-    /// reservation holds against concurrent requests at once and is in the ledger file
-    /// (surviving this process) when this returns; it is on disk once
-    /// [`durable`](Self::durable) returns for the ticket.
-    pub fn reserve_deferred(
-        &self,
-        costs: &[(&str, Cost)],
-    ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
-        self.reserve_with(costs, Write::Now { sync: false })
-    }
-
-    /// [`reserve_deferred`](Self::reserve_deferred) sharing its write(2): requests that
-    /// reserve while one caller gathers pending lines go out in that caller's write. The
-    /// reservation holds against concurrent requests at once, and is in the ledger file
-    /// when this returns.
+    /// [`reserve`](Self::reserve) with the fsync left to the background task, sharing its
+    /// write(2): requests that reserve while one caller gathers pending lines go out in
+    /// that caller's write. The reservation holds against concurrent requests at once and
+    /// is in the ledger file (surviving this process) when this returns; it is on disk
+    /// once [`durable`](Self::durable) returns for the ticket.
     pub async fn reserve_batched(
         &self,
         costs: &[(&str, Cost)],
@@ -529,22 +519,12 @@ impl Ledger {
         scopes: &[&str],
         bytes: u64,
     ) -> Result<Result<(), Exceeded>, LedgerError> {
-        self.charge_download_with(scopes, bytes, Write::Now { sync: true })
+        self.charge_download_with(scopes, bytes, Write::Durable)
             .map(|r| r.map(drop))
     }
 
-    /// [`charge_download`](Self::charge_download) without the fsync; see
-    /// [`reserve_deferred`](Self::reserve_deferred).
-    pub fn charge_download_deferred(
-        &self,
-        scopes: &[&str],
-        bytes: u64,
-    ) -> Result<Result<Ticket, Exceeded>, LedgerError> {
-        self.charge_download_with(scopes, bytes, Write::Now { sync: false })
-    }
-
-    /// [`charge_download_deferred`](Self::charge_download_deferred) sharing its write(2)
-    /// as [`reserve_batched`](Self::reserve_batched) does.
+    /// [`charge_download`](Self::charge_download) with the fsync left to the background
+    /// task, sharing its write(2) as [`reserve_batched`](Self::reserve_batched) does.
     pub async fn charge_download_batched(
         &self,
         scopes: &[&str],
@@ -665,8 +645,8 @@ impl Ledger {
         }
         state.queued += 1;
         let ticket = Ticket(state.queued);
-        if let Write::Now { sync } = write {
-            self.write_pending(state, sync)?;
+        if write == Write::Durable {
+            self.write_pending(state, true)?;
         }
         Ok(ticket)
     }
@@ -951,7 +931,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn deferred_writes_are_in_the_file_at_once_and_synced_in_the_background() {
+    async fn batched_writes_are_in_the_file_at_once_and_synced_in_the_background() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.jsonl");
         let ledger = Ledger::open(limits(50, 1e9), Some(&path)).unwrap();
@@ -962,7 +942,8 @@ mod tests {
         };
         for _ in 0..10 {
             ledger
-                .reserve_deferred(&[("envelope", cost.clone())])
+                .reserve_batched(&[("envelope", cost.clone())])
+                .await
                 .unwrap()
                 .unwrap();
         }
@@ -983,7 +964,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn deferred_reservations_are_durable_once_awaited_and_never_overrun() {
+    async fn batched_reservations_are_durable_once_awaited_and_never_overrun() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.jsonl");
         let ledger = Arc::new(Ledger::open(limits(50, 1e9), Some(&path)).unwrap());
@@ -996,7 +977,7 @@ mod tests {
                         spend: 0.0,
                         bytes_up: 0,
                     };
-                    match ledger.reserve_deferred(&[("envelope", cost)]).unwrap() {
+                    match ledger.reserve_batched(&[("envelope", cost)]).await.unwrap() {
                         Ok(ticket) => {
                             ledger.durable(ticket).await.unwrap();
                             true
@@ -1012,7 +993,8 @@ mod tests {
         }
         assert_eq!(granted, 50);
         let download = ledger
-            .charge_download_deferred(&["envelope"], 40)
+            .charge_download_batched(&["envelope"], 40)
+            .await
             .unwrap()
             .unwrap();
         ledger.durable(download).await.unwrap();
@@ -1022,8 +1004,8 @@ mod tests {
         assert_eq!((usage.requests, usage.bytes_down), (50, 40));
     }
 
-    #[test]
-    fn a_long_ledger_is_compacted_on_open_without_changing_usage() {
+    #[tokio::test]
+    async fn a_long_ledger_is_compacted_on_open_without_changing_usage() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.jsonl");
         let mut limits = limits(1_000_000, 1e12);
@@ -1042,11 +1024,13 @@ mod tests {
                     bytes_up: i % 13,
                 };
                 ledger
-                    .reserve_deferred(&[("envelope", cost.clone()), ("capability:orders", cost)])
+                    .reserve_batched(&[("envelope", cost.clone()), ("capability:orders", cost)])
+                    .await
                     .unwrap()
                     .unwrap();
                 ledger
-                    .charge_download_deferred(&["envelope", "capability:orders"], i % 5)
+                    .charge_download_batched(&["envelope", "capability:orders"], i % 5)
+                    .await
                     .unwrap()
                     .unwrap();
             }
