@@ -394,6 +394,11 @@ impl DecisionSink for AuditDecisions {
         self.count(d);
         self.sink.record_before_acting(d)
     }
+
+    fn record_outcome<'a>(&'a self, d: &'a Decision) -> SinkFuture<'a> {
+        self.count(d);
+        self.sink.record_outcome(d)
+    }
 }
 
 /// A cgroup name from an Envelope subject: `agent:market-maker-7` → `agent-market-maker-7`.

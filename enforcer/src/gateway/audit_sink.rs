@@ -21,6 +21,19 @@ impl AuditSink {
     pub fn log(&self) -> &AuditLog {
         &self.log
     }
+
+    /// Written, not waited for until durable; requests ready beside this one share its
+    /// write(2).
+    fn gathered<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
+        let pending = with_event(decision, |event| self.log.submit_gathered(&event));
+        Box::pin(async move {
+            pending
+                .map_err(|e| e.to_string())?
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// Hands `record` the audit event for one decision, built on the stack from the decision's
@@ -108,15 +121,11 @@ impl DecisionSink for AuditSink {
     }
 
     fn record_before_acting<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
-        // Requests ready beside this one share its write(2).
-        let pending = with_event(decision, |event| self.log.submit_gathered(&event));
-        Box::pin(async move {
-            pending
-                .map_err(|e| e.to_string())?
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
-        })
+        self.gathered(decision)
+    }
+
+    fn record_outcome<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
+        self.gathered(decision)
     }
 }
 

@@ -89,7 +89,7 @@ pub struct Decision {
     pub latency_ms: u64,
 }
 
-/// A boxed future, for the one async method of the object-safe [`DecisionSink`].
+/// A boxed future, for the async methods of the object-safe [`DecisionSink`].
 pub type SinkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
 /// Where decisions go. An error refuses the request: no action without a record.
@@ -102,6 +102,13 @@ pub trait DecisionSink: Send + Sync {
     /// record can no longer be lost with this process; its fsync may follow. The default
     /// is [`record`](Self::record).
     fn record_before_acting<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
+        Box::pin(std::future::ready(self.record(decision)))
+    }
+
+    /// Records a request's outcome from async code, as [`record`](Self::record) does, but
+    /// may first let the other requests ready beside it queue theirs so that they share
+    /// one write. Resolves once the record is written. The default is `record`.
+    fn record_outcome<'a>(&'a self, decision: &'a Decision) -> SinkFuture<'a> {
         Box::pin(std::future::ready(self.record(decision)))
     }
 }
@@ -669,7 +676,7 @@ impl Gateway {
         if decision.status == 0 {
             decision.status = response.status().as_u16();
         }
-        if let Err(e) = self.sink.record(&decision) {
+        if let Err(e) = self.sink.record_outcome(&decision).await {
             tracing::error!(error = %e, "could not record a decision");
             // A forwarded request's result is withheld without its record; a refusal
             // stays the refusal it was.
