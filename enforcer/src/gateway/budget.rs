@@ -586,8 +586,9 @@ impl Ledger {
         }
     }
 
-    /// Writes in the ledger file that are not yet known to be on disk.
-    pub fn unsynced_writes(&self) -> u64 {
+    /// Tickets (one per reserving or charging call) whose lines are not yet known to be
+    /// on disk. Lines that shared a write(2) count once each.
+    pub fn unsynced_tickets(&self) -> u64 {
         self.syncer.as_ref().map_or(0, |s| {
             s.written
                 .load(Ordering::Acquire)
@@ -858,14 +859,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn batched_reservations_share_writes_and_never_overrun() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.jsonl");
-        let ledger = Arc::new(Ledger::open(limits(100, 1e9), Some(&path)).unwrap());
-        let cost = Cost {
-            requests: 1,
-            spend: 0.5,
-            bytes_up: 0,
-        };
+        let (_dir, path, ledger) = file_ledger(100);
+        let cost = one_request(0.5);
         let tasks: Vec<_> = (0..300)
             .map(|_| {
                 let (ledger, cost) = (ledger.clone(), cost.clone());
@@ -896,16 +891,27 @@ mod tests {
         ledger.path.clone().unwrap()
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_gathering_caller_that_is_dropped_hands_over_its_write() {
+    /// A ledger file in a fresh directory (kept while the returned guard lives), with an
+    /// envelope-wide budget of `requests`.
+    fn file_ledger(requests: u64) -> (tempfile::TempDir, PathBuf, Arc<Ledger>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.jsonl");
-        let ledger = Arc::new(Ledger::open(limits(100, 1e9), Some(&path)).unwrap());
-        let cost = Cost {
+        let ledger = Arc::new(Ledger::open(limits(requests, 1e9), Some(&path)).unwrap());
+        (dir, path, ledger)
+    }
+
+    fn one_request(spend: f64) -> Cost {
+        Cost {
             requests: 1,
-            spend: 0.0,
+            spend,
             bytes_up: 0,
-        };
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_gathering_caller_that_is_dropped_hands_over_its_write() {
+        let (_dir, path, ledger) = file_ledger(100);
+        let cost = one_request(0.0);
         let reserve = |ledger: Arc<Ledger>, cost: Cost| async move {
             ledger.reserve_batched(&[("envelope", cost)]).await
         };
@@ -932,13 +938,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn batched_writes_are_in_the_file_at_once_and_synced_in_the_background() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.jsonl");
-        let ledger = Ledger::open(limits(50, 1e9), Some(&path)).unwrap();
+        let (_dir, path, ledger) = file_ledger(50);
         let cost = Cost {
-            requests: 1,
-            spend: 2.5,
             bytes_up: 7,
+            ..one_request(2.5)
         };
         for _ in 0..10 {
             ledger
@@ -957,7 +960,7 @@ mod tests {
         );
         // Nobody awaits `durable`; the background task syncs them anyway.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while ledger.unsynced_writes() > 0 {
+        while ledger.unsynced_tickets() > 0 {
             assert!(std::time::Instant::now() < deadline, "never synced");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
@@ -965,18 +968,12 @@ mod tests {
 
     #[tokio::test]
     async fn batched_reservations_are_durable_once_awaited_and_never_overrun() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.jsonl");
-        let ledger = Arc::new(Ledger::open(limits(50, 1e9), Some(&path)).unwrap());
+        let (_dir, path, ledger) = file_ledger(50);
         let tasks: Vec<_> = (0..200)
             .map(|_| {
                 let ledger = ledger.clone();
                 tokio::spawn(async move {
-                    let cost = Cost {
-                        requests: 1,
-                        spend: 0.0,
-                        bytes_up: 0,
-                    };
+                    let cost = one_request(0.0);
                     match ledger.reserve_batched(&[("envelope", cost)]).await.unwrap() {
                         Ok(ticket) => {
                             ledger.durable(ticket).await.unwrap();
