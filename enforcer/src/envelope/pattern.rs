@@ -605,15 +605,24 @@ fn values_equal(expected: &Value, actual: &Value, from_query: bool) -> Result<bo
     }
 }
 
+/// [`Constraint::target`], formatted where it is used.
+struct ConstraintTarget<'a>(&'a Constraint);
+
+impl fmt::Display for ConstraintTarget<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.0.query, &self.0.body) {
+            (Some(q), _) => write!(f, "query parameter `{q}`"),
+            (None, Some(p)) => write!(f, "body field `{p}`"),
+            (None, None) => f.write_str("nothing"),
+        }
+    }
+}
+
 impl Constraint {
     /// Human-readable name of the thing constrained: `query parameter \`symbol\`` or
     /// `body field \`/qty\``.
     pub fn target(&self) -> String {
-        match (&self.query, &self.body) {
-            (Some(q), _) => format!("query parameter `{q}`"),
-            (None, Some(p)) => format!("body field `{p}`"),
-            (None, None) => "nothing".to_owned(),
-        }
+        ConstraintTarget(self).to_string()
     }
 
     pub fn evaluate(&self, query: &[(String, String)], body: Body<'_>) -> Outcome {
@@ -645,7 +654,8 @@ impl Constraint {
             },
             (None, None) => return Outcome::Indeterminate("constraint has no target".into()),
         };
-        let what = self.target();
+        // Written out only into a message: a request that passes pays for no text.
+        let what = ConstraintTarget(self);
         if let Some(expected) = &self.equals {
             match values_equal(expected, value, from_query) {
                 Ok(true) => {}
@@ -797,8 +807,13 @@ impl Capability {
     /// Whether the request fits one of the routes and every constraint. Does not look at
     /// forbidden effects, approvals or budgets, which the gateway checks around it.
     pub fn check(&self, req: &RequestView<'_>) -> Result<(), String> {
+        self.check_judged(req, is_normalized_path(req.path))
+    }
+
+    /// [`check`](Self::check), given [`is_normalized_path`] of `req.path`.
+    pub fn check_judged(&self, req: &RequestView<'_>, path_normalized: bool) -> Result<(), String> {
         // The path's form and the method are judged once, not once per route.
-        let fits = is_normalized_path(req.path)
+        let fits = path_normalized
             && Method::parse(req.method).is_some_and(|m| {
                 self.routes
                     .iter()

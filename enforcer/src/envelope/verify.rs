@@ -566,7 +566,16 @@ impl VerifiedEnvelope {
     }
     /// The first forbidden effect (floor or Envelope) the request is or may be.
     pub fn forbidden_match(&self, req: &RequestView<'_>) -> Option<&ForbiddenEffect> {
-        let path_normalized = super::is_normalized_path(req.path);
+        self.forbidden_match_judged(req, super::is_normalized_path(req.path))
+    }
+
+    /// [`forbidden_match`](Self::forbidden_match), given
+    /// [`is_normalized_path`](super::is_normalized_path) of `req.path`.
+    pub fn forbidden_match_judged(
+        &self,
+        req: &RequestView<'_>,
+        path_normalized: bool,
+    ) -> Option<&ForbiddenEffect> {
         self.forbidden_effects()
             .find(|f| f.matches_judged(req, path_normalized))
     }

@@ -150,15 +150,24 @@ impl Target {
     /// `host:port` as it goes into a Host header (brackets around IPv6, port only when not
     /// the scheme's default).
     pub fn authority(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == self.scheme.default_port() {
-            host
-        } else {
-            format!("{host}:{}", self.port)
+        let mut out = String::with_capacity(self.host.len() + 8);
+        self.push_authority(&mut out);
+        out
+    }
+
+    /// Appends [`authority`](Self::authority) to `out`.
+    pub fn push_authority(&self, out: &mut String) {
+        let bracketed = self.host.contains(':');
+        if bracketed {
+            out.push('[');
+        }
+        out.push_str(&self.host);
+        if bracketed {
+            out.push(']');
+        }
+        if self.port != self.scheme.default_port() {
+            out.push(':');
+            out.push_str(itoa::Buffer::new().format(self.port));
         }
     }
 

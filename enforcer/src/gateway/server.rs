@@ -749,13 +749,12 @@ impl Gateway {
         }
         .map_err(Refusal::malformed)?;
         let origin_form = target.origin_form();
-        let authority = target.authority();
         let mut url = String::with_capacity(
-            target.scheme.as_str().len() + 3 + authority.len() + origin_form.len(),
+            target.scheme.as_str().len() + 3 + target.host.len() + 8 + origin_form.len(),
         );
         url.push_str(target.scheme.as_str());
         url.push_str("://");
-        url.push_str(&authority);
+        target.push_authority(&mut url);
         url.push_str(&origin_form);
         decision.url = url;
         let method = req.method().clone();
@@ -823,9 +822,12 @@ impl Gateway {
             query: &target.query,
             body: body_view,
         };
+        // Judged once for every rule below. Normalization made it so; a path that is not
+        // is still refused by every capability and caught by every path-bound rule.
+        let path_normalized = crate::envelope::is_normalized_path(view.path);
 
         // 2. Forbidden effects, the floor's and the Envelope's, before anything can allow.
-        if let Some(effect) = self.envelope.forbidden_match(&view) {
+        if let Some(effect) = self.envelope.forbidden_match_judged(&view, path_normalized) {
             decision.step = "forbidden";
             let reason = effect.reason.clone();
             self.breaker.record_forbidden(&reason);
@@ -860,7 +862,7 @@ impl Gateway {
         let mut reasons = Vec::new();
         let mut chosen = None;
         for &(index, cap) in &serving {
-            match cap.check(&view) {
+            match cap.check_judged(&view, path_normalized) {
                 Ok(()) => {
                     chosen = Some((index, cap));
                     break;
@@ -894,7 +896,6 @@ impl Gateway {
         decision.rule.clone_from(&prepared.scope);
 
         // 5. Approval.
-        let path_normalized = crate::envelope::is_normalized_path(view.path);
         if let Some(approval) = env
             .approvals
             .iter()
